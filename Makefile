@@ -1,0 +1,34 @@
+# `make demo` and `make test` create the virtual environment when it is missing, install normfx
+# with its dev extras into it, then run. VENV may point outside the clone (CI does, see .ci/run).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.normfx-installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-fast bench clean
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip setuptools wheel
+
+# Reinstall when the declared dependencies change; torch/torchvision are capped on this machine's
+# pip, and pinned here to releases that install offline from local files.
+$(STAMP): $(PY) setup.cfg pyproject.toml
+	$(PY) -m pip install "torch==2.14.1" "torchvision==0.29.1"
+	$(PY) -m pip install -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/convbn_finetune.py
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 -q $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -n 2 -q -m "not slow" $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/convbn.py
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache

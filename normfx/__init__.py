@@ -1,0 +1,30 @@
+"""normfx: torch.fx passes that change how a PyTorch model normalizes.
+
+The public API is the one-liners below; each takes a model and returns a transformed copy, with a
+report of what it did available from ``normfx.last_report(model)``.
+"""
+from __future__ import annotations
+
+import logging
+
+from normfx.api import convbn
+from normfx.passes.fold_convbn import TrainingModeError
+from normfx.report import Change, PassResult, Report, Skip, SkipReason, last_report
+from normfx.trace import TraceFailure, trace, untraceable_modules
+
+__all__ = [
+    "convbn",
+    "trace",
+    "untraceable_modules",
+    "last_report",
+    "Report",
+    "PassResult",
+    "Change",
+    "Skip",
+    "SkipReason",
+    "TraceFailure",
+    "TrainingModeError",
+]
+__version__ = "0.1.0"
+
+logging.getLogger("normfx").addHandler(logging.NullHandler())

@@ -1,0 +1,102 @@
+"""The one-liners: copy -> trace -> run passes on every traced region -> attach report -> return."""
+from __future__ import annotations
+
+import copy
+from typing import Callable, Literal
+
+import torch.fx as fx
+import torch.nn as nn
+
+from normfx.passes.fold_convbn import ConvBNMode, fold_convbn
+from normfx.report import PassResult, Report, Skip, SkipReason, attach_report
+from normfx.trace import regions, trace, untraceable_modules
+
+__all__ = ["convbn", "run"]
+
+
+def _prepare(model: nn.Module, inplace: bool) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"normfx expects an nn.Module, got {type(model).__name__}")
+    if inplace and not isinstance(model, fx.GraphModule):
+        # Tracing builds a new GraphModule around the same submodules: parameters are shared, so
+        # the caller's modules are the ones transformed; the returned GraphModule is the model to use.
+        return trace(model)
+    return trace(model if inplace else copy.deepcopy(model))
+
+
+def run(model: nn.Module, name: str, fn: Callable[[fx.GraphModule], PassResult],
+        untraced_sites: Callable[[nn.Module], list[str]] | None = None) -> tuple[PassResult, Report]:
+    """Run a pass over every traced region of ``model`` and merge the results into one PassResult.
+
+    ``untraced_sites(module)`` lists the sites inside an untraceable module (reported as skipped).
+    """
+    changes, skips = [], []
+    for prefix, gm in list(regions(model)):
+        res = fn(gm)
+        pre = f"{prefix}." if prefix else ""
+        changes += [type(c)(pre + c.site, c.action, c.detail) for c in res.changes]
+        skips += [Skip(pre + s.site, s.reason, s.detail) for s in res.skips]
+    untraceable = untraceable_modules(model)
+    if untraced_sites is not None:
+        for qualname, why in untraceable:
+            m = model.get_submodule(qualname) if qualname else model
+            for site in untraced_sites(m):
+                full = f"{qualname}.{site}" if qualname and site else qualname or site
+                if not _inside_region(model, full):
+                    skips.append(Skip(full, SkipReason.UNTRACEABLE, why))
+    result = PassResult(name, tuple(changes), tuple(skips))
+    return result, Report((result,), untraceable)
+
+
+def _inside_region(model: nn.Module, qualname: str) -> bool:
+    """Whether ``qualname`` lies inside a traced region (then that region's pass reported it)."""
+    for prefix, _ in regions(model):
+        if prefix == "" or qualname.startswith(prefix + "."):
+            if prefix == "" and untraceable_modules(model):
+                # root region: only modules not below an untraceable leaf were visible to it
+                if any(qualname.startswith(q + ".") for q, _ in untraceable_modules(model) if q):
+                    continue
+            return True
+    return False
+
+
+def _bn_sites(m: nn.Module) -> list[str]:
+    from normfx.match import bn_kind
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    return [n for n, sub in m.named_modules() if bn_kind(sub) is not None or isinstance(sub, _BatchNorm)]
+
+
+def convbn(model: nn.Module, mode: Literal["tune", "deploy"] = "tune", *, inplace: bool = False) -> nn.Module:
+    """Turn every Conv/Linear + BatchNorm block into Tune mode or fold it (Deploy mode).
+
+    * ``mode="tune"``: each block becomes ``normfx.nn.tune_convbn``: Train mode while the BN is in
+      training mode; otherwise one conv on BN-folded weights built inside autograd, so gradients are
+      Eval mode's and neither the BN input nor the folded weights are kept for backward.
+      ``state_dict`` keys are unchanged.
+    * ``mode="deploy"``: folds permanently (in float64, cast back). Needs the model in eval mode.
+
+    Args:
+        model: an ``nn.Module`` or ``GraphModule``; never modified unless ``inplace=True``.
+        mode: ``"tune"`` or ``"deploy"``.
+        inplace: transform the caller's modules instead of a deep copy.
+
+    Returns:
+        The transformed model (a ``GraphModule`` when the model traces whole). ``normfx.last_report(m)``
+        says, site by site, what was transformed and what was skipped and why.
+
+    Raises:
+        TrainingModeError: ``mode="deploy"`` on a BatchNorm in training mode.
+        TraceFailure: nothing in the model can be traced.
+
+    Example:
+        >>> m = normfx.convbn(torchvision.models.resnet18().eval(), mode="deploy")
+        >>> normfx.last_report(m).summary()
+        'fold_convbn: 20 sites, 20 transformed, 0 skipped'
+    """
+    if mode not in ("tune", "deploy"):
+        raise ValueError(f"mode must be 'tune' or 'deploy', got {mode!r}")
+    out = _prepare(model, inplace)
+    _, report = run(out, "fold_convbn", lambda gm: fold_convbn(gm, mode=mode), _bn_sites)
+    attach_report(out, report)
+    return out

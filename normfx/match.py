@@ -1,0 +1,80 @@
+"""Small helpers the passes share to find sites: module of a node, kinds of modules, use counts."""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Literal
+
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+
+from normfx.trace import is_frozen_bn
+
+__all__ = ["module_of", "module_uses", "bn_kind", "is_conv_like", "is_plain_conv", "BNKind"]
+
+BNKind = Literal["plain", "norm_act"]
+
+# Eval-mode semantics of these forwards are exactly y = γ(x − μ̂)/sqrt(σ̂² + ε) + β.
+_PLAIN_BN_FORWARDS = {_BatchNorm.forward, nn.SyncBatchNorm.forward}
+
+
+def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    """The module a ``call_module`` or module-valued ``get_attr`` node refers to, else None."""
+    if node.op not in ("call_module", "get_attr") or not isinstance(node.target, str):
+        return None
+    try:
+        m = gm.get_submodule(node.target)
+    except AttributeError:
+        return None
+    return m
+
+
+def module_uses(gm: fx.GraphModule) -> Counter[int]:
+    """How many graph nodes refer to each module object (by ``id``), aliases counted together."""
+    uses: Counter[int] = Counter()
+    for node in gm.graph.nodes:
+        m = module_of(gm, node)
+        if m is not None:
+            uses[id(m)] += 1
+    return uses
+
+
+def bn_kind(m: nn.Module) -> BNKind | None:
+    """``"plain"`` for BatchNorm whose eval forward is plain BN (incl. Sync and Frozen BN),
+    ``"norm_act"`` for timm-style BN followed by its own ``drop`` and ``act``, else None."""
+    if is_frozen_bn(m):
+        if hasattr(m, "act"):
+            return "norm_act" if hasattr(m, "drop") else None
+        return "plain"
+    if not isinstance(m, _BatchNorm):
+        return None
+    fwd = type(m).forward
+    if fwd in _PLAIN_BN_FORWARDS:
+        return "plain"
+    if isinstance(getattr(m, "act", None), nn.Module) and isinstance(getattr(m, "drop", None), nn.Module):
+        return "norm_act"
+    return None
+
+
+def is_conv_like(m: nn.Module | None) -> bool:
+    """Conv/ConvTranspose of any dimension, or Linear (subclasses included)."""
+    return isinstance(m, (_ConvNd, nn.Linear))
+
+
+def is_plain_conv(m: nn.Module) -> bool:
+    """A conv/linear whose forward is torch's own, so we may call the op directly on new weights."""
+    cls = type(m)
+    if isinstance(m, nn.Linear):
+        return cls.forward is nn.Linear.forward
+    for base in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
+        if isinstance(m, base):
+            same_forward = cls.forward is base.forward
+            same_conv = getattr(cls, "_conv_forward", None) is getattr(base, "_conv_forward", None)
+            return same_forward and same_conv and not isinstance(m.padding, str)
+    return False
+
+
+def is_functional_bn(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in (F.batch_norm,)

@@ -1,0 +1,158 @@
+"""Tune-mode ConvBN blocks (You et al., "Efficient ConvBN Blocks for Transfer Learning and Beyond").
+
+A Tune block is a graph node ``tune_convbn(x, conv, bn)`` whose ``conv`` and ``bn`` arguments are the
+original modules, left where they were in the module tree, so ``state_dict`` keys do not change.
+
+* While ``bn.training``: ``bn(conv(x))`` — plain Train mode, batch statistics, identical running-stat
+  updates.
+* Otherwise (Eval BN, or FrozenBatchNorm): with ``c = γ/sqrt(σ̂² + ε)`` it runs one conv with
+  ``ω' = ω·c`` and ``b' = (b − μ̂)·c + β`` built inside autograd, so the gradients for ω, b, γ, β are
+  Eval mode's and the BN input is never stored. Unlike the paper's version, ``ω'`` is not stored
+  either: backward recomputes it from ω (a few elementwise ops over the weights), so the memory kept
+  for backward is the conv input only, as in Deploy mode.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from normfx.functional import BNStats
+from normfx.match import bn_kind, is_plain_conv
+
+__all__ = ["tune_convbn", "tune_convbn_functional", "bn_stats"]
+
+
+def bn_stats(bn: nn.Module) -> BNStats:
+    """The eval-mode statistics of a BatchNorm / FrozenBatchNorm module."""
+    return BNStats(bn.running_mean, bn.running_var, bn.weight, bn.bias, float(bn.eps))
+
+
+def _out_view(c: torch.Tensor, w: torch.Tensor, transposed: bool, groups: int) -> torch.Tensor:
+    if not transposed:
+        return c.reshape([-1] + [1] * (w.dim() - 1))
+    k = w.dim() - 2
+    return c.reshape(groups, 1, -1, *([1] * k)).expand(groups, w.shape[0] // groups, -1, *([1] * k)).reshape(
+        w.shape[0], -1, *([1] * k)
+    )
+
+
+def _per_out_sum(t: torch.Tensor, transposed: bool, groups: int) -> torch.Tensor:
+    """Sum a weight-shaped tensor down to one value per output channel."""
+    if not transposed:
+        return t.reshape(t.shape[0], -1).sum(1)
+    return t.reshape(groups, t.shape[0] // groups, t.shape[1], -1).sum((1, 3)).reshape(-1)
+
+
+class _TuneConv(torch.autograd.Function):
+    """One conv/linear with BN folded into its weights; saves x and the original parameters only."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, gamma, beta, mean, var, eps, spec):  # type: ignore[override]
+        inv = torch.rsqrt(var + eps)
+        c = inv if gamma is None else gamma * inv
+        wf = w * _out_view(c, w, spec["transposed"], spec["groups"])
+        bf = -mean * c if b is None else (b - mean) * c
+        if beta is not None:
+            bf = bf + beta
+        y = _run(x, wf, bf, spec)
+        ctx.save_for_backward(x, w, b, gamma, mean, var)
+        ctx.eps, ctx.spec = eps, spec
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):  # type: ignore[override]
+        x, w, b, gamma, mean, var = ctx.saved_tensors
+        spec = ctx.spec
+        tr, groups = spec["transposed"], spec["groups"]
+        inv = torch.rsqrt(var + ctx.eps)
+        c = inv if gamma is None else gamma * inv
+        cv = _out_view(c, w, tr, groups)
+        wf = w * cv
+        need_x = ctx.needs_input_grad[0]
+        if spec["kind"] == "linear":
+            gx = gy @ wf if need_x else None
+            g2, x2 = gy.reshape(-1, gy.shape[-1]), x.reshape(-1, x.shape[-1])
+            gwf, gbf = g2.t() @ x2, g2.sum(0)
+        else:
+            gx, gwf, gbf = torch.ops.aten.convolution_backward(
+                gy, x, wf, [wf.shape[1] * groups if tr else wf.shape[0]], spec["stride"], spec["padding"],
+                spec["dilation"], tr, spec["output_padding"], groups, [need_x, True, True],
+            )
+        gw = gwf * cv
+        centred = -mean if b is None else b - mean
+        gc = _per_out_sum(gwf * w, tr, groups) + gbf * centred
+        g_gamma = gc * inv if gamma is not None else None
+        g_b = gbf * c if b is not None else None
+        g_beta = gbf if ctx.needs_input_grad[4] else None
+        return gx, gw, g_b, g_gamma, g_beta, None, None, None, None
+
+
+def _run(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, spec: dict) -> torch.Tensor:
+    if spec["kind"] == "linear":
+        return F.linear(x, w, b)
+    return torch.ops.aten.convolution(
+        x, w, b, spec["stride"], spec["padding"], spec["dilation"], spec["transposed"],
+        spec["output_padding"], spec["groups"],
+    )
+
+
+def _spec(conv: nn.Module) -> dict:
+    if isinstance(conv, nn.Linear):
+        return {"kind": "linear", "transposed": False, "groups": 1}
+    return {
+        "kind": "conv", "stride": list(conv.stride), "padding": list(conv.padding),
+        "dilation": list(conv.dilation), "transposed": bool(conv.transposed),
+        "output_padding": list(conv.output_padding), "groups": conv.groups,
+    }
+
+
+def _folded_forward(x: torch.Tensor, conv: nn.Module, s: BNStats) -> torch.Tensor:
+    """conv with BN folded into its weights, inside autograd."""
+    if is_plain_conv(conv):
+        if getattr(conv, "padding_mode", "zeros") != "zeros":
+            x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+            spec = dict(_spec(conv), padding=[0] * (conv.weight.dim() - 2))
+        else:
+            spec = _spec(conv)
+        return _TuneConv.apply(x, conv.weight, conv.bias, s.weight, s.bias, s.mean, s.var, s.eps, spec)
+    # A conv subclass with its own forward (e.g. timm's Conv2dSame): call it on the folded weights.
+    # ω' is then kept by autograd, as in the paper's Tune mode.
+    tr, groups = bool(getattr(conv, "transposed", False)), getattr(conv, "groups", 1)
+    inv = torch.rsqrt(s.var + s.eps)
+    c = inv if s.weight is None else s.weight * inv
+    wf = conv.weight * _out_view(c, conv.weight, tr, groups)
+    bf = -s.mean * c if conv.bias is None else (conv.bias - s.mean) * c
+    if s.bias is not None:
+        bf = bf + s.bias
+    return functional_call(conv, {"weight": wf, "bias": bf}, (x,))
+
+
+def _bn_tail(bn: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    if bn_kind(bn) == "norm_act":
+        return bn.act(bn.drop(y))
+    return y
+
+
+def tune_convbn(x: torch.Tensor, conv: nn.Module, bn: nn.Module) -> torch.Tensor:
+    """``bn(conv(x))`` as a Tune-mode block: Train mode while ``bn.training``, else one folded conv.
+
+    Example:
+        >>> conv, bn = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8).eval()
+        >>> y = tune_convbn(torch.randn(2, 3, 8, 8), conv, bn)  # == bn(conv(x)), Eval gradients
+    """
+    linear_not_2d = isinstance(conv, nn.Linear) and x.dim() != 2
+    if getattr(bn, "training", False) or bn.running_mean is None or linear_not_2d:
+        return bn(conv(x))
+    return _bn_tail(bn, _folded_forward(x, conv, bn_stats(bn)))
+
+
+def tune_convbn_functional(
+    x: torch.Tensor, conv: nn.Module, mean: torch.Tensor, var: torch.Tensor,
+    weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+) -> torch.Tensor:
+    """Tune block for a functional ``F.batch_norm(conv(x), mean, var, weight, bias, False, _, eps)``."""
+    if isinstance(conv, nn.Linear) and x.dim() != 2:
+        return F.batch_norm(conv(x), mean, var, weight, bias, False, 0.0, eps)
+    return _folded_forward(x, conv, BNStats(mean, var, weight, bias, float(eps)))

@@ -1,0 +1,381 @@
+"""Replaces ``BN(conv(x))`` with a Tune-mode block or with one folded conv (Deploy).
+
+Math (exact): with ``c = γ/sqrt(σ̂² + ε)``, ``ω' = ω·c`` and ``b' = (b − μ̂)·c + β``, so
+``conv_{ω',b'}(x) = BN_eval(conv_{ω,b}(x))``. In Deploy mode it is computed once, in float64, and
+cast back to the weight's dtype. In Tune mode it is recomputed inside autograd every forward
+(``normfx.nn.tune_convbn``). A BN directly before a conv folds forward into that conv in Deploy mode
+where that is exact: the conv must not zero-pad (zeros would no longer pass through the affine).
+
+Sites are BatchNorm calls: BatchNorm{1,2,3}d modules and subclasses, SyncBatchNorm, FrozenBatchNorm,
+timm's BatchNormAct (the activation stays after the folded conv), functional ``F.batch_norm`` with
+running statistics, and — in Deploy mode — existing Tune blocks. Every site is transformed or skipped
+with a ``SkipReason``.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Literal
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from normfx.functional import BNStats, fold_bn_after, fold_bn_before, scale_is_safe
+from normfx.match import bn_kind, is_conv_like, is_functional_bn, module_of, module_uses
+from normfx.nn.convbn import bn_stats, tune_convbn, tune_convbn_functional
+from normfx.report import Change, PassResult, Skip, SkipReason
+
+__all__ = ["fold_convbn", "ConvBNMode", "TrainingModeError"]
+
+ConvBNMode = Literal["tune", "deploy"]
+
+_BN_PARAMS = list(inspect.signature(F.batch_norm).parameters)  # input, running_mean, ... eps
+
+
+class TrainingModeError(RuntimeError):
+    """Deploy mode was asked of a BatchNorm that is still in training mode."""
+
+
+def _fn_args(node: fx.Node) -> dict:
+    args = dict(zip(_BN_PARAMS, node.args))
+    args.update(node.kwargs)
+    defaults = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
+    return {**defaults, **args}
+
+
+def _is_tune_node(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in (tune_convbn, tune_convbn_functional)
+
+
+def _tensor(gm: fx.GraphModule, arg) -> torch.Tensor | None:
+    if arg is None:
+        return None
+    if isinstance(arg, fx.Node) and arg.op == "get_attr":
+        return _get_attr(gm, arg.target)
+    raise _Unsupported("its statistics are computed in the graph, not stored attributes")
+
+
+def _get_attr(gm: fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class _Unsupported(Exception):
+    pass
+
+
+class _Site:
+    """A BatchNorm call in the graph, normalized across module, functional and Tune forms."""
+
+    def __init__(self, gm: fx.GraphModule, node: fx.Node) -> None:
+        self.node = node
+        self.module: nn.Module | None = None
+        self.conv_node: fx.Node | None = None  # only for existing Tune blocks
+        if node.op == "call_module":
+            self.module = module_of(gm, node)
+            self.name = str(node.target)
+            self.input = node.args[0] if node.args else None
+            self.training = bool(self.module.training) and not _frozen(self.module)
+            self.stats = bn_stats(self.module) if self.module.running_mean is not None else None
+            self.extra = len(node.args) != 1 or bool(node.kwargs)
+        elif _is_tune_node(node):
+            self.conv_node = node.args[1]
+            self.input = node.args[0]
+            if node.target is tune_convbn:
+                self.module = module_of(gm, node.args[2])
+                self.name = str(node.args[2].target)
+                self.training = bool(self.module.training) and not _frozen(self.module)
+                self.stats = bn_stats(self.module)
+            else:
+                _, _, mean, var, w, b, eps = node.args
+                self.name = f"{node.name}"
+                self.training = False
+                self.stats = BNStats(*(_tensor(gm, a) for a in (mean, var, w, b)), float(eps))
+            self.extra = False
+        else:
+            a = _fn_args(node)
+            self.name = _functional_name(node, a)
+            self.input = a["input"]
+            self.training = bool(a["training"]) if not isinstance(a["training"], fx.Node) else True
+            self.extra = False
+            mean, var = a["running_mean"], a["running_var"]
+            if mean is None or var is None:
+                self.stats = None
+            else:
+                self.stats = BNStats(
+                    _tensor(gm, mean), _tensor(gm, var), _tensor(gm, a["weight"]), _tensor(gm, a["bias"]),
+                    float(a["eps"]),
+                )
+
+
+def _frozen(m: nn.Module) -> bool:
+    return not hasattr(m, "track_running_stats")  # FrozenBatchNorm has no train-mode behaviour
+
+
+def _functional_name(node: fx.Node, a: dict) -> str:
+    mean = a.get("running_mean")
+    if isinstance(mean, fx.Node) and mean.op == "get_attr":
+        return str(mean.target).rsplit(".", 1)[0] or node.name
+    return node.name
+
+
+def _dims_match(conv: nn.Module, bn: nn.Module | None, stats: BNStats) -> str:
+    out = conv.out_features if isinstance(conv, nn.Linear) else conv.out_channels
+    if stats.mean.numel() != out:
+        return f"BatchNorm has {stats.mean.numel()} channels, {type(conv).__name__} produces {out}"
+    if bn is not None and isinstance(conv, nn.Linear) and not isinstance(bn, (nn.BatchNorm1d,)):
+        return f"{type(bn).__name__} after Linear"
+    return ""
+
+
+def _set_weights(conv: nn.Module, w: torch.Tensor, b: torch.Tensor) -> None:
+    grad = conv.weight.requires_grad
+    conv.weight = nn.Parameter(w, requires_grad=grad)
+    conv.bias = nn.Parameter(b, requires_grad=grad)
+
+
+def fold_convbn(gm: fx.GraphModule, *, mode: ConvBNMode) -> PassResult:
+    """Replaces ``BN(conv(x))`` with ``tune_convbn(x, conv, bn)`` (tune) or one folded conv (deploy).
+
+    Mutates ``gm`` in place and returns what it did, site by site.
+
+    Raises:
+        TrainingModeError: in Deploy mode, when a BatchNorm that could be folded is in training mode.
+    """
+    if mode not in ("tune", "deploy"):
+        raise ValueError(f"mode must be 'tune' or 'deploy', got {mode!r}")
+    graph = gm.graph
+    uses = module_uses(gm)
+    sites = []
+    for node in list(graph.nodes):
+        if node.op == "call_module" and bn_kind(module_of(gm, node)) is not None:
+            sites.append(node)
+        elif node.op == "call_module" and _looks_like_bn(module_of(gm, node)):
+            sites.append(node)
+        elif is_functional_bn(node) or (mode == "deploy" and _is_tune_node(node)):
+            sites.append(node)
+    changes: list[Change] = []
+    skips: list[Skip] = []
+    if mode == "deploy":
+        for node in sites:
+            if node.op == "call_module" or node.target is tune_convbn:
+                m = module_of(gm, node if node.op == "call_module" else node.args[2])
+                if getattr(m, "training", False) and bn_kind(m) is not None and not _frozen(m):
+                    name = node.target if node.op == "call_module" else node.args[2].target
+                    raise TrainingModeError(
+                        f"BatchNorm '{name}' is in training mode; call model.eval() before mode='deploy'"
+                    )
+    doomed: list[str] = []
+    for node in sites:
+        result = _visit(gm, node, mode, uses, doomed)
+        (changes if isinstance(result, Change) else skips).append(result)
+    if changes:
+        _drop_dead_attrs(gm)
+        for qualname in doomed:
+            _delete_module(gm, qualname)
+        graph.lint()
+        gm.recompile()
+    return PassResult("fold_convbn", tuple(changes), tuple(skips))
+
+
+def _looks_like_bn(m: nn.Module | None) -> bool:
+    """A BatchNorm subclass we cannot interpret: still a site, reported as unsupported."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    return isinstance(m, _BatchNorm)
+
+
+def _visit(gm: fx.GraphModule, node: fx.Node, mode: ConvBNMode, uses, doomed: list[str]) -> Change | Skip:
+    try:
+        site = _Site(gm, node)
+    except _Unsupported as e:
+        return Skip(node.name, SkipReason.UNSUPPORTED, str(e))
+    if site.module is not None and bn_kind(site.module) is None:
+        return Skip(site.name, SkipReason.UNSUPPORTED, f"{type(site.module).__name__} has its own forward")
+    if site.stats is None:
+        return Skip(site.name, SkipReason.NO_RUNNING_STATS, "BatchNorm uses batch statistics in eval mode")
+    if site.extra:
+        return Skip(site.name, SkipReason.UNSUPPORTED, "BatchNorm called with extra arguments")
+    if node.op == "call_function" and not _is_tune_node(node) and site.training:
+        return Skip(site.name, SkipReason.TRAINING_MODE, "functional batch_norm traced with training=True")
+    if site.module is not None and uses[id(site.module)] > 1:
+        return Skip(site.name, SkipReason.SHARED_MODULE, "BatchNorm module is called at several places")
+
+    if _is_tune_node(node):
+        return _deploy_tune_block(gm, site, uses, doomed)
+
+    producer = site.input
+    conv = module_of(gm, producer) if isinstance(producer, fx.Node) and producer.op == "call_module" else None
+    if is_conv_like(conv):
+        why = _dims_match(conv, site.module, site.stats)
+        if why:
+            return Skip(site.name, SkipReason.UNSUPPORTED, why)
+        if len(producer.users) > 1:
+            return Skip(site.name, SkipReason.MULTI_USER, f"output of '{producer.target}' has other users")
+        if uses[id(conv)] > 1:
+            return Skip(site.name, SkipReason.SHARED_MODULE, f"'{producer.target}' is called at several places")
+        if len(producer.args) != 1 or producer.kwargs:
+            return Skip(site.name, SkipReason.UNSUPPORTED, f"'{producer.target}' is called with extra arguments")
+        if isinstance(conv, nn.Linear) and _rank(producer) not in (None, 2):
+            return Skip(site.name, SkipReason.UNSUPPORTED, "Linear output is not [N, C]")
+        if mode == "tune":
+            return _make_tune_block(gm, site, producer)
+        return _fold_after(gm, site, producer, conv, doomed)
+
+    follower = _single_conv_user(gm, node)
+    if follower is not None and mode == "deploy":
+        return _fold_before(gm, site, follower, uses, doomed)
+    if follower is not None:
+        return Skip(site.name, SkipReason.UNSUPPORTED, "BatchNorm before a conv folds in deploy mode only")
+    return Skip(site.name, SkipReason.NO_NEIGHBOUR, "input is not a conv/linear output")
+
+
+def _rank(node: fx.Node) -> int | None:
+    meta = node.meta.get("tensor_meta")
+    return len(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _single_conv_user(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    if len(node.users) != 1:
+        return None
+    user = next(iter(node.users))
+    m = module_of(gm, user) if user.op == "call_module" else None
+    if is_conv_like(m) and user.args and user.args[0] is node:
+        return user
+    return None
+
+
+def _make_tune_block(gm: fx.GraphModule, site: _Site, producer: fx.Node) -> Change:
+    graph = gm.graph
+    node = site.node
+    with graph.inserting_before(node):
+        conv_ref = graph.get_attr(producer.target)
+        if node.op == "call_module":
+            bn_ref = graph.get_attr(node.target)
+            new = graph.call_function(tune_convbn, (producer.args[0], conv_ref, bn_ref))
+        else:
+            a = _fn_args(node)
+            new = graph.call_function(
+                tune_convbn_functional,
+                (producer.args[0], conv_ref, a["running_mean"], a["running_var"], a["weight"], a["bias"], a["eps"]),
+            )
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    graph.erase_node(producer)
+    return Change(site.name, "tune", f"{producer.target} + {site.name}")
+
+
+def _checked_fold(site: _Site, conv: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | Skip:
+    c, _ = _scale(site.stats)
+    ok, why = scale_is_safe(c, conv.weight)
+    if not ok:
+        return Skip(site.name, SkipReason.NON_FINITE, why)
+    return fold_bn_after(
+        conv.weight, conv.bias, site.stats,
+        transposed=bool(getattr(conv, "transposed", False)), groups=getattr(conv, "groups", 1),
+    )
+
+
+def _scale(stats: BNStats):
+    from normfx.functional import bn_scale_shift
+
+    return bn_scale_shift(stats)
+
+
+def _replace_bn_by_tail(gm: fx.GraphModule, site: _Site, result: fx.Node, doomed: list[str]) -> None:
+    """Route the BN's users to ``result`` (the folded conv), keeping a norm-act's activation."""
+    node = site.node
+    if site.module is not None and bn_kind(site.module) == "norm_act":
+        tail = site.module.act if isinstance(site.module.drop, nn.Identity) else nn.Sequential(
+            site.module.drop, site.module.act
+        )
+        _set_module(gm, site.name, tail)
+        with gm.graph.inserting_after(result):
+            new = gm.graph.call_module(site.name, (result,))
+        node.replace_all_uses_with(new)
+    else:
+        node.replace_all_uses_with(result)
+        if site.module is not None:
+            doomed.append(site.name)
+    gm.graph.erase_node(node)
+
+
+def _fold_after(
+    gm: fx.GraphModule, site: _Site, producer: fx.Node, conv: nn.Module, doomed: list[str]
+) -> Change | Skip:
+    folded = _checked_fold(site, conv)
+    if isinstance(folded, Skip):
+        return folded
+    _set_weights(conv, *folded)
+    _replace_bn_by_tail(gm, site, producer, doomed)
+    return Change(site.name, "fold", f"into {producer.target}")
+
+
+def _deploy_tune_block(gm: fx.GraphModule, site: _Site, uses, doomed: list[str]) -> Change | Skip:
+    node = site.node
+    conv_ref = site.conv_node
+    conv = module_of(gm, conv_ref)
+    if uses[id(conv)] > 1:
+        return Skip(site.name, SkipReason.SHARED_MODULE, f"'{conv_ref.target}' is used at several places")
+    folded = _checked_fold(site, conv)
+    if isinstance(folded, Skip):
+        return folded
+    _set_weights(conv, *folded)
+    with gm.graph.inserting_before(node):
+        conv_call = gm.graph.call_module(conv_ref.target, (site.input,))
+    conv_call.meta = dict(node.meta)
+    _replace_bn_by_tail(gm, site, conv_call, doomed)
+    return Change(site.name, "fold", f"Tune block into {conv_ref.target}")
+
+
+def _fold_before(gm: fx.GraphModule, site: _Site, follower: fx.Node, uses, doomed: list[str]) -> Change | Skip:
+    conv = module_of(gm, follower)
+    if uses[id(conv)] > 1:
+        return Skip(site.name, SkipReason.SHARED_MODULE, f"'{follower.target}' is called at several places")
+    if getattr(conv, "transposed", False):
+        return Skip(site.name, SkipReason.UNSUPPORTED, "BatchNorm before a transposed conv is not exact to fold")
+    zero_pad = isinstance(conv, nn.Conv1d | nn.Conv2d | nn.Conv3d) and conv.padding_mode == "zeros" and (
+        isinstance(conv.padding, str) and conv.padding != "valid" or any(p != 0 for p in (
+            conv.padding if not isinstance(conv.padding, str) else ()))
+    )
+    if zero_pad:
+        return Skip(site.name, SkipReason.UNSUPPORTED,
+                    f"'{follower.target}' zero-pads: folding a BatchNorm before it is not exact")
+    if isinstance(conv, nn.Linear) and _rank(site.node) not in (None, 2):
+        return Skip(site.name, SkipReason.UNSUPPORTED, "BatchNorm1d input is not [N, C]")
+    if site.module is not None and bn_kind(site.module) != "plain":
+        return Skip(site.name, SkipReason.UNSUPPORTED, "activation between BatchNorm and conv")
+    in_ch = conv.in_features if isinstance(conv, nn.Linear) else conv.in_channels
+    if site.stats.mean.numel() != in_ch:
+        return Skip(site.name, SkipReason.UNSUPPORTED, "channel counts differ")
+    a, _ = _scale(site.stats)
+    ok, why = scale_is_safe(a, conv.weight)
+    if not ok:
+        return Skip(site.name, SkipReason.NON_FINITE, why)
+    w, b = fold_bn_before(conv.weight, conv.bias, site.stats, groups=getattr(conv, "groups", 1))
+    _set_weights(conv, w, b)
+    follower.replace_input_with(site.node, site.input)
+    gm.graph.erase_node(site.node)
+    if site.module is not None:
+        doomed.append(site.name)
+    return Change(site.name, "fold", f"forward into {follower.target}")
+
+
+def _set_module(gm: fx.GraphModule, qualname: str, module: nn.Module) -> None:
+    parent, _, name = qualname.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, name, module)
+
+
+def _delete_module(gm: fx.GraphModule, qualname: str) -> None:
+    """Remove a folded BatchNorm from the module tree (only ever one with no node left)."""
+    gm.delete_submodule(qualname)
+
+
+def _drop_dead_attrs(gm: fx.GraphModule) -> None:
+    for n in list(gm.graph.nodes):
+        if n.op == "get_attr" and not n.users:
+            gm.graph.erase_node(n)
