@@ -8,10 +8,14 @@ be traced is an error.
 
 Leaves: torch.nn modules (torch.fx's default), every BatchNorm subclass (so ``model.train()`` and
 ``model.eval()`` keep switching BatchNorm at run time instead of being frozen into the graph at trace
-time), FrozenBatchNorm modules, normfx's own modules and whatever the caller adds.
+time), FrozenBatchNorm modules, parameter-free modules whose forward reads ``self.training``
+(DropPath, StochasticDepth: same reason), normfx's own modules and whatever the caller adds.
+A module *with* parameters that branches on ``self.training`` is traced in the mode it is in.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import traceback
 from dataclasses import dataclass
@@ -40,6 +44,20 @@ def is_frozen_bn(m: nn.Module) -> bool:
     )
 
 
+@functools.lru_cache(maxsize=None)
+def _reads_training(cls: type) -> bool:
+    try:
+        return "self.training" in inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+
+
+def is_mode_dependent_leaf(m: nn.Module) -> bool:
+    """A parameter-free module whose forward branches on ``self.training`` (DropPath, StochasticDepth,
+    DropBlock): tracing through it would freeze the mode it had at trace time into the graph."""
+    return _reads_training(type(m)) and next(m.parameters(), None) is None
+
+
 def _normfx_leaf_types() -> tuple[type, ...]:
     from normfx import nn as nfnn  # local: nn/ may import trace helpers
 
@@ -62,6 +80,8 @@ class _Tracer(fx.Tracer):
         if qualname in self._leaves:
             return True
         if isinstance(m, _BatchNorm) or is_frozen_bn(m) or isinstance(m, self._leaf_types):
+            return True
+        if is_mode_dependent_leaf(m):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -92,7 +112,26 @@ def _trace_once(
     tracer = _Tracer(leaves, leaf_types)
     graph = tracer.trace(model)
     name = type(model).__name__
-    return fx.GraphModule(tracer.root, graph, name)
+    gm = fx.GraphModule(tracer.root, graph, name)
+    _restore_order(gm, model)
+    return gm
+
+
+def _restore_order(gm: nn.Module, original: nn.Module) -> None:
+    """GraphModule registers submodules in first-use order; put them back in the original's order
+    so ``state_dict()`` and ``parameters()`` (and optimizer state built on them) line up."""
+    for path, orig in original.named_modules(remove_duplicate=False):
+        try:
+            mod = gm.get_submodule(path) if path else gm
+        except AttributeError:
+            continue
+        if mod is orig and path:
+            continue  # the original module itself was copied over: already in order
+        for attr in ("_modules", "_parameters", "_buffers"):
+            mine, ref = getattr(mod, attr), getattr(orig, attr)
+            order = [k for k in ref if k in mine] + [k for k in mine if k not in ref]
+            if list(mine) != order:
+                setattr(mod, attr, {k: mine[k] for k in order})
 
 
 def _trace_region(

@@ -1,0 +1,60 @@
+"""Shared test helpers: randomized BatchNorm statistics and relative error."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from normfx.trace import is_frozen_bn
+
+# Named tolerances (relative, ||a - b|| / ||b||), as the issues set them.
+DEPLOY_RTOL = 1e-4
+GRAD_RTOL = 1e-3
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+@torch.no_grad()
+def randomize_bn(model: nn.Module, example: torch.Tensor | None = None, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm random affine parameters and *non-fresh* statistics.
+
+    Fresh statistics (mean 0, var 1) make folding almost the identity and a test worthless. γ and β
+    are drawn first; with an example input, the running statistics are then estimated from a
+    train-mode forward (each BN sees what the network really feeds it, so a deep random network
+    stays well-conditioned in eval mode), and finally every channel's statistics are perturbed.
+    """
+    g = torch.Generator().manual_seed(seed)
+    bns = [m for m in model.modules() if isinstance(m, _BatchNorm) or is_frozen_bn(m)]
+    for m in bns:
+        n = m.running_mean.numel()
+        if m.weight is not None:
+            m.weight.copy_(torch.empty(n).uniform_(0.5, 1.5, generator=g))
+            m.bias.copy_(0.2 * torch.randn(n, generator=g))
+    if example is not None:
+        was = model.training
+        saved = {}
+        for m in bns:
+            if isinstance(m, _BatchNorm):
+                saved[m] = m.momentum
+                m.momentum = None
+                m.reset_running_stats()
+        model.train()
+        model(example)
+        model.train(was)
+        for m, mom in saved.items():
+            m.momentum = mom
+    for m in bns:
+        n = m.running_mean.numel()
+        std = m.running_var.clamp_min(1e-6).sqrt()
+        m.running_mean.add_(0.1 * std * torch.randn(n, generator=g))
+        m.running_var.mul_(torch.empty(n).uniform_(0.8, 1.25, generator=g))
+    return model
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

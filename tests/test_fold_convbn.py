@@ -1,0 +1,459 @@
+"""The ConvBN pass: structure, report, run-twice, every skip reason, safety, Tune semantics."""
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx.experimental.optimization import fuse
+
+import normfx
+from normfx import SkipReason
+from normfx.nn import tune_convbn
+from tests.conftest import DEPLOY_RTOL, GRAD_RTOL, randomize_bn, rel_err
+
+
+def _bn_calls(gm: fx.GraphModule) -> int:
+    mods = dict(gm.named_modules())
+    n = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(mods[node.target], nn.modules.batchnorm._BatchNorm):
+            n += 1
+        if node.op == "call_function" and node.target is F.batch_norm:
+            n += 1
+    return n
+
+
+def _tune_calls(gm: fx.GraphModule) -> int:
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is tune_convbn)
+
+
+class Block(nn.Module):
+    def __init__(self, c_in=3, c_out=8):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+
+    def forward(self, x):
+        return self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+
+
+def _block():
+    m = Block()
+    return randomize_bn(m, torch.randn(4, 3, 8, 8)).eval()
+
+
+X = torch.randn(2, 3, 8, 8)
+
+
+# --- structure, report, run twice -------------------------------------------------------------
+
+def test_deploy_structure_report_and_numerics():
+    m = _block()
+    d = normfx.convbn(m, mode="deploy")
+    assert _bn_calls(d) == 0
+    assert not any(isinstance(x, nn.BatchNorm2d) for x in d.modules())
+    r = normfx.last_report(d)
+    assert [c.site for c in r.changes] == ["bn1", "bn2"]
+    assert r.passes[0].sites == 2 and not r.skips
+    assert rel_err(d(X), m(X)) < DEPLOY_RTOL
+
+
+def test_tune_structure_keys_and_report():
+    m = _block()
+    t = normfx.convbn(m, mode="tune")
+    assert _tune_calls(t) == 2 and _bn_calls(t) == 0
+    assert list(t.state_dict()) == list(m.state_dict())
+    assert len(normfx.last_report(t).changes) == 2
+
+
+@pytest.mark.parametrize("mode", ["tune", "deploy"])
+def test_run_twice_changes_nothing(mode):
+    m = _block()
+    once = normfx.convbn(m, mode=mode)
+    code = once.code
+    twice = normfx.convbn(once, mode=mode)
+    assert not normfx.last_report(twice).modified
+    assert twice.code == code
+    assert rel_err(twice(X), once(X)) == 0.0
+
+
+def test_report_is_logged(caplog):
+    with caplog.at_level(logging.INFO, logger="normfx"):
+        normfx.convbn(_block(), mode="deploy")
+    assert "fold_convbn: 2 sites, 2 transformed, 0 skipped" in caplog.text
+
+
+def test_tune_then_deploy_equals_deploy():
+    m = _block()
+    a = normfx.convbn(normfx.convbn(m, mode="tune").eval(), mode="deploy")
+    b = normfx.convbn(m, mode="deploy")
+    assert _tune_calls(a) == 0 and _bn_calls(a) == 0
+    assert rel_err(a(X), b(X)) < 1e-6
+
+
+# --- the caller's model --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["tune", "deploy"])
+def test_caller_model_untouched(mode):
+    m = _block()
+    before = copy.deepcopy(m.state_dict())
+    normfx.convbn(m, mode=mode)
+    after = m.state_dict()
+    assert list(before) == list(after)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert isinstance(m.bn1, nn.BatchNorm2d)
+
+
+def test_inplace_transforms_callers_modules():
+    m = _block()
+    ref = copy.deepcopy(m)
+    d = normfx.convbn(m, mode="deploy", inplace=True)
+    assert d.conv1 is m.conv1
+    assert not torch.equal(m.conv1.weight, ref.conv1.weight)
+    assert rel_err(d(X), ref(X)) < DEPLOY_RTOL
+
+
+# --- Tune semantics --------------------------------------------------------------------------
+
+def test_tune_train_mode_is_train_mode_exactly():
+    m = _block().train()
+    t = normfx.convbn(m, mode="tune").train()
+    for _ in range(3):
+        x = torch.randn(4, 3, 8, 8)
+        assert torch.equal(t(x), m(x))
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, t.state_dict()[k]), k
+
+
+def test_tune_eval_gradients_equal_eval_mode():
+    m = _block()
+    t = normfx.convbn(m, mode="tune").eval()
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    (m(x) ** 2).sum().backward()
+    (t(x2) ** 2).sum().backward()
+    tp = dict(t.named_parameters())
+    for name, p in m.named_parameters():
+        assert rel_err(tp[name].grad, p.grad) < GRAD_RTOL, name
+    assert rel_err(x2.grad, x.grad) < GRAD_RTOL
+
+
+def test_tune_switches_at_run_time():
+    m = _block()
+    t = normfx.convbn(m, mode="tune")
+    t.train()
+    m.train()
+    x = torch.randn(4, 3, 8, 8)
+    assert torch.equal(t(x), m(x))
+    t.eval()
+    m.eval()
+    assert rel_err(t(x), m(x)) < DEPLOY_RTOL
+
+
+def test_tune_checkpoints_round_trip():
+    m = _block()
+    t = normfx.convbn(m, mode="tune")
+    with torch.no_grad():
+        t.conv1.weight.add_(1.0)
+    fresh = Block().eval()
+    fresh.load_state_dict(t.state_dict())  # Tune checkpoint -> original architecture
+    assert torch.equal(fresh.conv1.weight, t.conv1.weight)
+    t.load_state_dict(m.state_dict())  # original checkpoint -> Tune model
+    assert rel_err(t(X), m(X)) < DEPLOY_RTOL
+
+
+def test_tune_keeps_neither_bn_input_nor_folded_weight():
+    """Saved-for-backward tensors of a Tune block: the conv input and parameters, nothing else."""
+    conv, bn = nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16).eval()
+    x = torch.randn(2, 8, 16, 16, requires_grad=True)
+    params = {p.data_ptr() for p in [*conv.parameters(), *bn.parameters(), *bn.buffers()]}
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        tune_convbn(x, conv, bn)
+    extra = [t for t in saved if t.data_ptr() not in params and t.data_ptr() != x.data_ptr()]
+    assert extra == [], [tuple(t.shape) for t in extra]
+
+
+# --- deploy preconditions and dtypes ---------------------------------------------------------------
+
+def test_deploy_refuses_training_mode():
+    m = _block().train()
+    with pytest.raises(normfx.TrainingModeError, match=r"'bn1' is in training mode; call model.eval\(\)"):
+        normfx.convbn(m, mode="deploy")
+
+
+def test_bad_mode():
+    with pytest.raises(ValueError, match="mode must be"):
+        normfx.convbn(_block(), mode="train")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_deploy_keeps_low_precision_dtype(dtype):
+    m = _block()
+    d = normfx.convbn(m.to(dtype), mode="deploy")
+    assert d.conv1.weight.dtype == dtype and d.conv1.bias.dtype == dtype
+    # The fold itself (done in float64) costs no more than one rounding of the folded weights.
+    ref = normfx.convbn(m.float(), mode="deploy")
+    assert rel_err(d.conv1.weight.float(), ref.conv1.weight) < 1e-2
+
+
+# --- one test per skip reason --------------------------------------------------------------------
+
+def _skips(m, mode="deploy"):
+    out = normfx.convbn(m, mode=mode)
+    return out, {s.site: s.reason for s in normfx.last_report(out).skips}
+
+
+class SharedConv(nn.Module):
+    """A conv called twice, once without BN: torch.fx.experimental.optimization.fuse corrupts it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + self.conv(x)
+
+
+def test_shared_conv_never_mutated():
+    m = randomize_bn(SharedConv(), torch.randn(4, 3, 4, 4)).eval()
+    x = torch.randn(2, 3, 4, 4)
+    assert rel_err(fuse(m)(x), m(x)) > 1e-2  # the anchor's bug this test guards against
+    for mode in ("deploy", "tune"):
+        out, skips = _skips(m, mode)
+        assert skips == {"bn": SkipReason.SHARED_MODULE}
+        assert rel_err(out(x), m(x)) < 1e-6
+
+
+class MultiUser(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) * y
+
+
+def test_multi_user_output_left_exact():
+    m = randomize_bn(MultiUser(), torch.randn(4, 3, 4, 4)).eval()
+    out, skips = _skips(m)
+    assert skips == {"bn": SkipReason.MULTI_USER}
+    assert rel_err(out(X[:, :, :4, :4]), m(X[:, :, :4, :4])) < 1e-6
+
+
+class SharedBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 3, 1)
+        self.b = nn.Conv2d(3, 3, 1)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.bn(self.a(x)) + self.bn(self.b(x))
+
+
+def test_shared_bn_left_exact():
+    m = randomize_bn(SharedBN(), torch.randn(4, 3, 4, 4)).eval()
+    out, skips = _skips(m)
+    assert set(skips.values()) == {SkipReason.SHARED_MODULE}
+    assert len(normfx.last_report(out).skips) == 2
+    assert rel_err(out(X), m(X)) < 1e-6
+
+
+def test_no_running_stats():
+    m = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, track_running_stats=False)).eval()
+    out, skips = _skips(m)
+    assert skips == {"1": SkipReason.NO_RUNNING_STATS}
+    assert rel_err(out(X), m(X)) < 1e-6
+
+
+class FunctionalTrainBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.register_buffer("mean", torch.zeros(4))
+        self.register_buffer("var", torch.ones(4))
+
+    def forward(self, x):
+        return F.batch_norm(self.conv(x), self.mean, self.var, training=True)
+
+
+def test_training_mode_functional():
+    m = FunctionalTrainBN()
+    _, skips = _skips(m, "tune")
+    assert list(skips.values()) == [SkipReason.TRAINING_MODE]
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow
+            return self.bn(self.conv(x))
+        return self.bn(self.conv(-x))
+
+
+class HasUntraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
+        self.odd = Untraceable()
+
+    def forward(self, x):
+        return self.odd(self.stem(x))
+
+
+def test_untraceable_sites_reported_rest_transformed():
+    m = randomize_bn(HasUntraceable(), torch.randn(4, 3, 4, 4)).eval()
+    out, skips = _skips(m)
+    assert skips == {"odd.bn": SkipReason.UNTRACEABLE}
+    r = normfx.last_report(out)
+    assert [c.site for c in r.changes] == ["stem.1"]
+    assert r.untraceable[0][0] == "odd" and "control flow" in r.untraceable[0][1]
+    assert rel_err(out(X), m(X)) < DEPLOY_RTOL
+
+
+class CustomBN(nn.BatchNorm2d):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def test_unsupported_bn_subclass():
+    m = nn.Sequential(nn.Conv2d(3, 4, 1), CustomBN(4)).eval()
+    out, skips = _skips(m)
+    assert skips == {"1": SkipReason.UNSUPPORTED}
+    assert rel_err(out(X), m(X)) < 1e-6
+
+
+def test_no_neighbour():
+    m = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.BatchNorm2d(4)).eval()
+    _, skips = _skips(m)
+    assert skips == {"2": SkipReason.NO_NEIGHBOUR}
+
+
+def test_non_finite_scale():
+    m = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, eps=0.0)).eval()
+    m[1].running_var[1] = 0.0
+    _, skips = _skips(m)
+    assert skips == {"1": SkipReason.NON_FINITE}
+
+
+def test_overflowing_scale_in_fp16():
+    m = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, eps=1e-12)).eval()
+    m[1].running_var[0] = 1e-12
+    out, skips = _skips(m.half())
+    assert skips == {"1": SkipReason.NON_FINITE}
+    assert getattr(out, "0").weight.dtype == torch.float16
+
+
+# --- site kinds ----------------------------------------------------------------------------------
+
+class BNBeforeConv(nn.Module):
+    def __init__(self, padding=0, padding_mode="zeros"):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        self.conv = nn.Conv2d(3, 6, 3, padding=padding, padding_mode=padding_mode, groups=3)
+
+    def forward(self, x):
+        return self.conv(self.bn(x))
+
+
+@pytest.mark.parametrize("padding,mode", [(0, "zeros"), (1, "reflect"), (1, "circular"), (1, "replicate")])
+def test_bn_before_conv_folds_where_exact(padding, mode):
+    m = randomize_bn(BNBeforeConv(padding, mode), torch.randn(4, 3, 8, 8)).eval()
+    out, skips = _skips(m)
+    assert not skips and _bn_calls(out) == 0
+    assert rel_err(out(X), m(X)) < DEPLOY_RTOL
+
+
+def test_bn_before_zero_padded_conv_is_skipped():
+    m = randomize_bn(BNBeforeConv(1), torch.randn(4, 3, 8, 8)).eval()
+    out, skips = _skips(m)
+    assert skips == {"bn": SkipReason.UNSUPPORTED}
+    assert rel_err(out(X), m(X)) < 1e-6
+
+
+class FunctionalBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.w = nn.Parameter(torch.rand(4) + 0.5)
+        self.b = nn.Parameter(torch.randn(4))
+        self.register_buffer("mean", torch.randn(4))
+        self.register_buffer("var", torch.rand(4) + 0.5)
+
+    def forward(self, x):
+        return F.batch_norm(self.conv(x), self.mean, self.var, self.w, self.b, False, 0.1, 1e-3)
+
+
+@pytest.mark.parametrize("mode", ["tune", "deploy"])
+def test_functional_batch_norm(mode):
+    m = FunctionalBN().eval()
+    out = normfx.convbn(m, mode=mode)
+    assert _bn_calls(out) == 0 and len(normfx.last_report(out).changes) == 1
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    assert rel_err(out(x), m(x)) < DEPLOY_RTOL
+    if mode == "tune":
+        (m(x) ** 2).sum().backward()
+        ref = {n: p.grad.clone() for n, p in m.named_parameters()}
+        (out(x) ** 2).sum().backward()
+        for n, p in out.named_parameters():
+            assert rel_err(p.grad, ref[n]) < GRAD_RTOL, n
+
+
+@pytest.mark.parametrize("mode", ["tune", "deploy"])
+def test_linear_bn1d(mode):
+    m = nn.Sequential(nn.Linear(10, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3))
+    m = randomize_bn(m, torch.randn(16, 10)).eval()
+    out = normfx.convbn(m, mode=mode)
+    assert _bn_calls(out) == 0
+    x = torch.randn(5, 10)
+    assert rel_err(out(x), m(x)) < DEPLOY_RTOL
+
+
+def test_sync_and_frozen_bn():
+    from torchvision.ops import FrozenBatchNorm2d
+
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4), nn.Conv2d(4, 4, 3), FrozenBatchNorm2d(4))
+    randomize_bn(m[:2], torch.randn(4, 3, 8, 8))
+    randomize_bn(m[3])
+    m.eval()
+    for mode in ("tune", "deploy"):
+        out = normfx.convbn(m, mode=mode)
+        assert len(normfx.last_report(out).changes) == 2, mode
+        assert rel_err(out(X), m(X)) < DEPLOY_RTOL
+
+
+def test_timm_batchnormact_keeps_activation():
+    from timm.layers import BatchNormAct2d
+
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), BatchNormAct2d(4, act_layer=nn.ReLU))
+    m = randomize_bn(m, torch.randn(4, 3, 8, 8)).eval()
+    for mode in ("tune", "deploy"):
+        out = normfx.convbn(m, mode=mode)
+        assert len(normfx.last_report(out).changes) == 1
+        y = out(X)
+        assert (y >= 0).all() and rel_err(y, m(X)) < DEPLOY_RTOL
+    t = normfx.convbn(m, mode="tune").train()
+    m.train()
+    x = torch.randn(4, 3, 8, 8)
+    assert torch.equal(t(x), m(x))
+    assert torch.equal(t.state_dict()["1.running_mean"], m.state_dict()["1.running_mean"])
