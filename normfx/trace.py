@@ -139,6 +139,8 @@ def _trace_region(
     failures: list[_Failure],
 ) -> nn.Module:
     """Trace ``model``; on failure make the failing submodule a leaf and retry, then recurse into it."""
+    if prefix and _Tracer(frozenset(), leaf_types).is_leaf_module(model, prefix):
+        return model  # a leaf is called as is: nothing inside it to transform
     leaves = set(user_leaves)
     local_failures: list[_Failure] = []
     while True:
