@@ -47,8 +47,12 @@ def scale_is_safe(c: torch.Tensor, weight: torch.Tensor) -> tuple[bool, str]:
         bad = (~torch.isfinite(c)).nonzero().flatten()[:5].tolist()
         return False, f"γ/sqrt(σ²+ε) is not finite at channels {bad}"
     limit = torch.finfo(weight.dtype).max
-    wmax = weight.detach().abs().to(torch.float64).amax() if weight.numel() else torch.tensor(0.0)
-    if (c.abs().amax() * wmax) > limit:
+    if weight.numel():
+        lo, hi = torch.aminmax(weight.detach())
+        wmax = max(abs(float(lo)), abs(float(hi)))
+    else:
+        wmax = 0.0
+    if float(c.abs().amax()) * wmax > limit:
         return False, f"folded weights would overflow {weight.dtype} (max {limit:.3g})"
     return True, ""
 
@@ -78,10 +82,24 @@ def fold_bn_after(
     ``weight`` is a Conv/ConvTranspose/Linear weight (Linear: ``[out, in]``).
     """
     c, t = bn_scale_shift(bn)
-    w64 = weight.detach().to(torch.float64)
-    w = w64 * _out_channel_view(c, w64, transposed, groups)
+    w = weight.detach()
+    if transposed:
+        folded = w.to(torch.float64).mul_(_out_channel_view(c, w, transposed, groups)).to(w.dtype)
+    else:
+        folded = _scale_rows(w, c)
     b = t if bias is None else bias.detach().to(torch.float64) * c + t
-    return w.to(weight.dtype), b.to(weight.dtype)
+    return folded, b.to(weight.dtype)
+
+
+def _scale_rows(w: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``w[o] * c[o]`` computed in float64, in cache-sized blocks of rows (a whole-tensor float64
+    copy costs more memory traffic than the multiply itself)."""
+    out = torch.empty_like(w, memory_format=torch.contiguous_format)
+    flat, dst, cc = w.reshape(w.shape[0], -1), out.view(w.shape[0], -1), c.reshape(-1, 1)
+    step = max(1, 32768 // max(1, flat.shape[1]))
+    for i in range(0, flat.shape[0], step):
+        dst[i:i + step].copy_(flat[i:i + step].to(torch.float64).mul_(cc[i:i + step]))
+    return out
 
 
 def fold_bn_before(

@@ -1,0 +1,195 @@
+"""ConvBN benchmarks: Tune-mode memory/step time, and Deploy vs torch.fx's ``fuse``.
+
+    python benchmarks/convbn.py            # everything; writes docs/benchmarks.md
+    python benchmarks/convbn.py --quick    # fewer repeats (a smoke run)
+
+Each variant runs in its own process (``--child``) so peak RSS and allocator state are its own;
+ratios are taken against the anchor measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+MEM_MODEL, MEM_BATCH, MEM_SIZE = "resnet50", 8, 160
+LAT_MODELS = ["resnet50", "resnet152", "mobilenet_v3_large", "densenet121"]
+
+
+def _model(name: str) -> torch.nn.Module:
+    import torchvision
+
+    torch.manual_seed(0)
+    m = getattr(torchvision.models, name)()
+    # Non-fresh statistics so the folded model is not near-identical to the original.
+    g = torch.Generator().manual_seed(0)
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+            n = mod.num_features
+            mod.running_var.uniform_(0.5, 2.0, generator=g)
+            mod.running_mean.normal_(0, 0.1, generator=g)
+    return m
+
+
+def _rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child_memory(variant: str, steps: int) -> dict:
+    import normfx
+
+    torch.set_num_threads(2)
+    model = _model(MEM_MODEL).eval()  # fine-tuning with BN in eval mode (frozen statistics)
+    if variant == "tune":
+        model = normfx.convbn(model, mode="tune")
+    elif variant == "tune_keep_w":
+        # The paper's Tune mode, which lets autograd keep the folded weight ω' for backward.
+        import normfx.nn.convbn as cb
+
+        cb.is_plain_conv = lambda m: False
+        model = normfx.convbn(model, mode="tune")
+    elif variant == "deploy":
+        model = normfx.convbn(model, mode="deploy")
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    x = torch.randn(MEM_BATCH, 3, MEM_SIZE, MEM_SIZE)
+    y = torch.randint(0, 1000, (MEM_BATCH,))
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        s = t.untyped_storage()
+        if s.data_ptr() not in own:
+            saved[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = F.cross_entropy(model(x), y)
+    saved_bytes = sum(saved.values())
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    rss_before = _rss_mib()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    return {"saved_mib": saved_bytes / 2**20, "peak_rss_mib": _rss_mib(), "rss_warm_mib": rss_before,
+            "step_s": statistics.median(times)}
+
+
+def child_latency(name: str, variant: str, repeats: int) -> dict:
+    from torch.fx.experimental.optimization import fuse
+
+    import normfx
+
+    torch.set_num_threads(2)
+    model = _model(name).eval()
+    transform = {"eager": lambda m: m, "fuse": lambda m: fuse(m),
+                 "normfx": lambda m: normfx.convbn(m, mode="deploy")}[variant]
+    t_times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        out = transform(model)
+        t_times.append(time.perf_counter() - t0)
+    bn_left = sum(
+        1 for n in getattr(out, "graph", torch.fx.symbolic_trace(out).graph).nodes
+        if (n.op == "call_module" and isinstance(out.get_submodule(n.target), torch.nn.modules.batchnorm._BatchNorm))
+        or (n.op == "call_function" and n.target is F.batch_norm)
+    ) if variant != "eager" else sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in out.modules())
+    x = torch.randn(1, 3, 224, 224)
+    lat = []
+    with torch.inference_mode():
+        for _ in range(5):
+            out(x)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            out(x)
+            lat.append(time.perf_counter() - t0)
+    return {"transform_s": statistics.median(t_times), "latency_ms": 1e3 * statistics.median(lat), "bn_left": bn_left}
+
+
+def main() -> None:
+    from _common import machine, run_variant, table, write_section
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer repeats")
+    ap.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child is not None:
+        kind, *rest = args.child
+        res = child_memory(rest[0], int(rest[1])) if kind == "memory" else child_latency(rest[0], rest[1], int(rest[2]))
+        print(json.dumps(res))
+        return
+
+    steps = 3 if args.quick else 7
+    reps = 10 if args.quick else 40
+    me = __file__
+    mem = {v: run_variant(me, "memory", v, str(steps)) for v in ["eval", "tune", "tune_keep_w", "deploy"]}
+    ev, de = mem["eval"], mem["deploy"]
+    rows = []
+    for v, r in mem.items():
+        rows.append([v, f"{r['saved_mib']:.0f}", f"{r['saved_mib'] / ev['saved_mib']:.2f}",
+                     f"{r['saved_mib'] / de['saved_mib']:.2f}", f"{r['peak_rss_mib']:.0f}",
+                     f"{r['step_s'] * 1e3:.0f}", f"{r['step_s'] / ev['step_s']:.2f}"])
+    mem_md = table(["variant", "saved for backward (MiB)", "÷ Eval", "÷ Deploy", "peak RSS (MiB)",
+                    "step (ms)", "step ÷ Eval"], rows)
+
+    lat_rows = []
+    for name in LAT_MODELS:
+        r = {v: run_variant(me, "latency", name, v, str(reps)) for v in ["eager", "fuse", "normfx"]}
+        lat_rows.append([
+            name, f"{r['eager']['latency_ms']:.1f}", f"{r['fuse']['latency_ms']:.1f}", f"{r['normfx']['latency_ms']:.1f}",
+            f"{r['normfx']['latency_ms'] / r['fuse']['latency_ms']:.3f}",
+            f"{r['fuse']['transform_s'] * 1e3:.0f}", f"{r['normfx']['transform_s'] * 1e3:.0f}",
+            f"{r['normfx']['transform_s'] / r['fuse']['transform_s']:.2f}",
+            f"{r['eager']['bn_left']} / {r['fuse']['bn_left']} / {r['normfx']['bn_left']}",
+        ])
+    lat_md = table(["model", "eager (ms)", "fuse (ms)", "normfx (ms)", "latency normfx ÷ fuse",
+                    "fuse transform (ms)", "normfx transform (ms)", "transform ÷ fuse",
+                    "BN left: eager / fuse / normfx"], lat_rows)
+    body = f"""## ConvBN (`benchmarks/convbn.py`)
+
+Machine: {machine()}. Each row is its own process; medians of {steps} steps / {reps} runs.
+
+### Fine-tuning step, {MEM_MODEL}, batch {MEM_BATCH} at {MEM_SIZE}×{MEM_SIZE}, BatchNorm in eval mode
+
+"Saved for backward" counts the distinct storages autograd keeps, excluding the model's own
+parameters and buffers. `tune_keep_w` is the paper's Tune mode (autograd keeps ω'); `tune` is
+normfx's, which recomputes ω' in backward. Targets: Tune ≤ 0.55 × Eval and ≤ 1.10 × Deploy; step
+time Tune ≤ 1.05 × Eval.
+
+{mem_md}
+
+### Deploy vs `torch.fx.experimental.optimization.fuse`, batch 1 at 224×224, eval mode
+
+Targets: latency normfx ÷ fuse ≤ 1.02; transform time no slower than `fuse`; never more BatchNorm
+left than `fuse`.
+
+{lat_md}
+
+### GPU
+
+Peak CUDA memory at batch 32×224² (Eval vs Tune) has not been measured: this task was not lent a
+GPU machine.
+"""
+    write_section("convbn", body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()
