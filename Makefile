@@ -2,7 +2,7 @@
 # with its dev extras into it, then run. VENV may point outside the clone (CI does, see .ci/run).
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.normfx-installed
+STAMP := $(VENV)/.normfx-installed$(subst /,_,$(CURDIR))
 PYTEST_ARGS ?=
 
 .PHONY: demo test test-fast bench clean
