@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.normfx-installed$(subst /,_,$(CURDIR))
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast bench clean
+.PHONY: demo example test test-fast bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -18,7 +18,14 @@ $(STAMP): $(PY) setup.cfg pyproject.toml
 	$(PY) -m pip install -e ".[dev]"
 	touch $(STAMP)
 
+# The main job on built-in defaults: inspect, then export in Deploy mode and verify in ONNX Runtime.
 demo: $(STAMP)
+	mkdir -p out
+	$(VENV)/bin/normfx inspect torchvision:resnet18
+	$(VENV)/bin/normfx export torchvision:resnet18 -o out/resnet18.onnx --input-shape 1,3,224,224
+	$(VENV)/bin/normfx export torchvision:mobilenet_v3_large -o out/mobilenet_v3_large.onnx --input-shape 1,3,224,224
+
+example: $(STAMP)
 	$(PY) examples/convbn_finetune.py
 
 test: $(STAMP)
@@ -29,6 +36,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/convbn.py
+	$(PY) benchmarks/export.py
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache

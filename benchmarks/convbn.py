@@ -137,9 +137,14 @@ def main() -> None:
         return
 
     steps = 3 if args.quick else 7
-    reps = 10 if args.quick else 40
+    reps = 10 if args.quick else 30
+    rounds = 1 if args.quick else 3
     me = __file__
-    mem = {v: run_variant(me, "memory", v, str(steps)) for v in ["eval", "tune", "tune_keep_w", "deploy"]}
+    mem_runs: dict[str, list[dict]] = {v: [] for v in ["eval", "tune", "tune_keep_w", "deploy"]}
+    for _ in range(rounds):
+        for v in mem_runs:
+            mem_runs[v].append(run_variant(me, "memory", v, str(steps)))
+    mem = {v: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for v, rs in mem_runs.items()}
     ev, de = mem["eval"], mem["deploy"]
     rows = []
     for v, r in mem.items():
@@ -151,7 +156,12 @@ def main() -> None:
 
     lat_rows = []
     for name in LAT_MODELS:
-        r = {v: run_variant(me, "latency", name, v, str(reps)) for v in ["eager", "fuse", "normfx"]}
+        # Variants alternate over several rounds; each number is the median across rounds.
+        runs: dict[str, list[dict]] = {"eager": [], "fuse": [], "normfx": []}
+        for _ in range(rounds):
+            for v in runs:
+                runs[v].append(run_variant(me, "latency", name, v, str(reps)))
+        r = {v: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for v, rs in runs.items()}
         lat_rows.append([
             name, f"{r['eager']['latency_ms']:.1f}", f"{r['fuse']['latency_ms']:.1f}", f"{r['normfx']['latency_ms']:.1f}",
             f"{r['normfx']['latency_ms'] / r['fuse']['latency_ms']:.3f}",
@@ -164,7 +174,9 @@ def main() -> None:
                     "BN left: eager / fuse / normfx"], lat_rows)
     body = f"""## ConvBN (`benchmarks/convbn.py`)
 
-Machine: {machine()}. Each row is its own process; medians of {steps} steps / {reps} runs.
+Machine: {machine()}. Every measurement is its own process; variants alternate over {rounds}
+round(s) and each number is the median across rounds of per-process medians ({steps} training steps,
+{reps} inference runs).
 
 ### Fine-tuning step, {MEM_MODEL}, batch {MEM_BATCH} at {MEM_SIZE}×{MEM_SIZE}, BatchNorm in eval mode
 

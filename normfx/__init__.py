@@ -7,13 +7,19 @@ from __future__ import annotations
 
 import logging
 
-from normfx.api import convbn
+from normfx.api import convbn, deploy
+from normfx.onnx import ExportError, ExportReport, OutputCheck, export
 from normfx.passes.fold_convbn import TrainingModeError
 from normfx.report import Change, PassResult, Report, Skip, SkipReason, last_report
 from normfx.trace import TraceFailure, trace, untraceable_modules
 
 __all__ = [
     "convbn",
+    "deploy",
+    "export",
+    "ExportReport",
+    "ExportError",
+    "OutputCheck",
     "trace",
     "untraceable_modules",
     "last_report",

@@ -2,16 +2,17 @@
 from __future__ import annotations
 
 import copy
-from typing import Callable, Literal
+from typing import Callable
 
 import torch.fx as fx
 import torch.nn as nn
 
-from normfx.passes.fold_convbn import ConvBNMode, fold_convbn
+from normfx.passes import deploy_steps
+from normfx.passes.fold_convbn import ConvBNMode, bn_sites, fold_convbn
 from normfx.report import PassResult, Report, Skip, SkipReason, attach_report
 from normfx.trace import regions, trace, untraceable_modules
 
-__all__ = ["convbn", "run"]
+__all__ = ["convbn", "deploy", "run"]
 
 
 def _prepare(model: nn.Module, inplace: bool) -> nn.Module:
@@ -29,6 +30,10 @@ def run(model: nn.Module, name: str, fn: Callable[[fx.GraphModule], PassResult],
     """Run a pass over every traced region of ``model`` and merge the results into one PassResult.
 
     ``untraced_sites(module)`` lists the sites inside an untraceable module (reported as skipped).
+
+    Example:
+        >>> gm = normfx.trace(model)
+        >>> result, report = run(gm, "fold_convbn", lambda g: fold_convbn(g, mode="deploy"))
     """
     changes, skips = [], []
     for prefix, gm in list(regions(model)):
@@ -60,14 +65,7 @@ def _inside_region(model: nn.Module, qualname: str) -> bool:
     return False
 
 
-def _bn_sites(m: nn.Module) -> list[str]:
-    from normfx.match import bn_kind
-    from torch.nn.modules.batchnorm import _BatchNorm
-
-    return [n for n, sub in m.named_modules() if bn_kind(sub) is not None or isinstance(sub, _BatchNorm)]
-
-
-def convbn(model: nn.Module, mode: Literal["tune", "deploy"] = "tune", *, inplace: bool = False) -> nn.Module:
+def convbn(model: nn.Module, mode: ConvBNMode = "tune", *, inplace: bool = False) -> nn.Module:
     """Turn every Conv/Linear + BatchNorm block into Tune mode or fold it (Deploy mode).
 
     * ``mode="tune"``: each block becomes ``normfx.nn.tune_convbn``: Train mode while the BN is in
@@ -97,6 +95,37 @@ def convbn(model: nn.Module, mode: Literal["tune", "deploy"] = "tune", *, inplac
     if mode not in ("tune", "deploy"):
         raise ValueError(f"mode must be 'tune' or 'deploy', got {mode!r}")
     out = _prepare(model, inplace)
-    _, report = run(out, "fold_convbn", lambda gm: fold_convbn(gm, mode=mode), _bn_sites)
+    _, report = run(out, "fold_convbn", lambda gm: fold_convbn(gm, mode=mode), bn_sites)
     attach_report(out, report)
+    return out
+
+
+def deploy(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """Finalize every normfx construct for inference and fold what can be folded.
+
+    Runs the registered deploy steps (``normfx.passes.deploy_steps()``) over every traced region:
+    Tune-mode ConvBN blocks and plain eval-mode BatchNorms fold into their convs/linears; later
+    passes add their own steps. Exact: the result equals the eval-mode input model. It contains no
+    normfx training-time construct (a Tune block that cannot fold goes back to conv -> BN, reported).
+
+    Args:
+        model: an ``nn.Module`` or ``GraphModule`` in eval mode; never modified unless ``inplace``.
+        inplace: transform the caller's modules instead of a deep copy.
+
+    Raises:
+        TrainingModeError: a BatchNorm that would fold is in training mode.
+
+    Example:
+        >>> tuned = normfx.convbn(torchvision.models.resnet18(), mode="tune")
+        >>> m = normfx.deploy(tuned.eval())
+        >>> normfx.last_report(m).summary()
+        'fold_convbn: 20 sites, 20 transformed, 0 skipped'
+    """
+    out = _prepare(model, inplace)
+    results, untraceable = [], ()
+    for name, step, sites in deploy_steps():
+        res, rep = run(out, name, step, sites)
+        results.append(res)
+        untraceable = rep.untraceable
+    attach_report(out, Report(tuple(results), untraceable))
     return out

@@ -26,7 +26,7 @@ from normfx.match import bn_kind, is_conv_like, is_functional_bn, module_of, mod
 from normfx.nn.convbn import bn_stats, tune_convbn, tune_convbn_functional
 from normfx.report import Change, PassResult, Skip, SkipReason
 
-__all__ = ["fold_convbn", "ConvBNMode", "TrainingModeError"]
+__all__ = ["fold_convbn", "bn_sites", "ConvBNMode", "TrainingModeError"]
 
 ConvBNMode = Literal["tune", "deploy"]
 
@@ -91,7 +91,7 @@ class _Site:
                 self.stats = bn_stats(self.module)
             else:
                 _, _, mean, var, w, b, eps = node.args
-                self.name = f"{node.name}"
+                self.name = _functional_name(node, {"running_mean": mean})
                 self.training = False
                 self.stats = BNStats(*(_tensor(gm, a) for a in (mean, var, w, b)), float(eps))
             self.extra = False
@@ -179,6 +179,11 @@ def fold_convbn(gm: fx.GraphModule, *, mode: ConvBNMode) -> PassResult:
         graph.lint()
         gm.recompile()
     return PassResult("fold_convbn", tuple(changes), tuple(skips))
+
+
+def bn_sites(module: nn.Module) -> list[str]:
+    """Qualified names of every BatchNorm-like module below ``module`` (sites a trace could not reach)."""
+    return [n for n, sub in module.named_modules() if bn_kind(sub) is not None or _looks_like_bn(sub)]
 
 
 def _looks_like_bn(m: nn.Module | None) -> bool:
@@ -322,14 +327,28 @@ def _deploy_tune_block(gm: fx.GraphModule, site: _Site, uses, doomed: list[str])
     if uses[id(conv)] > 1:
         return Skip(site.name, SkipReason.SHARED_MODULE, f"'{conv_ref.target}' is used at several places")
     folded = _checked_fold(site, conv)
-    if isinstance(folded, Skip):
-        return folded
-    _set_weights(conv, *folded)
     with gm.graph.inserting_before(node):
         conv_call = gm.graph.call_module(conv_ref.target, (site.input,))
     conv_call.meta = dict(node.meta)
+    if isinstance(folded, Skip):
+        # Deploy leaves no Tune block behind: an unfoldable one goes back to conv -> BN.
+        _untune(gm, site, conv_call)
+        return Change(site.name, "revert", f"Tune block back to conv -> BN: {folded.reason.value}: {folded.detail}")
+    _set_weights(conv, *folded)
     _replace_bn_by_tail(gm, site, conv_call, doomed)
     return Change(site.name, "fold", f"Tune block into {conv_ref.target}")
+
+
+def _untune(gm: fx.GraphModule, site: _Site, conv_call: fx.Node) -> None:
+    node = site.node
+    with gm.graph.inserting_after(conv_call):
+        if node.target is tune_convbn:
+            bn_call = gm.graph.call_module(node.args[2].target, (conv_call,))
+        else:
+            _, _, mean, var, w, b, eps = node.args
+            bn_call = gm.graph.call_function(F.batch_norm, (conv_call, mean, var, w, b, False, 0.0, eps))
+    node.replace_all_uses_with(bn_call)
+    gm.graph.erase_node(node)
 
 
 def _fold_before(gm: fx.GraphModule, site: _Site, follower: fx.Node, uses, doomed: list[str]) -> Change | Skip:

@@ -1,0 +1,132 @@
+"""Export benchmarks: ``normfx.export`` vs a bare ``torch.onnx.export`` of the original model.
+
+    python benchmarks/export.py            # writes the "export" section of docs/benchmarks.md
+    python benchmarks/export.py --quick
+
+Both export with the dynamo exporter, a dynamic batch dimension and the same example input (batch 2);
+normfx's time includes deploying a copy, onnx.checker (full check) and the ONNX Runtime comparison
+at two batch sizes. ONNX Runtime latency is measured on each file in its own process, with ORT's
+thread count fixed, at batch 1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+MODELS = ["resnet50", "mobilenet_v3_large"]
+ORT_THREADS = 2
+
+
+def _model(name: str) -> torch.nn.Module:
+    import torchvision
+
+    torch.manual_seed(0)
+    m = getattr(torchvision.models, name)()
+    g = torch.Generator().manual_seed(0)
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+            mod.running_var.uniform_(0.5, 2.0, generator=g)
+            mod.running_mean.normal_(0, 0.1, generator=g)
+    return m.eval()
+
+
+def child_export(name: str, variant: str, out: str) -> dict:
+    import logging
+
+    import normfx
+
+    logging.disable(logging.WARNING)
+    torch.set_num_threads(2)
+    model = _model(name)
+    x = torch.randn(2, 3, 224, 224)
+    t0 = time.perf_counter()
+    if variant == "bare":
+        batch = torch.export.Dim("batch", min=1)
+        torch.onnx.export(model, (x,), out, dynamo=True, dynamic_shapes=({0: batch},), verbose=False)
+    else:
+        normfx.export(model, (x,), out)
+    return {"export_s": time.perf_counter() - t0}
+
+
+def child_latency(path: str, reps: int) -> dict:
+    import numpy as np
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = ORT_THREADS
+    opts.inter_op_num_threads = 1
+    s = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    feed = {s.get_inputs()[0].name: np.random.default_rng(0).standard_normal((1, 3, 224, 224), dtype=np.float32)}
+    for _ in range(5):
+        s.run(None, feed)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        s.run(None, feed)
+        times.append(time.perf_counter() - t0)
+    return {"latency_ms": 1e3 * statistics.median(times)}
+
+
+def main() -> None:
+    from _common import machine, run_variant, table, write_section
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child is not None:
+        kind, *rest = args.child
+        res = child_export(*rest) if kind == "export" else child_latency(rest[0], int(rest[1]))
+        print(json.dumps(res))
+        return
+
+    rounds, reps = (1, 20) if args.quick else (3, 50)
+    me = __file__
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in MODELS:
+            paths = {v: str(Path(tmp) / f"{name}-{v}.onnx") for v in ("bare", "normfx")}
+            exp = {v: [] for v in paths}
+            lat = {v: [] for v in paths}
+            for _ in range(rounds):
+                for v, p in paths.items():
+                    exp[v].append(run_variant(me, "export", name, v, p)["export_s"])
+            for _ in range(rounds):
+                for v, p in paths.items():
+                    lat[v].append(run_variant(me, "latency", p, str(reps))["latency_ms"])
+            e = {v: statistics.median(x) for v, x in exp.items()}
+            lt = {v: statistics.median(x) for v, x in lat.items()}
+            import onnx
+
+            bn = {v: sum(n.op_type == "BatchNormalization" for n in onnx.load(p).graph.node) for v, p in paths.items()}
+            rows.append([name, f"{e['bare']:.1f}", f"{e['normfx']:.1f}", f"{e['normfx'] / e['bare']:.2f}",
+                         f"{lt['bare']:.2f}", f"{lt['normfx']:.2f}", f"{lt['normfx'] / lt['bare']:.3f}",
+                         f"{bn['bare']} / {bn['normfx']}"])
+    md = table(["model", "bare export (s)", "normfx.export (s)", "export ÷ bare", "ORT bare (ms)",
+                "ORT normfx (ms)", "ORT latency ÷ bare", "BatchNormalization nodes: bare / normfx"], rows)
+    body = f"""## Export (`benchmarks/export.py`)
+
+Machine: {machine()}; ONNX Runtime with {ORT_THREADS} intra-op threads. Each export and each latency
+measurement is its own process; variants alternate over {rounds} round(s); medians across rounds
+(latency: of per-process medians of {reps} runs at batch 1×3×224×224).
+
+Targets: `normfx.export` time (deploy + export + checker + ORT verification at two batch sizes)
+≤ 1.5 × a bare `torch.onnx.export`; ORT latency of normfx's file ≤ 1.0 × the bare file's.
+
+{md}
+"""
+    write_section("export", body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,283 @@
+"""The ``normfx`` command: ``inspect`` a model's normalization sites, ``export`` it to verified ONNX.
+
+Exit codes: 0 success, 1 export or verification failed, 2 usage (bad arguments or model SPEC).
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import importlib
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+__all__ = ["main", "load_spec", "SpecError", "inspect_model"]
+
+logger = logging.getLogger("normfx")
+
+SPEC_HELP = """\
+SPEC names the model:
+  torchvision:NAME        a torchvision architecture (random weights), e.g. torchvision:resnet50
+  timm:NAME               a timm architecture (random weights), e.g. timm:efficientnet_b0
+  package.module:factory  a callable returning an nn.Module, e.g. mypkg.models:build
+  PATH.pt                 a saved model; a whole pickled module needs --trust-pickle
+
+Pretrained weights need a network, which normfx does not use: torchvision:/timm: give the
+architecture with random weights. For a trained model, save it with torch.save and pass the file,
+or pass a factory that loads your weights.
+"""
+
+_NORM_TYPES: tuple[type, ...] = (
+    nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+)
+
+
+class SpecError(ValueError):
+    """A model SPEC that cannot be loaded; the message says what to write instead."""
+
+
+def load_spec(spec: str, *, trust_pickle: bool = False) -> nn.Module:
+    """Load the model a SPEC names (see ``normfx --help``).
+
+    Example:
+        >>> model = load_spec("torchvision:resnet18")
+    """
+    if spec.startswith("torchvision:"):
+        return _torchvision(spec.split(":", 1)[1])
+    if spec.startswith("timm:"):
+        return _timm(spec.split(":", 1)[1])
+    if spec.endswith((".pt", ".pth")) or Path(spec).is_file():
+        return _load_file(Path(spec), trust_pickle)
+    if ":" in spec:
+        return _factory(spec)
+    raise SpecError(
+        f"cannot understand model SPEC '{spec}': use torchvision:NAME, timm:NAME, package.module:factory "
+        "or a .pt file"
+    )
+
+
+def _torchvision(name: str) -> nn.Module:
+    import torchvision
+
+    available = torchvision.models.list_models()
+    if name not in available:
+        close = difflib.get_close_matches(name, available, n=3)
+        raise SpecError(f"torchvision has no model '{name}'" + (f"; did you mean {', '.join(close)}?" if close else ""))
+    logger.info("torchvision:%s with random weights (pretrained weights need a network)", name)
+    return torchvision.models.get_model(name, weights=None)
+
+
+def _timm(name: str) -> nn.Module:
+    try:
+        import timm
+    except ImportError as e:
+        raise SpecError("timm:NAME needs timm: pip install timm") from e
+    if not timm.list_models(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        raise SpecError(f"timm has no model '{name}'" + (f"; did you mean {', '.join(close)}?" if close else ""))
+    logger.info("timm:%s with random weights (pretrained weights need a network)", name)
+    return timm.create_model(name, pretrained=False)
+
+
+def _load_file(path: Path, trust_pickle: bool) -> nn.Module:
+    if not path.is_file():
+        raise SpecError(f"no such file: '{path}'")
+    if trust_pickle:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - weights_only refuses pickled classes
+            raise SpecError(
+                f"'{path}' holds a pickled object, and loading a pickle runs code from the file. If you "
+                "trust it, pass --trust-pickle; otherwise save a state_dict and use a package.module:factory "
+                "SPEC that builds the model and loads it"
+            ) from e
+    if isinstance(obj, nn.Module):
+        return obj
+    if isinstance(obj, dict):
+        raise SpecError(
+            f"'{path}' holds a state_dict (weights without an architecture); use a package.module:factory "
+            "SPEC that builds the model and loads these weights"
+        )
+    raise SpecError(f"'{path}' holds a {type(obj).__name__}, not an nn.Module")
+
+
+def _factory(spec: str) -> nn.Module:
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise SpecError(f"cannot import '{module_name}' for SPEC '{spec}': {e}") from e
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise SpecError(f"'{module_name}' has no callable '{attr}'")
+    model = fn()
+    if not isinstance(model, nn.Module):
+        raise SpecError(f"'{spec}' returned a {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def default_input_shape(model: nn.Module) -> tuple[int, ...]:
+    """(1, C, H, W) from a timm model's pretrained config when it has one, else (1, 3, 224, 224)."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    return (1, *size) if size else (1, 3, 224, 224)
+
+
+def inspect_model(model: nn.Module) -> dict:
+    """Every normalization site of ``model`` and what each pass would do there (a dry run on copies).
+
+    Returns ``{"sites": [{"site", "kind", "shape", "convbn_tune", "convbn_deploy"}], "totals": {...}}``.
+    """
+    import normfx
+
+    model = model.eval()
+    actions: dict[str, dict[str, str]] = {}
+    for mode in ("tune", "deploy"):
+        report = normfx.last_report(normfx.convbn(model, mode=mode))
+        for c in report.changes:
+            actions.setdefault(c.site, {})[f"convbn_{mode}"] = c.action
+        for s in report.skips:
+            actions.setdefault(s.site, {})[f"convbn_{mode}"] = f"skip: {s.reason.value}"
+    rows = []
+    modules = dict(model.named_modules())
+    for name, m in modules.items():
+        if isinstance(m, _NORM_TYPES) or type(m).__name__.startswith("FrozenBatchNorm"):
+            rows.append({"site": name, "kind": type(m).__name__, "shape": _shape(m), **_acts(actions.get(name))})
+    for site in sorted(set(actions) - set(modules)):  # functional sites (F.batch_norm)
+        rows.append({"site": site, "kind": "F.batch_norm", "shape": "", **_acts(actions[site])})
+    totals = {"sites": len(rows)}
+    for key in ("convbn_tune", "convbn_deploy"):
+        done = sum(1 for r in rows if r[key] and not r[key].startswith("skip") and r[key] != "—")
+        totals[key] = f"{done} transformed"
+    return {"sites": rows, "totals": totals}
+
+
+def _acts(a: dict[str, str] | None) -> dict[str, str]:
+    a = a or {}
+    return {"convbn_tune": a.get("convbn_tune", "—"), "convbn_deploy": a.get("convbn_deploy", "—")}
+
+
+def _shape(m: nn.Module) -> str:
+    for attr in ("num_features", "normalized_shape", "num_channels"):
+        v = getattr(m, attr, None)
+        if v is not None:
+            return str(list(v) if isinstance(v, tuple) else v)
+    w = getattr(m, "weight", None)
+    return str(list(w.shape)) if isinstance(w, torch.Tensor) else ""
+
+
+def _print_table(rows: list[dict], columns: Sequence[str]) -> None:
+    widths = [max(len(c), *(len(str(r[c])) for r in rows)) if rows else len(c) for c in columns]
+    line = "  ".join(c.ljust(w) for c, w in zip(columns, widths))
+    _out(line)
+    _out("  ".join("-" * w for w in widths))
+    for r in rows:
+        _out("  ".join(str(r[c]).ljust(w) for c, w in zip(columns, widths)))
+
+
+def _out(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--input-shape wants comma-separated integers, got '{text}'") from None
+    if not shape or any(d <= 0 for d in shape):
+        raise argparse.ArgumentTypeError(f"--input-shape wants positive sizes, got '{text}'")
+    return shape
+
+
+def _parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(
+        prog="normfx", formatter_class=fmt,
+        description="Inspect a model's normalization layers and export it to ONNX, verified.\n\n" + SPEC_HELP,
+        epilog="examples:\n  normfx inspect torchvision:resnet50\n"
+               "  normfx export torchvision:resnet50 -o r50.onnx --input-shape 1,3,224,224",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="log what every pass does")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    i = sub.add_parser(
+        "inspect", formatter_class=fmt, help="list every normalization site and what each pass would do",
+        description="List every normalization site (qualified name, kind, shape), what each pass would do "
+                    "there (transform, or skip and why) and totals.\n\n" + SPEC_HELP,
+        epilog="examples:\n  normfx inspect torchvision:resnet50\n  normfx inspect timm:efficientnet_b0 --json\n"
+               "  normfx inspect mypkg.models:build",
+    )
+    i.add_argument("spec", metavar="SPEC")
+    i.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    i.add_argument("--trust-pickle", action="store_true", help="allow a .pt file that holds a pickled module")
+
+    e = sub.add_parser(
+        "export", formatter_class=fmt, help="transform, export to ONNX and verify in ONNX Runtime",
+        description="Load the model, fold its normalization (Deploy mode), export it to ONNX, check the file "
+                    "with onnx.checker and compare ONNX Runtime with PyTorch.\n\n" + SPEC_HELP,
+        epilog="examples:\n  normfx export torchvision:resnet50 -o r50.onnx\n"
+               "  normfx export timm:efficientnet_b0 -o effnet.onnx --input-shape 2,3,256,256 --opset 18\n"
+               "  normfx export model.pt -o model.onnx --trust-pickle --no-verify",
+    )
+    e.add_argument("spec", metavar="SPEC")
+    e.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    e.add_argument("--input-shape", type=_parse_shape, default=None,
+                   help="example input shape, batch first (default: the model's, else 1,3,224,224)")
+    e.add_argument("--convbn", choices=["deploy", "none"], default="deploy",
+                   help="fold BatchNorm into convs (deploy, default) or export as is (none)")
+    e.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    e.add_argument("--static-batch", action="store_true", help="do not make the batch dimension dynamic")
+    e.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime comparison")
+    e.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance (default 1e-4)")
+    e.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance (default 1e-5)")
+    e.add_argument("--trust-pickle", action="store_true", help="allow a .pt file that holds a pickled module")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``normfx`` command; returns the exit code."""
+    import normfx
+
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        model = load_spec(args.spec, trust_pickle=args.trust_pickle).eval()
+    except SpecError as err:
+        sys.stderr.write(f"normfx: error: {err}\n")
+        return 2
+
+    if args.command == "inspect":
+        result = inspect_model(model)
+        if args.json:
+            _out(json.dumps(result, indent=2))
+        else:
+            _print_table(result["sites"], ["site", "kind", "shape", "convbn_tune", "convbn_deploy"])
+            t = result["totals"]
+            _out(f"\n{t['sites']} normalization sites; convbn tune: {t['convbn_tune']}; "
+                 f"convbn deploy: {t['convbn_deploy']}")
+        return 0
+
+    shape = args.input_shape or default_input_shape(model)
+    x = torch.randn(*shape)
+    try:
+        report = normfx.export(
+            model, (x,), args.output, dynamic_batch=not args.static_batch, opset=args.opset,
+            verify=not args.no_verify, rtol=args.rtol, atol=args.atol, deploy=args.convbn == "deploy",
+        )
+    except normfx.ExportError as err:
+        sys.stderr.write(f"normfx: export failed: {err}\n")
+        return 1
+    _out(report.summary())
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,398 @@
+"""export(): deploy a copy, export to ONNX with an explicit exporter, check it, verify it in ONNX Runtime.
+
+Nothing half-written is left behind: the file is written into a temporary folder next to the target
+and moved into place only after ``onnx.checker`` and the ONNX Runtime comparison pass.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.utils._pytree import tree_flatten
+
+from normfx.report import Report, last_report
+from normfx.trace import regions
+
+__all__ = ["export", "ExportError", "ExportReport", "OutputCheck", "Exporter"]
+
+logger = logging.getLogger("normfx")
+
+Exporter = Literal["auto", "dynamo", "torchscript"]
+
+_TWO_GB = 2**31 - 1
+
+
+class ExportError(RuntimeError):
+    """Export or its verification failed; the message says what, where and by how much."""
+
+
+@dataclass(frozen=True)
+class OutputCheck:
+    """ONNX Runtime vs PyTorch for one output: the worst error over every batch size checked.
+
+    ``max_rel`` is ``max|ort − torch| / max|torch|`` (relative to the output's scale).
+    """
+
+    name: str
+    shape: tuple[int | str, ...]
+    max_abs: float
+    max_rel: float
+    batch_sizes: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What ``normfx.export`` wrote and how well it matched PyTorch."""
+
+    path: str
+    exporter: str
+    opset: int
+    op_counts: dict[str, int]
+    inputs: tuple[tuple[str, tuple[int | str, ...]], ...]
+    outputs: tuple[OutputCheck, ...]
+    passes: Report
+    size_bytes: int
+    seconds: float
+    verified: bool
+    notes: tuple[str, ...] = field(default=())
+
+    def summary(self) -> str:
+        ops = ", ".join(f"{k} {v}" for k, v in sorted(self.op_counts.items(), key=lambda kv: (-kv[1], kv[0])))
+        lines = [
+            f"{self.path}: {self.size_bytes / 2**20:.1f} MiB, exporter {self.exporter}, opset {self.opset}, "
+            f"{self.seconds:.1f} s",
+            f"ops ({sum(self.op_counts.values())}): {ops}",
+        ]
+        lines += [f"input {n}: {list(s)}" for n, s in self.inputs]
+        for o in self.outputs:
+            check = (f"max abs err {o.max_abs:.2e}, max rel err {o.max_rel:.2e} at batch "
+                     f"{', '.join(map(str, o.batch_sizes))}") if self.verified else "not verified"
+            lines.append(f"output {o.name}: {list(o.shape)}: {check}")
+        lines += [p.summary() for p in self.passes.passes]
+        lines += list(self.notes)
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+def export(
+    model: nn.Module,
+    example_inputs: torch.Tensor | Sequence[torch.Tensor],
+    path: str | os.PathLike,
+    *,
+    dynamic_batch: bool = True,
+    opset: int | None = None,
+    verify: bool = True,
+    rtol: float = 1e-4,
+    atol: float = 1e-5,
+    exporter: Exporter = "auto",
+    deploy: bool = True,
+) -> ExportReport:
+    """Deploy a copy of ``model``, export it to ONNX at ``path``, check it and verify it in ONNX Runtime.
+
+    Args:
+        model: an eval-mode ``nn.Module`` or normfx model; it is not modified.
+        example_inputs: a tensor or a tuple of tensors the model accepts (batch first).
+        path: the ``.onnx`` file to write; its folder must exist.
+        dynamic_batch: export the batch dimension as dynamic and verify at a second batch size.
+        opset: ONNX opset; ``None`` lets the exporter choose (reported).
+        verify: run the file in ONNX Runtime (CPU) and compare with PyTorch.
+        rtol, atol: an output passes when ``max|ort − torch| <= atol + rtol·max|torch|``.
+        exporter: ``"dynamo"`` (torch.export based), ``"torchscript"``, or ``"auto"``: dynamo,
+            falling back to TorchScript with the reason logged and put in ``notes``.
+        deploy: run ``normfx.deploy`` on a copy first (default). ``False`` exports the model as it
+            is (still traced, checked and verified), e.g. to compare with the folded export.
+
+    Returns:
+        An ``ExportReport``.
+
+    Raises:
+        ExportError: the model is in training mode, the inputs do not run, the path is not
+            writable, the exporter cannot handle an op (the module that produced it is named), the
+            checker rejects the file, or ONNX Runtime disagrees with PyTorch beyond the tolerances
+            (which output, by how much). Nothing is left at ``path`` then.
+
+    Example:
+        >>> model = torchvision.models.resnet18().eval()
+        >>> report = normfx.export(model, torch.randn(1, 3, 224, 224), "resnet18.onnx")
+        >>> report.op_counts.get("BatchNormalization", 0)
+        0
+    """
+    from normfx.api import deploy as deploy_model
+    from normfx.report import attach_report
+    from normfx.trace import trace
+
+    t0 = time.perf_counter()
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    if not inputs or not all(isinstance(x, torch.Tensor) for x in inputs):
+        raise ExportError("example_inputs must be a tensor or a non-empty sequence of tensors")
+    target = Path(path)
+    _check_writable(target)
+    training = [name or "<root>" for name, m in model.named_modules() if m.training]
+    if training:
+        raise ExportError(
+            f"module '{training[0]}' is in training mode; call model.eval() before export "
+            f"({len(training)} modules are in training mode)"
+        )
+    with torch.no_grad():
+        try:
+            reference = model(*inputs)
+        except Exception as e:  # noqa: BLE001 - any failure here means the inputs do not fit
+            shapes = ", ".join(str(list(x.shape)) for x in inputs)
+            raise ExportError(
+                f"the example inputs ({shapes}) do not run through {type(model).__name__}: "
+                f"{type(e).__name__}: {e}"
+            ) from e
+    ref_flat, _ = tree_flatten(reference)
+    if not all(isinstance(r, torch.Tensor) for r in ref_flat):
+        raise ExportError("every output of the model must be a tensor (nested tuples/lists/dicts allowed)")
+
+    if deploy:
+        deployed = deploy_model(model)
+    else:
+        import copy
+
+        deployed = trace(copy.deepcopy(model))
+        attach_report(deployed, Report())
+    input_names = _input_names(deployed, len(inputs))
+    output_names = ["output"] if len(ref_flat) == 1 else [f"output_{i}" for i in range(len(ref_flat))]
+    batch = inputs[0].shape[0] if inputs[0].dim() else 1
+    export_inputs = inputs
+    if dynamic_batch and batch == 1:
+        # torch.export specializes a dimension of size 1; trace at batch 2, verify at 1 and 2.
+        export_inputs = tuple(_grow_batch(x, 2) for x in inputs)
+    large = sum(p.numel() * p.element_size() for p in deployed.parameters()) > _TWO_GB
+
+    tmpdir = Path(tempfile.mkdtemp(prefix=".normfx-export-", dir=target.parent))
+    try:
+        tmp = tmpdir / target.name
+        used, notes = _export(deployed, export_inputs, tmp, exporter, opset, dynamic_batch,
+                              input_names, output_names, large)
+        try:
+            import onnx
+
+            onnx.checker.check_model(str(tmp), full_check=True)
+        except Exception as e:  # noqa: BLE001
+            raise ExportError(f"onnx.checker rejected the exported file: {e}") from e
+        proto = onnx.load(str(tmp), load_external_data=False)
+        opset_used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+        counts = _op_counts(proto)
+        in_shapes = tuple((i.name, _dims(i)) for i in proto.graph.input)
+        out_shapes = {o.name: _dims(o) for o in proto.graph.output}
+        onnx_out_names = [o.name for o in proto.graph.output]
+        checks = _verify(model, inputs, ref_flat, tmp, onnx_out_names, dynamic_batch, rtol, atol) if verify else {}
+        outputs = tuple(
+            OutputCheck(n, out_shapes[n], *checks.get(n, (float("nan"), float("nan"), ())))
+            for n in onnx_out_names
+        )
+        for f in tmpdir.iterdir():
+            os.replace(f, target.parent / f.name)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    size = sum(
+        (target.parent / f).stat().st_size for f in [target.name, *_external_files(target)]
+        if (target.parent / f).exists()
+    )
+    report = ExportReport(
+        str(target), used, opset_used, dict(counts), in_shapes, outputs, last_report(deployed), size,
+        time.perf_counter() - t0, verify, tuple(notes),
+    )
+    for line in report.summary().splitlines():
+        logger.info("%s", line)
+    return report
+
+
+def _check_writable(target: Path) -> None:
+    folder = target.parent
+    if target.is_dir():
+        raise ExportError(f"'{target}' is a folder; give the path of the .onnx file to write")
+    if not folder.is_dir():
+        raise ExportError(f"cannot write '{target}': folder '{folder}' does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ExportError(f"cannot write '{target}': folder '{folder}' is not writable")
+    if target.exists() and not os.access(target, os.W_OK):
+        raise ExportError(f"cannot write '{target}': the file exists and is not writable")
+
+
+def _input_names(model: nn.Module, n: int) -> list[str]:
+    if isinstance(model, fx.GraphModule):
+        names = [p.name for p in model.graph.nodes if p.op == "placeholder"]
+        if len(names) == n:
+            return names
+    return ["input"] if n == 1 else [f"input_{i}" for i in range(n)]
+
+
+def _grow_batch(x: torch.Tensor, size: int) -> torch.Tensor:
+    reps = -(-size // x.shape[0])
+    return torch.cat([x] * reps)[:size] if x.dim() else x
+
+
+def _export(model, inputs, tmp: Path, exporter: Exporter, opset, dynamic_batch, input_names, output_names,
+            large) -> tuple[str, list[str]]:
+    notes: list[str] = []
+    order = {"auto": ["dynamo", "torchscript"], "dynamo": ["dynamo"], "torchscript": ["torchscript"]}[exporter]
+    errors: list[tuple[str, BaseException]] = []
+    for name in order:
+        try:
+            if name == "dynamo":
+                _export_dynamo(model, inputs, tmp, opset, dynamic_batch, input_names, output_names, large)
+            else:
+                _export_torchscript(model, inputs, tmp, opset, dynamic_batch, input_names, output_names)
+            return name, notes
+        except Exception as e:  # noqa: BLE001 - try the other exporter, then explain
+            errors.append((name, e))
+            for f in tmp.parent.iterdir():
+                f.unlink()
+            if name != order[-1]:
+                note = f"the {name} exporter failed ({type(e).__name__}: {_first_line(e)}); fell back to {order[-1]}"
+                logger.warning("%s", note)
+                notes.append(note)
+    culprit = _culprit(model, " ".join(str(e) for _, e in errors))
+    detail = "; ".join(f"{n}: {type(e).__name__}: {_first_line(e)}" for n, e in errors)
+    raise ExportError(f"ONNX export failed{culprit}. {detail}") from errors[-1][1]
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else ""
+
+
+def _export_dynamo(model, inputs, tmp, opset, dynamic_batch, input_names, output_names, large) -> None:
+    dynamic_shapes = None
+    if dynamic_batch:
+        batch = torch.export.Dim("batch", min=1)
+        dynamic_shapes = tuple({0: batch} if x.dim() else None for x in inputs)
+    program = torch.onnx.export(
+        model, inputs, dynamo=True, opset_version=opset, dynamic_shapes=dynamic_shapes,
+        input_names=input_names, output_names=output_names, optimize=True, verbose=False,
+    )
+    program.save(str(tmp), external_data=large)
+
+
+def _export_torchscript(model, inputs, tmp, opset, dynamic_batch, input_names, output_names) -> None:
+    axes = {n: {0: "batch"} for n in [*input_names, *output_names]} if dynamic_batch else None
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            model, inputs, str(tmp), dynamo=False, opset_version=opset or 17, input_names=input_names,
+            output_names=output_names, dynamic_axes=axes, do_constant_folding=True,
+        )
+
+
+def _culprit(model: nn.Module, message: str) -> str:
+    """' (op X, produced by module Y)' for the first graph node whose op the error message names."""
+    ops = set(re.findall(r"(?:aten|prim|torch\.ops\.\w+|[A-Za-z_]\w*)(?:::|\.)([A-Za-z_]\w*)", message))
+    for prefix, gm in regions(model):
+        for node in gm.graph.nodes:
+            if node.op not in ("call_function", "call_method", "call_module"):
+                continue
+            if node.op == "call_module":
+                label = type(gm.get_submodule(node.target)).__name__
+                owner = str(node.target)
+            else:
+                label = node.target if isinstance(node.target, str) else getattr(
+                    node.target, "__name__", str(node.target))
+                stack = node.meta.get("nn_module_stack") or {}
+                owner = next(reversed(stack.values()))[0] if stack else ""
+            label = str(label).split(".")[-2] if str(label).endswith(".default") else str(label)
+            if label in ops or (node.op == "call_module" and label in message):
+                where = ".".join(x for x in (prefix, owner) if x) or "<root>"
+                return f" at op '{label}', produced by module '{where}'"
+    return ""
+
+
+def _dims(value_info) -> tuple[int | str, ...]:
+    dims = value_info.type.tensor_type.shape.dim
+    return tuple(d.dim_param if d.dim_param else d.dim_value for d in dims)
+
+
+def _op_counts(proto) -> Counter[str]:
+    """Op types in the graph, with local functions inlined and subgraphs (If/Loop) included."""
+    functions = {(f.domain, f.name): f for f in proto.functions}
+    counts: Counter[str] = Counter()
+
+    def visit(nodes) -> None:
+        for node in nodes:
+            fn = functions.get((node.domain, node.op_type))
+            if fn is not None:
+                visit(fn.node)
+                continue
+            counts[node.op_type] += 1
+            for attr in node.attribute:
+                if attr.g is not None and attr.g.node:
+                    visit(attr.g.node)
+                for g in attr.graphs:
+                    visit(g.node)
+
+    visit(proto.graph.node)
+    return counts
+
+
+def _external_files(target: Path) -> list[str]:
+    import onnx
+
+    try:
+        proto = onnx.load(str(target), load_external_data=False)
+    except Exception:  # noqa: BLE001
+        return []
+    files = set()
+    for init in proto.graph.initializer:
+        for kv in init.external_data:
+            if kv.key == "location":
+                files.add(kv.value)
+    return sorted(files)
+
+
+def _verify(model, inputs, ref_flat, tmp: Path, names: list[str], dynamic_batch: bool, rtol: float,
+            atol: float) -> dict[str, tuple[float, float, tuple[int, ...]]]:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(tmp), opts, providers=["CPUExecutionProvider"])
+    feed_names = [i.name for i in session.get_inputs()]
+    batch = inputs[0].shape[0] if inputs[0].dim() else 1
+    cases: list[tuple[tuple[torch.Tensor, ...], list[torch.Tensor]]] = [(inputs, ref_flat)]
+    if dynamic_batch:
+        bigger = tuple(_grow_batch(x, batch + 1) for x in inputs)
+        with torch.no_grad():
+            cases.append((bigger, tree_flatten(model(*bigger))[0]))
+    worst: dict[str, tuple[float, float, tuple[int, ...]]] = {}
+    for xs, refs in cases:
+        feed = {n: x.detach().cpu().numpy() for n, x in zip(feed_names, xs)}
+        got = session.run(names, feed)
+        b = xs[0].shape[0] if xs[0].dim() else 1
+        for name, ref, out in zip(names, refs, got):
+            ref64 = ref.detach().double().cpu()
+            out64 = torch.from_numpy(out).double()
+            if tuple(out64.shape) != tuple(ref64.shape):
+                raise ExportError(
+                    f"output '{name}' has shape {list(out64.shape)} in ONNX Runtime but "
+                    f"{list(ref64.shape)} in PyTorch (batch {b})"
+                )
+            scale = ref64.abs().max().item() if ref64.numel() else 0.0
+            err = (out64 - ref64).abs().max().item() if ref64.numel() else 0.0
+            rel = err / scale if scale > 0 else err
+            if not err <= atol + rtol * scale:
+                raise ExportError(
+                    f"output '{name}' differs from PyTorch by {err:.3g} (max abs) = {rel:.3g} of its "
+                    f"largest value at batch {b}; allowed atol={atol:g} + rtol={rtol:g}·max|output|"
+                )
+            prev = worst.get(name, (0.0, 0.0, ()))
+            worst[name] = (max(prev[0], err), max(prev[1], rel), prev[2] + (b,))
+    return worst
+
