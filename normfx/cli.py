@@ -279,5 +279,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _console() -> int:
+    """Console-script entry: ``main`` with a closed pipe (``normfx inspect ... | head``) ending quietly."""
+    try:
+        return main()
+    except BrokenPipeError:
+        sys.stderr.close()
+        return 0
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    sys.exit(_console())

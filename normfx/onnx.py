@@ -256,17 +256,38 @@ def _export(model, inputs, tmp: Path, exporter: Exporter, opset, dynamic_batch, 
             for f in tmp.parent.iterdir():
                 f.unlink()
             if name != order[-1]:
-                note = f"the {name} exporter failed ({type(e).__name__}: {_first_line(e)}); fell back to {order[-1]}"
+                note = f"the {name} exporter failed ({_first_line(e)}); fell back to {order[-1]}"
                 logger.warning("%s", note)
                 notes.append(note)
-    culprit = _culprit(model, " ".join(str(e) for _, e in errors))
-    detail = "; ".join(f"{n}: {type(e).__name__}: {_first_line(e)}" for n, e in errors)
-    raise ExportError(f"ONNX export failed{culprit}. {detail}") from errors[-1][1]
+    culprit = _culprit(model, " ".join(_chain_text(e) for _, e in errors))
+    detail = "; ".join(f"{n}: {_first_line(e)}".rstrip(".") for n, e in errors)
+    hint = (" Replace that op, or give the dynamo exporter a translation for it "
+            "(torch.onnx.export's custom_translation_table).") if culprit else ""
+    raise ExportError(f"ONNX export failed{culprit}. {detail}.{hint}") from errors[-1][1]
+
+
+def _chain_text(e: BaseException | None) -> str:
+    parts = []
+    while e is not None and len(parts) < 8:
+        parts.append(str(e))
+        e = e.__cause__
+    return " ".join(parts)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else ""
+    """The most specific one-line message: the first line of the deepest cause that has one."""
+    best = ""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        text = _ANSI.sub("", str(e)).strip()
+        if text:
+            best = f"{type(e).__name__}: {text.splitlines()[0][:300]}"
+        e = e.__cause__
+    return best
 
 
 def _export_dynamo(model, inputs, tmp, opset, dynamic_batch, input_names, output_names, large) -> None:

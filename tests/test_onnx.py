@@ -111,10 +111,11 @@ def test_export_conv_transpose_and_linear_bn1d(tmp_path):
     assert len(report.passes.changes) == 2
 
 
-def test_export_without_deploy_keeps_batchnorm(tmp_path):
-    m = _tv("resnet18")
-    report = normfx.export(m, torch.randn(2, 3, 64, 64), tmp_path / "raw.onnx", deploy=False)
-    assert report.op_counts.get("BatchNormalization", 0) == 20
+def test_export_without_deploy_runs_no_pass(tmp_path):
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4)).eval()
+    report = normfx.export(m, torch.randn(2, 3, 8, 8), tmp_path / "raw.onnx", deploy=False)
+    assert report.passes.passes == ()
+    assert report.op_counts.get("BatchNormalization", 0) == 1 and report.verified
 
 
 def test_export_torchscript_exporter_on_request(tmp_path):
