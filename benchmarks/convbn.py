@@ -9,7 +9,7 @@ ratios are taken against the anchor measured in the same run.
 from __future__ import annotations
 
 import argparse
-import copy
+import gc
 import json
 import resource
 import statistics
@@ -82,6 +82,7 @@ def child_memory(variant: str, steps: int) -> dict:
     rss_before = _rss_mib()
     times = []
     for _ in range(steps):
+        gc.collect()
         t0 = time.perf_counter()
         loss = F.cross_entropy(model(x), y)
         loss.backward()
@@ -102,10 +103,13 @@ def child_latency(name: str, variant: str, repeats: int) -> dict:
     transform = {"eager": lambda m: m, "fuse": lambda m: fuse(m),
                  "normfx": lambda m: normfx.convbn(m, mode="deploy")}[variant]
     t_times = []
-    for _ in range(3):
+    for _ in range(7):
+        gc.collect()  # a collection landing inside one variant's timing is noise, not its cost
+        gc.disable()
         t0 = time.perf_counter()
         out = transform(model)
         t_times.append(time.perf_counter() - t0)
+        gc.enable()
     bn_left = sum(
         1 for n in getattr(out, "graph", torch.fx.symbolic_trace(out).graph).nodes
         if (n.op == "call_module" and isinstance(out.get_submodule(n.target), torch.nn.modules.batchnorm._BatchNorm))

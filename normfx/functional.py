@@ -76,12 +76,14 @@ def fold_bn_after(
     *,
     transposed: bool = False,
     groups: int = 1,
+    scale_shift: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fold ``BN(conv(x))`` into one conv: returns ``(ω', b')`` in the weight's dtype.
 
-    ``weight`` is a Conv/ConvTranspose/Linear weight (Linear: ``[out, in]``).
+    ``weight`` is a Conv/ConvTranspose/Linear weight (Linear: ``[out, in]``). ``scale_shift`` is
+    ``bn_scale_shift(bn)`` when the caller has it already.
     """
-    c, t = bn_scale_shift(bn)
+    c, t = scale_shift if scale_shift is not None else bn_scale_shift(bn)
     w = weight.detach()
     if transposed:
         folded = w.to(torch.float64).mul_(_out_channel_view(c, w, transposed, groups)).to(w.dtype)
@@ -96,7 +98,7 @@ def _scale_rows(w: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     copy costs more memory traffic than the multiply itself)."""
     out = torch.empty_like(w, memory_format=torch.contiguous_format)
     flat, dst, cc = w.reshape(w.shape[0], -1), out.view(w.shape[0], -1), c.reshape(-1, 1)
-    step = max(1, 32768 // max(1, flat.shape[1]))
+    step = max(1, 131072 // max(1, flat.shape[1]))
     for i in range(0, flat.shape[0], step):
         dst[i:i + step].copy_(flat[i:i + step].to(torch.float64).mul_(cc[i:i + step]))
     return out

@@ -33,11 +33,11 @@ def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
 
 def module_uses(gm: fx.GraphModule) -> Counter[int]:
     """How many graph nodes refer to each module object (by ``id``), aliases counted together."""
+    mods = dict(gm.named_modules(remove_duplicate=False))
     uses: Counter[int] = Counter()
     for node in gm.graph.nodes:
-        m = module_of(gm, node)
-        if m is not None:
-            uses[id(m)] += 1
+        if node.op in ("call_module", "get_attr") and node.target in mods:
+            uses[id(mods[node.target])] += 1
     return uses
 
 

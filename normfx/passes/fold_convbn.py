@@ -14,15 +14,16 @@ with a ``SkipReason``.
 from __future__ import annotations
 
 import inspect
-from typing import Literal
+from collections import Counter
+from typing import Literal, NamedTuple
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from normfx.functional import BNStats, fold_bn_after, fold_bn_before, scale_is_safe
-from normfx.match import bn_kind, is_conv_like, is_functional_bn, module_of, module_uses
+from normfx.functional import BNStats, bn_scale_shift, fold_bn_after, fold_bn_before, scale_is_safe
+from normfx.match import bn_kind, is_conv_like, is_functional_bn, module_uses
 from normfx.nn.convbn import bn_stats, tune_convbn, tune_convbn_functional
 from normfx.report import Change, PassResult, Skip, SkipReason
 
@@ -67,15 +68,31 @@ class _Unsupported(Exception):
     pass
 
 
+class _Ctx(NamedTuple):
+    """What every site visit needs: the graph module, a name -> module map built once, how often
+    each module is used, and the BatchNorms to delete once all sites are done."""
+
+    gm: fx.GraphModule
+    mods: dict[str, nn.Module]
+    uses: Counter
+    doomed: list[str]
+
+    def module(self, node) -> nn.Module | None:
+        if not isinstance(node, fx.Node) or node.op not in ("call_module", "get_attr"):
+            return None
+        return self.mods.get(node.target) if isinstance(node.target, str) else None
+
+
 class _Site:
     """A BatchNorm call in the graph, normalized across module, functional and Tune forms."""
 
-    def __init__(self, gm: fx.GraphModule, node: fx.Node) -> None:
+    def __init__(self, ctx: _Ctx, node: fx.Node) -> None:
+        gm = ctx.gm
         self.node = node
         self.module: nn.Module | None = None
         self.conv_node: fx.Node | None = None  # only for existing Tune blocks
         if node.op == "call_module":
-            self.module = module_of(gm, node)
+            self.module = ctx.module(node)
             self.name = str(node.target)
             self.input = node.args[0] if node.args else None
             self.training = bool(self.module.training) and not _frozen(self.module)
@@ -85,7 +102,7 @@ class _Site:
             self.conv_node = node.args[1]
             self.input = node.args[0]
             if node.target is tune_convbn:
-                self.module = module_of(gm, node.args[2])
+                self.module = ctx.module(node.args[2])
                 self.name = str(node.args[2].target)
                 self.training = bool(self.module.training) and not _frozen(self.module)
                 self.stats = bn_stats(self.module)
@@ -148,12 +165,11 @@ def fold_convbn(gm: fx.GraphModule, *, mode: ConvBNMode) -> PassResult:
     if mode not in ("tune", "deploy"):
         raise ValueError(f"mode must be 'tune' or 'deploy', got {mode!r}")
     graph = gm.graph
-    uses = module_uses(gm)
+    ctx = _Ctx(gm, dict(gm.named_modules(remove_duplicate=False)), module_uses(gm), [])
     sites = []
     for node in list(graph.nodes):
-        if node.op == "call_module" and bn_kind(module_of(gm, node)) is not None:
-            sites.append(node)
-        elif node.op == "call_module" and _looks_like_bn(module_of(gm, node)):
+        m = ctx.module(node) if node.op == "call_module" else None
+        if m is not None and (bn_kind(m) is not None or _looks_like_bn(m)):
             sites.append(node)
         elif is_functional_bn(node) or (mode == "deploy" and _is_tune_node(node)):
             sites.append(node)
@@ -162,19 +178,18 @@ def fold_convbn(gm: fx.GraphModule, *, mode: ConvBNMode) -> PassResult:
     if mode == "deploy":
         for node in sites:
             if node.op == "call_module" or node.target is tune_convbn:
-                m = module_of(gm, node if node.op == "call_module" else node.args[2])
+                m = ctx.module(node if node.op == "call_module" else node.args[2])
                 if getattr(m, "training", False) and bn_kind(m) is not None and not _frozen(m):
                     name = node.target if node.op == "call_module" else node.args[2].target
                     raise TrainingModeError(
                         f"BatchNorm '{name}' is in training mode; call model.eval() before mode='deploy'"
                     )
-    doomed: list[str] = []
     for node in sites:
-        result = _visit(gm, node, mode, uses, doomed)
+        result = _visit(ctx, node, mode)
         (changes if isinstance(result, Change) else skips).append(result)
     if changes:
         _drop_dead_attrs(gm)
-        for qualname in doomed:
+        for qualname in ctx.doomed:
             _delete_module(gm, qualname)
         graph.lint()
         gm.recompile()
@@ -193,9 +208,10 @@ def _looks_like_bn(m: nn.Module | None) -> bool:
     return isinstance(m, _BatchNorm)
 
 
-def _visit(gm: fx.GraphModule, node: fx.Node, mode: ConvBNMode, uses, doomed: list[str]) -> Change | Skip:
+def _visit(ctx: _Ctx, node: fx.Node, mode: ConvBNMode) -> Change | Skip:
+    gm, uses = ctx.gm, ctx.uses
     try:
-        site = _Site(gm, node)
+        site = _Site(ctx, node)
     except _Unsupported as e:
         return Skip(node.name, SkipReason.UNSUPPORTED, str(e))
     if site.module is not None and bn_kind(site.module) is None:
@@ -210,10 +226,10 @@ def _visit(gm: fx.GraphModule, node: fx.Node, mode: ConvBNMode, uses, doomed: li
         return Skip(site.name, SkipReason.SHARED_MODULE, "BatchNorm module is called at several places")
 
     if _is_tune_node(node):
-        return _deploy_tune_block(gm, site, uses, doomed)
+        return _deploy_tune_block(ctx, site)
 
     producer = site.input
-    conv = module_of(gm, producer) if isinstance(producer, fx.Node) and producer.op == "call_module" else None
+    conv = ctx.module(producer) if isinstance(producer, fx.Node) and producer.op == "call_module" else None
     if is_conv_like(conv):
         why = _dims_match(conv, site.module, site.stats)
         if why:
@@ -228,11 +244,11 @@ def _visit(gm: fx.GraphModule, node: fx.Node, mode: ConvBNMode, uses, doomed: li
             return Skip(site.name, SkipReason.UNSUPPORTED, "Linear output is not [N, C]")
         if mode == "tune":
             return _make_tune_block(gm, site, producer)
-        return _fold_after(gm, site, producer, conv, doomed)
+        return _fold_after(ctx, site, producer, conv)
 
-    follower = _single_conv_user(gm, node)
+    follower = _single_conv_user(ctx, node)
     if follower is not None and mode == "deploy":
-        return _fold_before(gm, site, follower, uses, doomed)
+        return _fold_before(ctx, site, follower)
     if follower is not None:
         return Skip(site.name, SkipReason.UNSUPPORTED, "BatchNorm before a conv folds in deploy mode only")
     return Skip(site.name, SkipReason.NO_NEIGHBOUR, "input is not a conv/linear output")
@@ -243,11 +259,11 @@ def _rank(node: fx.Node) -> int | None:
     return len(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
-def _single_conv_user(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+def _single_conv_user(ctx: _Ctx, node: fx.Node) -> fx.Node | None:
     if len(node.users) != 1:
         return None
     user = next(iter(node.users))
-    m = module_of(gm, user) if user.op == "call_module" else None
+    m = ctx.module(user) if user.op == "call_module" else None
     if is_conv_like(m) and user.args and user.args[0] is node:
         return user
     return None
@@ -275,25 +291,19 @@ def _make_tune_block(gm: fx.GraphModule, site: _Site, producer: fx.Node) -> Chan
 
 
 def _checked_fold(site: _Site, conv: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | Skip:
-    c, _ = _scale(site.stats)
+    c, t = bn_scale_shift(site.stats)
     ok, why = scale_is_safe(c, conv.weight)
     if not ok:
         return Skip(site.name, SkipReason.NON_FINITE, why)
     return fold_bn_after(
-        conv.weight, conv.bias, site.stats,
-        transposed=bool(getattr(conv, "transposed", False)), groups=getattr(conv, "groups", 1),
+        conv.weight, conv.bias, site.stats, transposed=bool(getattr(conv, "transposed", False)),
+        groups=getattr(conv, "groups", 1), scale_shift=(c, t),
     )
 
 
-def _scale(stats: BNStats):
-    from normfx.functional import bn_scale_shift
-
-    return bn_scale_shift(stats)
-
-
-def _replace_bn_by_tail(gm: fx.GraphModule, site: _Site, result: fx.Node, doomed: list[str]) -> None:
+def _replace_bn_by_tail(ctx: _Ctx, site: _Site, result: fx.Node) -> None:
     """Route the BN's users to ``result`` (the folded conv), keeping a norm-act's activation."""
-    node = site.node
+    gm, node = ctx.gm, site.node
     if site.module is not None and bn_kind(site.module) == "norm_act":
         tail = site.module.act if isinstance(site.module.drop, nn.Identity) else nn.Sequential(
             site.module.drop, site.module.act
@@ -305,26 +315,24 @@ def _replace_bn_by_tail(gm: fx.GraphModule, site: _Site, result: fx.Node, doomed
     else:
         node.replace_all_uses_with(result)
         if site.module is not None:
-            doomed.append(site.name)
+            ctx.doomed.append(site.name)
     gm.graph.erase_node(node)
 
 
-def _fold_after(
-    gm: fx.GraphModule, site: _Site, producer: fx.Node, conv: nn.Module, doomed: list[str]
-) -> Change | Skip:
+def _fold_after(ctx: _Ctx, site: _Site, producer: fx.Node, conv: nn.Module) -> Change | Skip:
     folded = _checked_fold(site, conv)
     if isinstance(folded, Skip):
         return folded
     _set_weights(conv, *folded)
-    _replace_bn_by_tail(gm, site, producer, doomed)
+    _replace_bn_by_tail(ctx, site, producer)
     return Change(site.name, "fold", f"into {producer.target}")
 
 
-def _deploy_tune_block(gm: fx.GraphModule, site: _Site, uses, doomed: list[str]) -> Change | Skip:
-    node = site.node
+def _deploy_tune_block(ctx: _Ctx, site: _Site) -> Change | Skip:
+    gm, node = ctx.gm, site.node
     conv_ref = site.conv_node
-    conv = module_of(gm, conv_ref)
-    if uses[id(conv)] > 1:
+    conv = ctx.module(conv_ref)
+    if ctx.uses[id(conv)] > 1:
         return Skip(site.name, SkipReason.SHARED_MODULE, f"'{conv_ref.target}' is used at several places")
     folded = _checked_fold(site, conv)
     with gm.graph.inserting_before(node):
@@ -335,7 +343,7 @@ def _deploy_tune_block(gm: fx.GraphModule, site: _Site, uses, doomed: list[str])
         _untune(gm, site, conv_call)
         return Change(site.name, "revert", f"Tune block back to conv -> BN: {folded.reason.value}: {folded.detail}")
     _set_weights(conv, *folded)
-    _replace_bn_by_tail(gm, site, conv_call, doomed)
+    _replace_bn_by_tail(ctx, site, conv_call)
     return Change(site.name, "fold", f"Tune block into {conv_ref.target}")
 
 
@@ -351,9 +359,9 @@ def _untune(gm: fx.GraphModule, site: _Site, conv_call: fx.Node) -> None:
     gm.graph.erase_node(node)
 
 
-def _fold_before(gm: fx.GraphModule, site: _Site, follower: fx.Node, uses, doomed: list[str]) -> Change | Skip:
-    conv = module_of(gm, follower)
-    if uses[id(conv)] > 1:
+def _fold_before(ctx: _Ctx, site: _Site, follower: fx.Node) -> Change | Skip:
+    gm, conv = ctx.gm, ctx.module(follower)
+    if ctx.uses[id(conv)] > 1:
         return Skip(site.name, SkipReason.SHARED_MODULE, f"'{follower.target}' is called at several places")
     if getattr(conv, "transposed", False):
         return Skip(site.name, SkipReason.UNSUPPORTED, "BatchNorm before a transposed conv is not exact to fold")
@@ -371,7 +379,7 @@ def _fold_before(gm: fx.GraphModule, site: _Site, follower: fx.Node, uses, doome
     in_ch = conv.in_features if isinstance(conv, nn.Linear) else conv.in_channels
     if site.stats.mean.numel() != in_ch:
         return Skip(site.name, SkipReason.UNSUPPORTED, "channel counts differ")
-    a, _ = _scale(site.stats)
+    a, _ = bn_scale_shift(site.stats)
     ok, why = scale_is_safe(a, conv.weight)
     if not ok:
         return Skip(site.name, SkipReason.NON_FINITE, why)
@@ -380,7 +388,7 @@ def _fold_before(gm: fx.GraphModule, site: _Site, follower: fx.Node, uses, doome
     follower.replace_input_with(site.node, site.input)
     gm.graph.erase_node(site.node)
     if site.module is not None:
-        doomed.append(site.name)
+        ctx.doomed.append(site.name)
     return Change(site.name, "fold", f"forward into {follower.target}")
 
 
