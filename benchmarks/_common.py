@@ -49,3 +49,11 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def ratio_cell(values: list[float]) -> str:
+    """Median of per-round ratios with their range. Rounds run the variants back to back, so a
+    round's ratio cancels most of the machine's drift between processes."""
+    v = sorted(values)
+    med = v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+    return f"{med:.3f} [{v[0]:.2f}–{v[-1]:.2f}]" if len(v) > 1 else f"{v[0]:.3f}"

@@ -23,6 +23,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 MEM_MODEL, MEM_BATCH, MEM_SIZE = "resnet50", 8, 160
+OUT = Path(__file__).resolve().parent / "results"  # each part's last table, so one part can be rerun
 LAT_MODELS = ["resnet50", "resnet152", "mobilenet_v3_large", "densenet121"]
 
 
@@ -128,10 +129,12 @@ def child_latency(name: str, variant: str, repeats: int) -> dict:
 
 
 def main() -> None:
-    from _common import machine, run_variant, table, write_section
+    from _common import write_section
 
+    OUT.mkdir(exist_ok=True)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repeats")
+    ap.add_argument("--only", choices=["memory", "latency"], help="run one part; keep the other's numbers")
     ap.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child is not None:
@@ -141,9 +144,26 @@ def main() -> None:
         return
 
     steps = 3 if args.quick else 7
-    reps = 10 if args.quick else 30
+    reps = 10 if args.quick else 20
     rounds = 1 if args.quick else 3
+    lat_rounds = 1 if args.quick else 5
     me = __file__
+    if args.only != "latency":
+        mem_md = _memory(me, rounds, steps)
+        (OUT / "convbn_memory.md").write_text(mem_md)
+    if args.only != "memory":
+        lat_md = _latency(me, lat_rounds, reps)
+        (OUT / "convbn_latency.md").write_text(lat_md)
+    mem_md = (OUT / "convbn_memory.md").read_text()
+    lat_md = (OUT / "convbn_latency.md").read_text()
+    body = _document(mem_md, lat_md)
+    write_section("convbn", body)
+    print(body)
+
+
+def _memory(me: str, rounds: int, steps: int) -> str:
+    from _common import run_variant, table
+
     mem_runs: dict[str, list[dict]] = {v: [] for v in ["eval", "tune", "tune_keep_w", "deploy"]}
     for _ in range(rounds):
         for v in mem_runs:
@@ -155,32 +175,43 @@ def main() -> None:
         rows.append([v, f"{r['saved_mib']:.0f}", f"{r['saved_mib'] / ev['saved_mib']:.2f}",
                      f"{r['saved_mib'] / de['saved_mib']:.2f}", f"{r['peak_rss_mib']:.0f}",
                      f"{r['step_s'] * 1e3:.0f}", f"{r['step_s'] / ev['step_s']:.2f}"])
-    mem_md = table(["variant", "saved for backward (MiB)", "÷ Eval", "÷ Deploy", "peak RSS (MiB)",
-                    "step (ms)", "step ÷ Eval"], rows)
+    intro = (f"Every variant is its own process; the four alternate over {rounds} rounds; medians across rounds "
+             f"of per-process medians of {steps} steps.")
+    return intro + "\n\n" + table(["variant", "saved for backward (MiB)", "÷ Eval", "÷ Deploy", "peak RSS (MiB)",
+                                   "step (ms)", "step ÷ Eval"], rows)
+
+
+def _latency(me: str, rounds: int, reps: int) -> str:
+    from _common import ratio_cell, run_variant, table
 
     lat_rows = []
     for name in LAT_MODELS:
-        # Variants alternate over several rounds; each number is the median across rounds.
         runs: dict[str, list[dict]] = {"eager": [], "fuse": [], "normfx": []}
         for _ in range(rounds):
             for v in runs:
                 runs[v].append(run_variant(me, "latency", name, v, str(reps)))
         r = {v: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for v, rs in runs.items()}
+        lat_ratio = [b["latency_ms"] / a["latency_ms"] for a, b in zip(runs["fuse"], runs["normfx"])]
+        tr_ratio = [b["transform_s"] / a["transform_s"] for a, b in zip(runs["fuse"], runs["normfx"])]
         lat_rows.append([
             name, f"{r['eager']['latency_ms']:.1f}", f"{r['fuse']['latency_ms']:.1f}", f"{r['normfx']['latency_ms']:.1f}",
-            f"{r['normfx']['latency_ms'] / r['fuse']['latency_ms']:.3f}",
-            f"{r['fuse']['transform_s'] * 1e3:.0f}", f"{r['normfx']['transform_s'] * 1e3:.0f}",
-            f"{r['normfx']['transform_s'] / r['fuse']['transform_s']:.2f}",
-            f"{r['eager']['bn_left']} / {r['fuse']['bn_left']} / {r['normfx']['bn_left']}",
+            ratio_cell(lat_ratio), f"{r['fuse']['transform_s'] * 1e3:.0f}", f"{r['normfx']['transform_s'] * 1e3:.0f}",
+            ratio_cell(tr_ratio), f"{r['eager']['bn_left']} / {r['fuse']['bn_left']} / {r['normfx']['bn_left']}",
         ])
-    lat_md = table(["model", "eager (ms)", "fuse (ms)", "normfx (ms)", "latency normfx ÷ fuse",
-                    "fuse transform (ms)", "normfx transform (ms)", "transform ÷ fuse",
-                    "BN left: eager / fuse / normfx"], lat_rows)
-    body = f"""## ConvBN (`benchmarks/convbn.py`)
+    intro = (f"Every variant is its own process; eager, fuse and normfx alternate over {rounds} rounds; times are "
+             f"medians across rounds of per-process medians ({reps} inference runs, 7 transforms); ratios are "
+             "medians of per-round ratios, [range over rounds].")
+    return intro + "\n\n" + table(["model", "eager (ms)", "fuse (ms)", "normfx (ms)", "latency normfx ÷ fuse",
+                                   "fuse transform (ms)", "normfx transform (ms)", "transform ÷ fuse",
+                                   "BN left: eager / fuse / normfx"], lat_rows)
 
-Machine: {machine()}. Every measurement is its own process; variants alternate over {rounds}
-round(s) and each number is the median across rounds of per-process medians ({steps} training steps,
-{reps} inference runs).
+
+def _document(mem_md: str, lat_md: str) -> str:
+    from _common import machine
+
+    return f"""## ConvBN (`benchmarks/convbn.py`)
+
+Machine: {machine()}.
 
 ### Fine-tuning step, {MEM_MODEL}, batch {MEM_BATCH} at {MEM_SIZE}×{MEM_SIZE}, BatchNorm in eval mode
 
@@ -203,8 +234,6 @@ left than `fuse`.
 Peak CUDA memory at batch 32×224² (Eval vs Tune) has not been measured: this task was not lent a
 GPU machine.
 """
-    write_section("convbn", body)
-    print(body)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import logging
 
-from normfx.api import convbn, deploy
+from normfx.api import convbn, deploy, repbn
+from normfx.nn.repbn import RepBNScheduler, recalibrate_bn
+from normfx.passes.fold_affine import RepBNNotFinishedError
 from normfx.onnx import ExportError, ExportReport, OutputCheck, export
 from normfx.passes.fold_convbn import TrainingModeError
 from normfx.report import Change, PassResult, Report, Skip, SkipReason, last_report
@@ -16,6 +18,10 @@ from normfx.trace import TraceFailure, trace, untraceable_modules
 __all__ = [
     "convbn",
     "deploy",
+    "repbn",
+    "RepBNScheduler",
+    "recalibrate_bn",
+    "RepBNNotFinishedError",
     "export",
     "ExportReport",
     "ExportError",

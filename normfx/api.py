@@ -9,10 +9,11 @@ import torch.nn as nn
 
 from normfx.passes import deploy_steps
 from normfx.passes.fold_convbn import ConvBNMode, bn_sites, fold_convbn
+from normfx.passes.swap_layernorm import layernorm_sites, swap_layernorm
 from normfx.report import PassResult, Report, Skip, SkipReason, attach_report
 from normfx.trace import regions, trace, untraceable_modules
 
-__all__ = ["convbn", "deploy", "run"]
+__all__ = ["convbn", "deploy", "repbn", "run"]
 
 
 def _prepare(model: nn.Module, inplace: bool) -> nn.Module:
@@ -128,4 +129,32 @@ def deploy(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         results.append(res)
         untraceable = rep.untraceable
     attach_report(out, Report(tuple(results), untraceable))
+    return out
+
+
+def repbn(model: nn.Module, *, total_steps: int, eta_init: float = 1.0, inplace: bool = False) -> nn.Module:
+    """Replace every LayerNorm with progressive re-parameterized BatchNorm (SLAB's PRepBN).
+
+    Each last-dim LayerNorm (and channels-first LayerNorm2d) becomes ``ProgressiveRepBN``:
+    ``λ·LN(x) + (1 − λ)·(BN(x) + η·x)``. λ starts at 1 (the model is unchanged) and is moved to 0 by
+    ``normfx.RepBNScheduler(model, total_steps)``, one ``step()`` per optimizer step. At λ = 0,
+    ``normfx.deploy`` folds each RepBN into a neighbouring Linear, so the deployed model has no
+    normalization left. LayerNorms over several dims and q/k norms inside attention are skipped.
+
+    Args:
+        model: an ``nn.Module`` or ``GraphModule``; never modified unless ``inplace=True``.
+        total_steps: scheduler steps over which λ falls to 0 (recorded for messages).
+        eta_init: initial η of every RepBN.
+        inplace: transform the caller's modules instead of a deep copy.
+
+    Example:
+        >>> m = normfx.repbn(torchvision.models.vit_b_16(), total_steps=10_000)
+        >>> sched = normfx.RepBNScheduler(m, total_steps=10_000)
+    """
+    if total_steps <= 0:
+        raise ValueError(f"total_steps must be positive, got {total_steps}")
+    out = _prepare(model, inplace)
+    _, report = run(out, "swap_layernorm",
+                    lambda gm: swap_layernorm(gm, total_steps=total_steps, eta_init=eta_init), layernorm_sites)
+    attach_report(out, report)
     return out

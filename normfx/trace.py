@@ -6,7 +6,7 @@ kept as an opaque leaf, its reason is recorded, and its own children are traced 
 traceable region is still a GraphModule that passes can rewrite. Only a model in which nothing can
 be traced is an error.
 
-Leaves: torch.nn modules (torch.fx's default), every BatchNorm subclass (so ``model.train()`` and
+Leaves: torch.nn modules (torch.fx's default), every BatchNorm and LayerNorm subclass (so ``model.train()`` and
 ``model.eval()`` keep switching BatchNorm at run time instead of being frozen into the graph at trace
 time), FrozenBatchNorm modules, parameter-free modules whose forward reads ``self.training``
 (DropPath, StochasticDepth: same reason), normfx's own modules and whatever the caller adds.
@@ -79,7 +79,7 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self._leaves:
             return True
-        if isinstance(m, _BatchNorm) or is_frozen_bn(m) or isinstance(m, self._leaf_types):
+        if isinstance(m, (_BatchNorm, nn.LayerNorm)) or is_frozen_bn(m) or isinstance(m, self._leaf_types):
             return True
         if is_mode_dependent_leaf(m):
             return True

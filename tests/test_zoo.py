@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 
 import normfx
+from normfx.nn import tune_convbn
+from normfx.trace import regions
 from tests.conftest import DEPLOY_RTOL, GRAD_RTOL, randomize_bn, rel_err
 
 SIZE = 64
@@ -69,6 +71,18 @@ def _model(src: str, name: str) -> nn.Module:
     return randomize_bn(m, torch.randn(8, 3, SIZE, SIZE)).eval()
 
 
+def _graph_counts(model: nn.Module) -> tuple[int, int]:
+    """(BatchNorm calls, Tune blocks) over every traced region of ``model``."""
+    bn = tune = 0
+    for _, gm in regions(model):
+        mods = dict(gm.named_modules())
+        for n in gm.graph.nodes:
+            if n.op == "call_module" and isinstance(mods[n.target], nn.modules.batchnorm._BatchNorm):
+                bn += 1
+            tune += n.op == "call_function" and n.target is tune_convbn
+    return bn, tune
+
+
 def _check(m: nn.Module) -> None:
     x = torch.randn(2, 3, SIZE, SIZE)
 
@@ -77,6 +91,8 @@ def _check(m: nn.Module) -> None:
     report = normfx.last_report(d)
     assert report.passes[0].sites == len(report.changes) + len(report.skips)
     assert len(report.changes) > 0
+    in_graph = [s for s in report.skips if s.reason is not normfx.SkipReason.UNTRACEABLE]
+    assert _graph_counts(d)[0] == len(in_graph)  # the report's counts are the graph's
     with torch.no_grad():
         assert rel_err(d(x), m(x)) < DEPLOY_RTOL
 
@@ -86,6 +102,7 @@ def _check(m: nn.Module) -> None:
     # float32 rounding rather than Tune's math.
     t = normfx.convbn(m, mode="tune")
     assert list(t.state_dict()) == list(m.state_dict())
+    assert _graph_counts(t)[1] == len(normfx.last_report(t).changes)
     m64, t64 = copy.deepcopy(m).double(), copy.deepcopy(t).double()
     x64 = x.double()
     proj = torch.randn_like(m64(x64))

@@ -2,7 +2,12 @@
 from __future__ import annotations
 
 from normfx.nn.convbn import bn_stats, tune_convbn, tune_convbn_functional
+from normfx.nn.repbn import ChannelAffine, ProgressiveRepBN, RepBN, RepBNScheduler, recalibrate_bn
 
-__all__ = ["tune_convbn", "tune_convbn_functional", "bn_stats", "LEAF_MODULES"]
+__all__ = [
+    "tune_convbn", "tune_convbn_functional", "bn_stats",
+    "RepBN", "ProgressiveRepBN", "ChannelAffine", "RepBNScheduler", "recalibrate_bn",
+    "LEAF_MODULES",
+]
 
-LEAF_MODULES: tuple[type, ...] = ()
+LEAF_MODULES: tuple[type, ...] = (RepBN, ProgressiveRepBN, ChannelAffine)

@@ -12,10 +12,12 @@ from typing import Callable
 import torch.fx as fx
 import torch.nn as nn
 
+from normfx.passes.fold_affine import fold_repbn
 from normfx.passes.fold_convbn import bn_sites, fold_convbn
+from normfx.passes.swap_layernorm import layernorm_sites, swap_layernorm
 from normfx.report import PassResult
 
-__all__ = ["fold_convbn", "DeployStep", "deploy_steps", "register_deploy_step"]
+__all__ = ["fold_convbn", "fold_repbn", "swap_layernorm", "DeployStep", "deploy_steps", "register_deploy_step"]
 
 DeployStep = Callable[[fx.GraphModule], PassResult]
 SiteLister = Callable[[nn.Module], list[str]]
@@ -41,4 +43,11 @@ def deploy_steps() -> list[tuple[str, DeployStep, SiteLister | None]]:
 
 # Later passes (RepBN, fixed point, EvoNorm) finalize their modules before BN folding (order < 100)
 # or fold what they leave afterwards (order > 100).
+def _prepbn_sites(module: nn.Module) -> list[str]:
+    from normfx.nn.repbn import ProgressiveRepBN
+
+    return [n for n, m in module.named_modules() if isinstance(m, ProgressiveRepBN)]
+
+
+register_deploy_step("fold_repbn", fold_repbn, order=50, untraced_sites=_prepbn_sites)
 register_deploy_step("fold_convbn", partial(fold_convbn, mode="deploy"), order=100, untraced_sites=bn_sites)

@@ -1,0 +1,170 @@
+"""Re-parameterized BatchNorm (SLAB, Guo et al., ICML 2024) and its progressive LayerNorm blend.
+
+* ``RepBN(x) = BN(x) + η·x`` per channel, η a learnable scalar (init 1). Statistics are taken per
+  channel over every other axis (batch × tokens for ``[B, N, C]``; batch × H × W channels-first).
+* ``ProgressiveRepBN(x) = λ·LN(x) + (1 − λ)·RepBN(x)``; λ is a buffer that ``RepBNScheduler`` moves
+  from 1 to 0, once per optimizer step, so tracing, checkpointing and evaluation never move it.
+* In eval mode RepBN is the per-channel affine ``a·x + b`` with ``a = γ/sqrt(σ² + ε) + η`` and
+  ``b = β − γ·μ/sqrt(σ² + ε)`` (``RepBN.affine()``), which ``normfx.deploy`` folds into a Linear.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+__all__ = ["RepBN", "ProgressiveRepBN", "ChannelAffine", "RepBNScheduler", "recalibrate_bn"]
+
+
+class RepBN(nn.Module):
+    """``BN(x) + η·x`` over the channel axis: the last one (``channels_last=True``, tokens) or dim 1."""
+
+    def __init__(self, num_features: int, *, eta_init: float = 1.0, eps: float = 1e-5, momentum: float = 0.1,
+                 channels_last: bool = True) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(num_features, eps=eps, momentum=momentum)
+        self.eta = nn.Parameter(torch.tensor(float(eta_init)))
+        self.channels_last = channels_last
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            y = self.bn(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+        else:
+            y = self.bn(x.flatten(2)).reshape(x.shape)
+        return y + self.eta * x
+
+    @torch.no_grad()
+    def affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(a, b)`` in float64 with ``RepBN_eval(x) = a·x + b`` per channel."""
+        bn = self.bn
+        inv = torch.rsqrt(bn.running_var.double() + bn.eps)
+        g = bn.weight.double() if bn.weight is not None else torch.ones_like(inv)
+        beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(inv)
+        a = g * inv + self.eta.double()
+        b = beta - g * bn.running_mean.double() * inv
+        return a, b
+
+
+class ProgressiveRepBN(nn.Module):
+    """``λ·norm(x) + (1 − λ)·repbn(x)``; ``norm`` is the original LayerNorm, kept with its parameters.
+
+    The same blend is used in train and eval mode (running statistics in eval), so validation during
+    training measures the model being trained. At λ = 1 the output is ``norm(x)`` exactly; at λ = 0
+    it is ``repbn(x)`` and ``norm`` is not computed. ``total_steps`` is recorded for error messages.
+    """
+
+    def __init__(self, norm: nn.Module, repbn: RepBN, *, total_steps: int) -> None:
+        super().__init__()
+        self.norm = norm
+        self.repbn = repbn
+        self.total_steps = int(total_steps)
+        self.register_buffer("lam", torch.tensor(1.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lam = float(self.lam)
+        if lam <= 0.0:
+            return self.repbn(x)
+        if lam >= 1.0 and not self.training:
+            return self.norm(x)
+        # Training at λ = 1 still runs RepBN so its statistics are warm when λ starts to fall;
+        # 1·a + 0·b == a exactly for finite b, so the output is the LayerNorm's bit for bit.
+        return lam * self.norm(x) + (1.0 - lam) * self.repbn(x)
+
+    def extra_repr(self) -> str:
+        return f"lam={float(self.lam):.4f}, total_steps={self.total_steps}"
+
+
+class ChannelAffine(nn.Module):
+    """``x·scale + shift`` over the channel axis: what is left of a RepBN that could not fold."""
+
+    def __init__(self, scale: torch.Tensor, shift: torch.Tensor, *, channels_last: bool = True) -> None:
+        super().__init__()
+        self.register_buffer("scale", scale)
+        self.register_buffer("shift", shift)
+        self.channels_last = channels_last
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            return torch.addcmul(self.shift, x, self.scale)
+        view = (-1,) + (1,) * (x.dim() - 2)
+        return torch.addcmul(self.shift.view(view), x, self.scale.view(view))
+
+
+class RepBNScheduler:
+    """Moves λ of every ``ProgressiveRepBN`` in ``model`` linearly from 1 to 0 over ``total_steps``.
+
+    Call ``step()`` once per optimizer step. Shaped like ``torch.optim.lr_scheduler``: ``state_dict()``
+    and ``load_state_dict()`` resume exactly (λ also lives in each module's buffer).
+
+    Example:
+        >>> m = normfx.repbn(vit, total_steps=1000)
+        >>> sched = normfx.RepBNScheduler(m, total_steps=1000)
+        >>> for batch in loader:
+        ...     loss(m(batch)).backward(); opt.step(); sched.step()
+    """
+
+    def __init__(self, model: nn.Module, total_steps: int) -> None:
+        if total_steps <= 0:
+            raise ValueError(f"total_steps must be positive, got {total_steps}")
+        self.modules = [m for m in model.modules() if isinstance(m, ProgressiveRepBN)]
+        if not self.modules:
+            raise ValueError(f"{type(model).__name__} has no ProgressiveRepBN; call normfx.repbn(model, ...) first")
+        self.total_steps = int(total_steps)
+        self.last_step = 0
+        self._apply()
+
+    @property
+    def lam(self) -> float:
+        return max(0.0, 1.0 - self.last_step / self.total_steps)
+
+    def step(self) -> None:
+        self.last_step += 1
+        self._apply()
+
+    def _apply(self) -> None:
+        for m in self.modules:
+            m.lam.fill_(self.lam)
+
+    def state_dict(self) -> dict:
+        return {"last_step": self.last_step, "total_steps": self.total_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_step = int(state["last_step"])
+        self.total_steps = int(state["total_steps"])
+        self._apply()
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches: Iterable, *, steps: int | None = None) -> nn.Module:
+    """Re-estimate every BatchNorm's running statistics from ``batches`` (SLAB does this after training).
+
+    Statistics are reset and accumulated as a cumulative average (``momentum=None``) over the
+    batches, in train mode, without gradients; the model's modes and momenta are restored after.
+    A batch may be a tensor, or a tuple/list whose first element is the input.
+
+    Example:
+        >>> normfx.recalibrate_bn(model, (x for x, _ in loader), steps=100)
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        raise ValueError(f"{type(model).__name__} has no BatchNorm with running statistics to recalibrate")
+    modes = {m: m.training for m in model.modules()}
+    momenta = {m: m.momentum for m in bns}
+    try:
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None
+        model.train()
+        for i, batch in enumerate(tqdm(batches, total=steps, desc="recalibrating BatchNorm", leave=False)):
+            if steps is not None and i >= steps:
+                break
+            model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+        for m, mom in momenta.items():
+            m.momentum = mom
+    return model
+

@@ -1,0 +1,254 @@
+"""Replaces ``ProgressiveRepBN`` (λ = 0) with its eval-mode affine, folded into a neighbouring Linear/Conv.
+
+Math (exact): in eval mode ``RepBN(x) = a·x + b`` per channel, ``a = γ/sqrt(σ² + ε) + η``,
+``b = β − γ·μ/sqrt(σ² + ε)``. Into the Linear that consumes it: ``W' = W·diag(a)``, ``c' = W·b + c``
+(also through ops that keep the channel axis: dropout, ``x[:, 0]`` token selection, token mean-pool,
+``contiguous``; and into ``nn.MultiheadAttention``'s packed in-projection for self-attention). Into
+the Linear/Conv that produces it: ``W' = diag(a)·W``, ``c' = a·c + b`` — including the ``a·c`` term
+that SLAB's own ``merge_bn`` drops for a preceding conv's bias. Into a following conv that does not
+zero-pad, channels-first. What cannot fold stays as one multiply-add (``ChannelAffine``), reported.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from normfx.match import module_uses
+from normfx.nn.repbn import ChannelAffine, ProgressiveRepBN
+from normfx.passes.fold_convbn import TrainingModeError
+from normfx.report import Change, PassResult
+
+__all__ = ["fold_repbn", "RepBNNotFinishedError"]
+
+
+class RepBNNotFinishedError(RuntimeError):
+    """Deploy was asked of a ProgressiveRepBN whose λ has not reached 0."""
+
+
+_DROPOUTS = (nn.Dropout, nn.Identity)
+
+
+def fold_repbn(gm: fx.GraphModule) -> PassResult:
+    """Replaces every ``ProgressiveRepBN`` (λ = 0) with its affine, folded into a neighbour if possible.
+
+    Raises:
+        RepBNNotFinishedError: a ProgressiveRepBN has λ > 0 (the message says how many steps remain).
+        TrainingModeError: a ProgressiveRepBN is in training mode.
+    """
+    mods = dict(gm.named_modules())
+    nodes = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(mods.get(n.target), ProgressiveRepBN)]
+    for n in nodes:
+        m = mods[n.target]
+        lam = float(m.lam)
+        if lam > 0:
+            left = round(lam * m.total_steps)
+            raise RepBNNotFinishedError(
+                f"ProgressiveRepBN '{n.target}' has λ = {lam:.4g}: about {left} of {m.total_steps} scheduler "
+                "steps remain. Train until RepBNScheduler reaches λ = 0 before deploy"
+            )
+        if m.training:
+            raise TrainingModeError(f"ProgressiveRepBN '{n.target}' is in training mode; call model.eval() before deploy")
+    uses = module_uses(gm)
+    changes = []
+    for n in nodes:
+        changes.append(_fold_one(gm, mods, uses, n))
+    if changes:
+        for n in nodes:
+            if isinstance(gm.get_submodule(str(n.target)), ProgressiveRepBN):
+                gm.delete_submodule(str(n.target))  # folded away; no node refers to it any more
+        gm.graph.lint()
+        gm.recompile()
+    return PassResult("fold_repbn", tuple(changes), ())
+
+
+def _fold_one(gm: fx.GraphModule, mods: dict, uses, node: fx.Node) -> Change:
+    rep = mods[node.target].repbn
+    a, b = rep.affine()
+    site = str(node.target)
+    x = node.args[0]
+    producer = _producer(gm, mods, uses, x, rep.channels_last)
+    if producer is not None and _fold_into_producer(producer, a, b):
+        node.replace_all_uses_with(x)
+        gm.graph.erase_node(node)
+        return Change(site, "fold", f"into preceding '{_names(mods, [producer])[0]}'")
+    targets = _consumers(gm, mods, uses, node, rep.channels_last)
+    if targets is not None:
+        for target in targets:
+            _fold_into_consumer(target, a, b)
+        node.replace_all_uses_with(x)
+        gm.graph.erase_node(node)
+        return Change(site, "fold", "into following " + ", ".join(f"'{t}'" for t in _names(mods, targets)))
+    ref = next(iter(rep.parameters()))
+    affine = ChannelAffine(a.to(ref.dtype), b.to(ref.dtype), channels_last=rep.channels_last)
+    parent, _, name = site.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, name, affine)
+    return Change(site, "affine", "no Linear/Conv to fold into: kept as one multiply-add")
+
+
+def _names(mods: dict, targets: list[nn.Module]) -> list[str]:
+    inv = {id(m): k for k, m in mods.items()}
+    return [inv.get(id(t), type(t).__name__) for t in targets]
+
+
+def _fold_into_producer(m: nn.Module, a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``a·(Wx + c) + b`` -> ``(diag(a)W)x + (a·c + b)``, for a Linear or a (non-transposed) conv."""
+    out = m.out_features if isinstance(m, nn.Linear) else m.out_channels
+    if out != a.numel():
+        return False
+    w = m.weight.detach().double()
+    new_w = w * a.reshape([-1] + [1] * (w.dim() - 1))
+    c = m.bias.detach().double() if m.bias is not None else torch.zeros_like(a)
+    _assign(m, "weight", "bias", new_w, a * c + b)
+    return True
+
+
+def _consumers(gm, mods, uses, node: fx.Node, channels_last: bool) -> list[nn.Module] | None:
+    """The Linears (or MHA / conv) that every path from ``node`` reaches through channel-keeping ops.
+
+    ``channels_last`` says where the channel axis is on the current path; ``Flatten(start_dim=1)``
+    of a channels-first tensor moves it last (and a Linear with ``in_features == C`` after it proves
+    the spatial size was 1).
+    """
+    channels = mods[node.target].repbn.bn.num_features
+    found: list[nn.Module] = []
+    frontier = [(node, channels_last)]
+    while frontier:
+        cur, last = frontier.pop()
+        for user in cur.users:
+            m = mods.get(user.target) if user.op == "call_module" else None
+            if _reads_shape_only(user):
+                continue  # x.shape / x.size(): the same for the folded input
+            if isinstance(m, _DROPOUTS) and uses[id(m)] == 1:
+                frontier.append((user, last))
+            elif isinstance(m, nn.Linear) and last and uses[id(m)] == 1 and user.args[0] is cur \
+                    and m.in_features == channels:
+                found.append(m)
+            elif isinstance(m, nn.MultiheadAttention) and last and uses[id(m)] == 1 \
+                    and _self_attention(user, cur) and m._qkv_same_embed_dim and m.in_proj_weight is not None:
+                found.append(m)
+            elif not last and isinstance(m, nn.modules.conv._ConvNd) and uses[id(m)] == 1 \
+                    and not m.transposed and _no_zero_pad(m) and user.args[0] is cur:
+                found.append(m)
+            elif not last and _flattens_from_1(user, m):
+                frontier.append((user, True))
+            elif last and _keeps_channels(user, cur):
+                frontier.append((user, last))
+            else:
+                return None
+    return found or None
+
+
+def _flattens_from_1(user: fx.Node, m: nn.Module | None) -> bool:
+    if isinstance(m, nn.Flatten):
+        return m.start_dim == 1 and m.end_dim == -1
+    if user.op == "call_function" and user.target is torch.flatten:
+        return (user.args[1] if len(user.args) > 1 else user.kwargs.get("start_dim", 0)) == 1
+    return False
+
+
+def _producer(gm, mods, uses, x: fx.Node, channels_last: bool) -> nn.Module | None:
+    """The Linear/Conv whose output channels are the affine's channels, walking back through
+    ``permute``/``transpose``/``flatten``/``contiguous`` nodes that only feed this path."""
+    axis: int | str = "last" if channels_last else 1
+    while True:
+        if len(x.users) != 1:
+            return None
+        m = mods.get(x.target) if x.op == "call_module" else None
+        if m is not None:
+            if uses[id(m)] != 1 or len(x.args) != 1 or x.kwargs:
+                return None
+            if isinstance(m, nn.Linear) and axis == "last":
+                return m
+            if isinstance(m, nn.modules.conv._ConvNd) and not m.transposed and axis == 1:
+                return m
+            return None
+        if x.op != "call_method" and not (x.op == "call_function" and x.target in (torch.permute, torch.transpose,
+                                                                                   torch.flatten)):
+            return None
+        name = x.target if isinstance(x.target, str) else x.target.__name__
+        args = list(x.args[1:])
+        if name == "contiguous":
+            pass
+        elif name == "permute":
+            dims = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
+            if not all(isinstance(d, int) for d in dims):
+                return None
+            pos = len(dims) - 1 if axis == "last" else axis
+            src = dims[pos]
+            axis = "last" if src in (-1, len(dims) - 1) else src
+        elif name == "transpose" and len(args) == 2 and all(isinstance(d, int) for d in args):
+            i, j = args
+            here = -1 if axis == "last" else axis
+            if here in (i, j):
+                other = j if here == i else i
+                axis = "last" if other == -1 else other
+            elif axis == "last":
+                return None  # a transpose with positive dims hides whether "last" moved
+        elif name == "flatten" and axis == 1 and args and isinstance(args[0], int) and args[0] >= 2:
+            pass
+        else:
+            return None
+        if not isinstance(x.args[0], fx.Node):
+            return None
+        x = x.args[0]
+
+
+def _self_attention(user: fx.Node, cur: fx.Node) -> bool:
+    q = user.args[0] if user.args else user.kwargs.get("query")
+    k = user.args[1] if len(user.args) > 1 else user.kwargs.get("key")
+    v = user.args[2] if len(user.args) > 2 else user.kwargs.get("value")
+    return q is cur and k is cur and v is cur
+
+
+def _no_zero_pad(m: nn.Module) -> bool:
+    pad = m.padding if not isinstance(m.padding, str) else ((1,) if m.padding == "same" else (0,))
+    return m.padding_mode != "zeros" or all(p == 0 for p in pad)
+
+
+def _reads_shape_only(user: fx.Node) -> bool:
+    if user.op == "call_function" and user.target is getattr:
+        return user.args[1] in ("shape", "dtype", "device", "ndim")
+    return user.op == "call_method" and user.target in ("size", "dim")
+
+
+def _keeps_channels(user: fx.Node, cur: fx.Node) -> bool:
+    """Ops on ``[B, N, C]`` tokens that keep C last and commute with a per-channel affine."""
+    if user.op == "call_method" and user.target == "contiguous":
+        return True
+    if user.op in ("call_function", "call_method") and user.target in (operator.getitem, "__getitem__"):
+        idx = user.args[1]
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        return user.args[0] is cur and len(idx) <= 2 and all(isinstance(i, (int, slice)) for i in idx)
+    if (user.op == "call_method" and user.target == "mean") or (user.op == "call_function" and user.target is torch.mean):
+        dims = user.args[1] if len(user.args) > 1 else user.kwargs.get("dim")
+        dims = dims if isinstance(dims, (tuple, list)) else (dims,)
+        return user.args[0] is cur and all(isinstance(d, int) and d in (0, 1) for d in dims)
+    return False
+
+
+def _fold_into_consumer(m: nn.Module, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``W(a·x + b) + c`` -> ``(W·diag(a))x + (W·b + c)``."""
+    if isinstance(m, nn.MultiheadAttention):
+        w = m.in_proj_weight.detach().double()
+        c = m.in_proj_bias.detach().double() if m.in_proj_bias is not None else torch.zeros(w.shape[0], dtype=w.dtype)
+        _assign(m, "in_proj_weight", "in_proj_bias", w * a, w @ b + c)
+        return
+    w = m.weight.detach().double()
+    c = m.bias.detach().double() if m.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype)
+    if isinstance(m, nn.Linear):
+        _assign(m, "weight", "bias", w * a, w @ b + c)
+        return
+    groups = m.groups
+    out, in_g = w.shape[0], w.shape[1]
+    wg = w.reshape(groups, out // groups, in_g, -1)
+    a_g, b_g = a.reshape(groups, 1, in_g, 1), b.reshape(groups, 1, in_g)
+    _assign(m, "weight", "bias", (wg * a_g).reshape(w.shape), c + (wg.sum(-1) * b_g).sum(-1).reshape(out))
+
+
+def _assign(m: nn.Module, wname: str, bname: str, w: torch.Tensor, b: torch.Tensor) -> None:
+    ref = getattr(m, wname)
+    setattr(m, wname, nn.Parameter(w.to(ref.dtype), requires_grad=ref.requires_grad))
+    setattr(m, bname, nn.Parameter(b.to(ref.dtype), requires_grad=ref.requires_grad))

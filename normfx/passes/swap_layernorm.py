@@ -1,0 +1,168 @@
+"""Replaces ``LN(x)`` with ``ProgressiveRepBN(x) = λ·LN(x) + (1 − λ)·(BN(x) + η·x)`` (SLAB's PRepBN).
+
+Not exact while λ < 1 (it is a different normalization, trained into the model); at λ = 1 it equals
+the LayerNorm exactly, and at λ = 0 it is RepBN, which in eval mode is a per-channel affine that
+``normfx.deploy`` folds into a neighbouring Linear (``fold_repbn``).
+
+Sites: ``nn.LayerNorm`` modules and subclasses (timm's), channels-first LayerNorm2d (ConvNeXt:
+BN over C), and functional ``F.layer_norm`` over the last dimension. Skipped: LayerNorms over several
+dimensions, and q/k norms inside attention (normalizing per head is what they are for).
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from normfx.nn.repbn import ProgressiveRepBN, RepBN
+from normfx.report import Change, PassResult, Skip, SkipReason
+
+__all__ = ["swap_layernorm", "layernorm_sites", "is_channels_first_ln"]
+
+
+@functools.lru_cache(maxsize=None)
+def _permutes_to_channels_last(cls: type) -> bool:
+    try:
+        return "permute(0, 2, 3, 1)" in inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+
+
+def is_channels_first_ln(m: nn.Module) -> bool:
+    """timm's / torchvision's LayerNorm2d: LayerNorm over C of a ``[B, C, H, W]`` tensor."""
+    return isinstance(m, nn.LayerNorm) and type(m).forward is not nn.LayerNorm.forward and \
+        _permutes_to_channels_last(type(m))
+
+
+def layernorm_sites(module: nn.Module) -> list[str]:
+    """Qualified names of every LayerNorm module below ``module``."""
+    return [n for n, m in module.named_modules() if isinstance(m, nn.LayerNorm)]
+
+
+def _qk_norm(gm: fx.GraphModule, target: str) -> bool:
+    parent, _, name = target.rpartition(".")
+    return name in ("q_norm", "k_norm", "norm_q", "norm_k", "q_ln", "k_ln")
+
+
+def swap_layernorm(gm: fx.GraphModule, *, total_steps: int, eta_init: float = 1.0) -> PassResult:
+    """Replaces every last-dim (or channels-first 2d) LayerNorm with a ``ProgressiveRepBN``.
+
+    Mutates ``gm`` in place. The LayerNorm module (with its parameters) becomes the new module's
+    ``norm``; its RepBN starts at identity statistics (mean 0, var 1) with ``η = eta_init``.
+    """
+    changes: list[Change] = []
+    skips: list[Skip] = []
+    mods = dict(gm.named_modules())
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and isinstance(mods.get(node.target), ProgressiveRepBN):
+            continue
+        if node.op == "call_module" and isinstance(mods.get(node.target), nn.LayerNorm):
+            ln = mods[node.target]
+            site = str(node.target)
+            if len(ln.normalized_shape) != 1:
+                skips.append(Skip(site, SkipReason.UNSUPPORTED, f"normalizes over {len(ln.normalized_shape)} dims"))
+                continue
+            if _qk_norm(gm, site):
+                skips.append(Skip(site, SkipReason.UNSUPPORTED, "q/k norm inside attention"))
+                continue
+            channels_first = is_channels_first_ln(ln)
+            if type(ln).forward is not nn.LayerNorm.forward and not channels_first and \
+                    not _is_last_dim_subclass(type(ln)):
+                skips.append(Skip(site, SkipReason.UNSUPPORTED, f"{type(ln).__name__} has its own forward"))
+                continue
+            new = _progressive(ln, ln.normalized_shape[0], ln.eps, channels_first, total_steps, eta_init)
+            _set_module(gm, site, new)
+            changes.append(Change(site, "prepbn", "channels-first" if channels_first else "tokens"))
+        elif node.op == "call_function" and node.target is F.layer_norm:
+            change = _swap_functional(gm, node, total_steps, eta_init)
+            (changes if isinstance(change, Change) else skips).append(change)
+    if changes:
+        gm.graph.lint()
+        gm.recompile()
+    return PassResult("swap_layernorm", tuple(changes), tuple(skips))
+
+
+@functools.lru_cache(maxsize=None)
+def _is_last_dim_subclass(cls: type) -> bool:
+    """A LayerNorm subclass that normalizes the last dim its own way (timm's fast-norm LayerNorm)."""
+    try:
+        src = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+    return "layer_norm" in src and "permute" not in src and "transpose" not in src
+
+
+def _progressive(norm: nn.Module, c: int, eps: float, channels_first: bool, total_steps: int,
+                 eta_init: float) -> ProgressiveRepBN:
+    ref = next(iter(norm.parameters()), None)
+    repbn = RepBN(c, eta_init=eta_init, eps=eps, channels_last=not channels_first)
+    if ref is not None:
+        repbn = repbn.to(device=ref.device, dtype=ref.dtype)
+    new = ProgressiveRepBN(norm, repbn, total_steps=total_steps)
+    new.train(norm.training)
+    return new
+
+
+class _LayerNorm(nn.Module):
+    """A functional ``F.layer_norm`` call as a module, holding the same weight/bias tensors."""
+
+    def __init__(self, shape: tuple[int, ...], weight, bias, eps: float) -> None:
+        super().__init__()
+        self.normalized_shape = shape
+        self.eps = eps
+        self.weight = weight
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+def _swap_functional(gm: fx.GraphModule, node: fx.Node, total_steps: int, eta_init: float) -> Change | Skip:
+    names = ["input", "normalized_shape", "weight", "bias", "eps"]
+    a = {"weight": None, "bias": None, "eps": 1e-5, **dict(zip(names, node.args)), **node.kwargs}
+    shape = a["normalized_shape"]
+    shape = (shape,) if isinstance(shape, int) else tuple(shape) if isinstance(shape, (list, tuple)) else None
+    site = node.name
+    if shape is None or any(isinstance(d, fx.Node) for d in shape):
+        return Skip(site, SkipReason.UNSUPPORTED, "normalized_shape is computed in the graph")
+    if len(shape) != 1:
+        return Skip(site, SkipReason.UNSUPPORTED, f"normalizes over {len(shape)} dims")
+    tensors = []
+    for key in ("weight", "bias"):
+        arg = a[key]
+        if arg is None:
+            tensors.append(None)
+        elif isinstance(arg, fx.Node) and arg.op == "get_attr":
+            obj = gm
+            for part in str(arg.target).split("."):
+                obj = getattr(obj, part)
+            tensors.append(obj)
+            site = str(arg.target).rsplit(".", 1)[0] or site
+        else:
+            return Skip(site, SkipReason.UNSUPPORTED, "affine parameters are computed in the graph")
+    norm = _LayerNorm(shape, *tensors, float(a["eps"]))
+    new = _progressive(norm, shape[0], float(a["eps"]), False, total_steps, eta_init)
+    name = _free_name(gm, f"{node.name}_prepbn")
+    gm.add_submodule(name, new)
+    with gm.graph.inserting_before(node):
+        call = gm.graph.call_module(name, (a["input"],))
+    call.meta = dict(node.meta)
+    node.replace_all_uses_with(call)
+    gm.graph.erase_node(node)
+    return Change(name, "prepbn", f"functional layer_norm at '{site}'")
+
+
+def _free_name(gm: fx.GraphModule, base: str) -> str:
+    name, i = base, 1
+    while hasattr(gm, name):
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
+def _set_module(gm: fx.GraphModule, qualname: str, module: nn.Module) -> None:
+    parent, _, name = qualname.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, name, module)
