@@ -104,7 +104,9 @@ class Report:
         return tuple(s for p in self.passes for s in p.skips)
 
     def summary(self) -> str:
-        lines = [p.summary() for p in self.passes]
+        """One line per pass that found a site (all of them if none did), then what was untraceable."""
+        shown = [p for p in self.passes if p.sites] or list(self.passes)
+        lines = [p.summary() for p in shown]
         lines += [f"untraceable: {name or '<root>'}: {why}" for name, why in self.untraceable]
         return "\n".join(lines)
 
