@@ -196,6 +196,7 @@ def _check_deploy(p: nn.Module, x: torch.Tensor) -> nn.Module:
     _finish(p)
     d = normfx.deploy(p)
     assert _count(d, ProgressiveRepBN) == 0 and _count(d, nn.LayerNorm) == 0
+    assert not any(m.training for m in d.modules())  # nothing deploy adds is in training mode
     with torch.no_grad():
         assert rel_err(d(x), p(x)) < DEPLOY_RTOL
     return d
@@ -260,3 +261,25 @@ def test_onnx_has_no_normalization_left(tmp_path):
     assert report.op_counts.get("LayerNormalization", 0) == 0
     assert report.op_counts.get("BatchNormalization", 0) == 0
     assert report.verified
+
+
+@pytest.mark.parametrize("name", ["small_vit", pytest.param("convnext_tiny", marks=slow),
+                                  pytest.param("swin_t", marks=slow)])
+def test_onnx_torchvision_deployed(name, tmp_path):
+    import torchvision
+
+    torch.manual_seed(0)
+    if name == "small_vit":
+        m = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                                 hidden_dim=32, mlp_dim=64, num_classes=10)
+        x = torch.randn(2, 3, 32, 32)
+    else:
+        m = getattr(torchvision.models, name)()
+        x = torch.randn(2, 3, 64, 64)
+    p = _finish(normfx.repbn(m, total_steps=10))
+    report = normfx.export(p, x, tmp_path / f"{name}.onnx")
+    assert report.op_counts.get("LayerNormalization", 0) == 0
+    assert report.op_counts.get("BatchNormalization", 0) == 0
+    assert report.verified and report.outputs[0].max_rel < 1e-4
+    kept = sum(c.action == "affine" for c in report.passes.passes[0].changes)
+    assert kept == (13 if name == "swin_t" else 0)  # Swin's norm1 before padded windows, see docs/repbn.md

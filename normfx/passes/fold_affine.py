@@ -83,6 +83,7 @@ def _fold_one(gm: fx.GraphModule, mods: dict, uses, node: fx.Node) -> Change:
         return Change(site, "fold", "into following " + ", ".join(f"'{t}'" for t in _names(mods, targets)))
     ref = next(iter(rep.parameters()))
     affine = ChannelAffine(a.to(ref.dtype), b.to(ref.dtype), channels_last=rep.channels_last)
+    affine.train(mods[node.target].training)  # a new module must not come back in training mode
     parent, _, name = site.rpartition(".")
     setattr(gm.get_submodule(parent) if parent else gm, name, affine)
     return Change(site, "affine", "no Linear/Conv to fold into: kept as one multiply-add")
