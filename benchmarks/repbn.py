@@ -111,7 +111,7 @@ def main() -> None:
         print(json.dumps(res))
         return
 
-    rounds, reps = (1, 5) if args.quick else (3, 10)
+    rounds, reps = (1, 5) if args.quick else (2, 8)
     me = __file__
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
