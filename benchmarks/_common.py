@@ -57,3 +57,18 @@ def ratio_cell(values: list[float]) -> str:
     v = sorted(values)
     med = v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
     return f"{med:.3f} [{v[0]:.2f}–{v[-1]:.2f}]" if len(v) > 1 else f"{v[0]:.3f}"
+
+
+def torchvision_model(name: str) -> torch.nn.Module:
+    """A torchvision architecture with seeded random weights and non-fresh BatchNorm statistics (so
+    a folded model is not near-identical to the original), in eval mode."""
+    import torchvision
+
+    torch.manual_seed(0)
+    m = getattr(torchvision.models, name)()
+    g = torch.Generator().manual_seed(0)
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+            mod.running_var.uniform_(0.5, 2.0, generator=g)
+            mod.running_mean.normal_(0, 0.1, generator=g)
+    return m.eval()

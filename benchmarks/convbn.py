@@ -28,18 +28,9 @@ LAT_MODELS = ["resnet50", "resnet152", "mobilenet_v3_large", "densenet121"]
 
 
 def _model(name: str) -> torch.nn.Module:
-    import torchvision
+    from _common import torchvision_model
 
-    torch.manual_seed(0)
-    m = getattr(torchvision.models, name)()
-    # Non-fresh statistics so the folded model is not near-identical to the original.
-    g = torch.Generator().manual_seed(0)
-    for mod in m.modules():
-        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
-            n = mod.num_features
-            mod.running_var.uniform_(0.5, 2.0, generator=g)
-            mod.running_mean.normal_(0, 0.1, generator=g)
-    return m
+    return torchvision_model(name)
 
 
 def _rss_mib() -> float:

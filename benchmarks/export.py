@@ -27,16 +27,9 @@ ORT_THREADS = 2
 
 
 def _model(name: str) -> torch.nn.Module:
-    import torchvision
+    from _common import torchvision_model
 
-    torch.manual_seed(0)
-    m = getattr(torchvision.models, name)()
-    g = torch.Generator().manual_seed(0)
-    for mod in m.modules():
-        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
-            mod.running_var.uniform_(0.5, 2.0, generator=g)
-            mod.running_mean.normal_(0, 0.1, generator=g)
-    return m.eval()
+    return torchvision_model(name)
 
 
 def child_export(name: str, variant: str, out: str) -> dict:
