@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["bn_scale_shift", "fold_bn_after", "fold_bn_before", "scale_is_safe"]
+__all__ = ["bn_scale_shift", "fold_bn_after", "fold_bn_before", "scale_is_safe", "out_channel_view"]
 
 
 class BNStats(NamedTuple):
@@ -57,7 +57,7 @@ def scale_is_safe(c: torch.Tensor, weight: torch.Tensor) -> tuple[bool, str]:
     return True, ""
 
 
-def _out_channel_view(c: torch.Tensor, weight: torch.Tensor, transposed: bool, groups: int) -> torch.Tensor:
+def out_channel_view(c: torch.Tensor, weight: torch.Tensor, transposed: bool = False, groups: int = 1) -> torch.Tensor:
     """Reshape per-output-channel ``c`` to broadcast against a conv/linear ``weight``."""
     k = weight.dim() - 2
     if not transposed:
@@ -72,7 +72,7 @@ def _out_channel_view(c: torch.Tensor, weight: torch.Tensor, transposed: bool, g
 def fold_bn_after(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    bn: BNStats,
+    bn: BNStats | None,
     *,
     transposed: bool = False,
     groups: int = 1,
@@ -86,7 +86,7 @@ def fold_bn_after(
     c, t = scale_shift if scale_shift is not None else bn_scale_shift(bn)
     w = weight.detach()
     if transposed:
-        folded = w.to(torch.float64).mul_(_out_channel_view(c, w, transposed, groups)).to(w.dtype)
+        folded = w.to(torch.float64).mul_(out_channel_view(c, w, transposed, groups)).to(w.dtype)
     else:
         folded = _scale_rows(w, c)
     b = t if bias is None else bias.detach().to(torch.float64) * c + t
@@ -105,13 +105,15 @@ def _scale_rows(w: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 
 
 def fold_bn_before(
-    weight: torch.Tensor, bias: torch.Tensor | None, bn: BNStats, *, groups: int = 1
+    weight: torch.Tensor, bias: torch.Tensor | None, bn: BNStats | None, *, groups: int = 1,
+    scale_shift: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fold ``conv(BN(x))`` into one conv (non-transposed conv or linear): ``(ω', b')``.
 
     Only exact when the conv's padding commutes with the affine (no zero padding); the caller checks.
+    Any per-input-channel affine ``a·x + t`` folds the same way: pass ``scale_shift=(a, t)``.
     """
-    a, t = bn_scale_shift(bn)
+    a, t = scale_shift if scale_shift is not None else bn_scale_shift(bn)
     w64 = weight.detach().to(torch.float64)
     out_ch, in_per_group = w64.shape[0], w64.shape[1]
     # Input channel of weight[o, i] is (o // (out/groups)) * in_per_group + i.

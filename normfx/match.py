@@ -1,6 +1,8 @@
 """Small helpers the passes share to find sites: module of a node, kinds of modules, use counts."""
 from __future__ import annotations
 
+import functools
+import inspect
 from collections import Counter
 from typing import Literal
 
@@ -12,23 +14,15 @@ from torch.nn.modules.conv import _ConvNd
 
 from normfx.trace import is_frozen_bn
 
-__all__ = ["module_of", "module_uses", "bn_kind", "is_conv_like", "is_plain_conv", "BNKind"]
+__all__ = [
+    "module_uses", "bn_kind", "is_conv_like", "is_plain_conv", "BNKind",
+    "get_attr", "set_module", "forward_source_has",
+]
 
 BNKind = Literal["plain", "norm_act"]
 
 # Eval-mode semantics of these forwards are exactly y = γ(x − μ̂)/sqrt(σ̂² + ε) + β.
 _PLAIN_BN_FORWARDS = {_BatchNorm.forward, nn.SyncBatchNorm.forward}
-
-
-def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
-    """The module a ``call_module`` or module-valued ``get_attr`` node refers to, else None."""
-    if node.op not in ("call_module", "get_attr") or not isinstance(node.target, str):
-        return None
-    try:
-        m = gm.get_submodule(node.target)
-    except AttributeError:
-        return None
-    return m
 
 
 def module_uses(gm: fx.GraphModule) -> Counter[int]:
@@ -78,3 +72,27 @@ def is_plain_conv(m: nn.Module) -> bool:
 
 def is_functional_bn(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in (F.batch_norm,)
+
+
+def get_attr(gm: nn.Module, target: str):
+    """The object a ``get_attr`` target names (``"layer1.0.bn1.running_mean"``)."""
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def set_module(gm: nn.Module, qualname: str, module: nn.Module) -> None:
+    """Put ``module`` at ``qualname`` (the graph's nodes that call that name now call it)."""
+    parent, _, name = qualname.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, name, module)
+
+
+@functools.lru_cache(maxsize=None)
+def forward_source_has(cls: type, *needles: str) -> tuple[bool, ...]:
+    """Whether the source of ``cls.forward`` contains each needle (all False if it has no source)."""
+    try:
+        src = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return (False,) * len(needles)
+    return tuple(n in src for n in needles)

@@ -14,8 +14,6 @@ A module *with* parameters that branches on ``self.training`` is traced in the m
 """
 from __future__ import annotations
 
-import functools
-import inspect
 import logging
 import traceback
 from dataclasses import dataclass
@@ -44,18 +42,12 @@ def is_frozen_bn(m: nn.Module) -> bool:
     )
 
 
-@functools.lru_cache(maxsize=None)
-def _reads_training(cls: type) -> bool:
-    try:
-        return "self.training" in inspect.getsource(cls.forward)
-    except (OSError, TypeError):
-        return False
-
-
 def is_mode_dependent_leaf(m: nn.Module) -> bool:
     """A parameter-free module whose forward branches on ``self.training`` (DropPath, StochasticDepth,
     DropBlock): tracing through it would freeze the mode it had at trace time into the graph."""
-    return _reads_training(type(m)) and next(m.parameters(), None) is None
+    from normfx.match import forward_source_has  # match imports this module
+
+    return forward_source_has(type(m), "self.training")[0] and next(m.parameters(), None) is None
 
 
 def _normfx_leaf_types() -> tuple[type, ...]:

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from normfx.functional import BNStats
+from normfx.functional import BNStats, out_channel_view
 from normfx.match import bn_kind, is_plain_conv
 
 __all__ = ["tune_convbn", "tune_convbn_functional", "bn_stats"]
@@ -27,15 +27,6 @@ __all__ = ["tune_convbn", "tune_convbn_functional", "bn_stats"]
 def bn_stats(bn: nn.Module) -> BNStats:
     """The eval-mode statistics of a BatchNorm / FrozenBatchNorm module."""
     return BNStats(bn.running_mean, bn.running_var, bn.weight, bn.bias, float(bn.eps))
-
-
-def _out_view(c: torch.Tensor, w: torch.Tensor, transposed: bool, groups: int) -> torch.Tensor:
-    if not transposed:
-        return c.reshape([-1] + [1] * (w.dim() - 1))
-    k = w.dim() - 2
-    return c.reshape(groups, 1, -1, *([1] * k)).expand(groups, w.shape[0] // groups, -1, *([1] * k)).reshape(
-        w.shape[0], -1, *([1] * k)
-    )
 
 
 def _per_out_sum(t: torch.Tensor, transposed: bool, groups: int) -> torch.Tensor:
@@ -52,7 +43,7 @@ class _TuneConv(torch.autograd.Function):
     def forward(ctx, x, w, b, gamma, beta, mean, var, eps, spec):  # type: ignore[override]
         inv = torch.rsqrt(var + eps)
         c = inv if gamma is None else gamma * inv
-        wf = w * _out_view(c, w, spec["transposed"], spec["groups"])
+        wf = w * out_channel_view(c, w, spec["transposed"], spec["groups"])
         bf = -mean * c if b is None else (b - mean) * c
         if beta is not None:
             bf = bf + beta
@@ -68,7 +59,7 @@ class _TuneConv(torch.autograd.Function):
         tr, groups = spec["transposed"], spec["groups"]
         inv = torch.rsqrt(var + ctx.eps)
         c = inv if gamma is None else gamma * inv
-        cv = _out_view(c, w, tr, groups)
+        cv = out_channel_view(c, w, tr, groups)
         wf = w * cv
         need_x = ctx.needs_input_grad[0]
         if spec["kind"] == "linear":
@@ -122,7 +113,7 @@ def _folded_forward(x: torch.Tensor, conv: nn.Module, s: BNStats) -> torch.Tenso
     tr, groups = bool(getattr(conv, "transposed", False)), getattr(conv, "groups", 1)
     inv = torch.rsqrt(s.var + s.eps)
     c = inv if s.weight is None else s.weight * inv
-    wf = conv.weight * _out_view(c, conv.weight, tr, groups)
+    wf = conv.weight * out_channel_view(c, conv.weight, tr, groups)
     bf = -s.mean * c if conv.bias is None else (conv.bias - s.mean) * c
     if s.bias is not None:
         bf = bf + s.bias

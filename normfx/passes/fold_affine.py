@@ -16,7 +16,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from normfx.match import module_uses
+from normfx.functional import fold_bn_after, fold_bn_before
+from normfx.match import module_uses, set_module
 from normfx.nn.repbn import ChannelAffine, ProgressiveRepBN
 from normfx.passes.fold_convbn import TrainingModeError
 from normfx.report import Change, PassResult
@@ -84,8 +85,7 @@ def _fold_one(gm: fx.GraphModule, mods: dict, uses, node: fx.Node) -> Change:
     ref = next(iter(rep.parameters()))
     affine = ChannelAffine(a.to(ref.dtype), b.to(ref.dtype), channels_last=rep.channels_last)
     affine.train(mods[node.target].training)  # a new module must not come back in training mode
-    parent, _, name = site.rpartition(".")
-    setattr(gm.get_submodule(parent) if parent else gm, name, affine)
+    set_module(gm, site, affine)
     return Change(site, "affine", "no Linear/Conv to fold into: kept as one multiply-add")
 
 
@@ -99,10 +99,7 @@ def _fold_into_producer(m: nn.Module, a: torch.Tensor, b: torch.Tensor) -> bool:
     out = m.out_features if isinstance(m, nn.Linear) else m.out_channels
     if out != a.numel():
         return False
-    w = m.weight.detach().double()
-    new_w = w * a.reshape([-1] + [1] * (w.dim() - 1))
-    c = m.bias.detach().double() if m.bias is not None else torch.zeros_like(a)
-    _assign(m, "weight", "bias", new_w, a * c + b)
+    _assign(m, "weight", "bias", *fold_bn_after(m.weight, m.bias, None, scale_shift=(a, b)))
     return True
 
 
@@ -231,25 +228,13 @@ def _keeps_channels(user: fx.Node, cur: fx.Node) -> bool:
 
 
 def _fold_into_consumer(m: nn.Module, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``W(a·x + b) + c`` -> ``(W·diag(a))x + (W·b + c)``."""
-    if isinstance(m, nn.MultiheadAttention):
-        w = m.in_proj_weight.detach().double()
-        c = m.in_proj_bias.detach().double() if m.in_proj_bias is not None else torch.zeros(w.shape[0], dtype=w.dtype)
-        _assign(m, "in_proj_weight", "in_proj_bias", w * a, w @ b + c)
-        return
-    w = m.weight.detach().double()
-    c = m.bias.detach().double() if m.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype)
-    if isinstance(m, nn.Linear):
-        _assign(m, "weight", "bias", w * a, w @ b + c)
-        return
-    groups = m.groups
-    out, in_g = w.shape[0], w.shape[1]
-    wg = w.reshape(groups, out // groups, in_g, -1)
-    a_g, b_g = a.reshape(groups, 1, in_g, 1), b.reshape(groups, 1, in_g)
-    _assign(m, "weight", "bias", (wg * a_g).reshape(w.shape), c + (wg.sum(-1) * b_g).sum(-1).reshape(out))
+    """``W(a·x + b) + c`` -> ``(W·diag(a))x + (W·b + c)`` (MHA: its packed in-projection)."""
+    names = ("in_proj_weight", "in_proj_bias") if isinstance(m, nn.MultiheadAttention) else ("weight", "bias")
+    w, c = (getattr(m, n) for n in names)
+    _assign(m, *names, *fold_bn_before(w, c, None, groups=getattr(m, "groups", 1), scale_shift=(a, b)))
 
 
 def _assign(m: nn.Module, wname: str, bname: str, w: torch.Tensor, b: torch.Tensor) -> None:
-    ref = getattr(m, wname)
-    setattr(m, wname, nn.Parameter(w.to(ref.dtype), requires_grad=ref.requires_grad))
-    setattr(m, bname, nn.Parameter(b.to(ref.dtype), requires_grad=ref.requires_grad))
+    grad = getattr(m, wname).requires_grad
+    setattr(m, wname, nn.Parameter(w, requires_grad=grad))
+    setattr(m, bname, nn.Parameter(b, requires_grad=grad))

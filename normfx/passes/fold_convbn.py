@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from normfx.functional import BNStats, bn_scale_shift, fold_bn_after, fold_bn_before, scale_is_safe
-from normfx.match import bn_kind, is_conv_like, is_functional_bn, module_uses
+from normfx.match import bn_kind, get_attr, is_conv_like, is_functional_bn, module_uses, set_module
 from normfx.nn.convbn import bn_stats, tune_convbn, tune_convbn_functional
 from normfx.report import Change, PassResult, Skip, SkipReason
 
@@ -53,15 +53,8 @@ def _tensor(gm: fx.GraphModule, arg) -> torch.Tensor | None:
     if arg is None:
         return None
     if isinstance(arg, fx.Node) and arg.op == "get_attr":
-        return _get_attr(gm, arg.target)
+        return get_attr(gm, arg.target)
     raise _Unsupported("its statistics are computed in the graph, not stored attributes")
-
-
-def _get_attr(gm: fx.GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 class _Unsupported(Exception):
@@ -308,7 +301,7 @@ def _replace_bn_by_tail(ctx: _Ctx, site: _Site, result: fx.Node) -> None:
         tail = site.module.act if isinstance(site.module.drop, nn.Identity) else nn.Sequential(
             site.module.drop, site.module.act
         )
-        _set_module(gm, site.name, tail)
+        set_module(gm, site.name, tail)
         with gm.graph.inserting_after(result):
             new = gm.graph.call_module(site.name, (result,))
         node.replace_all_uses_with(new)
@@ -390,11 +383,6 @@ def _fold_before(ctx: _Ctx, site: _Site, follower: fx.Node) -> Change | Skip:
     if site.module is not None:
         ctx.doomed.append(site.name)
     return Change(site.name, "fold", f"forward into {follower.target}")
-
-
-def _set_module(gm: fx.GraphModule, qualname: str, module: nn.Module) -> None:
-    parent, _, name = qualname.rpartition(".")
-    setattr(gm.get_submodule(parent) if parent else gm, name, module)
 
 
 def _delete_module(gm: fx.GraphModule, qualname: str) -> None:

@@ -10,32 +10,22 @@ dimensions, and q/k norms inside attention (normalizing per head is what they ar
 """
 from __future__ import annotations
 
-import functools
-import inspect
-
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from normfx.match import forward_source_has, get_attr, set_module
 from normfx.nn.repbn import ProgressiveRepBN, RepBN
 from normfx.report import Change, PassResult, Skip, SkipReason
 
 __all__ = ["swap_layernorm", "layernorm_sites", "is_channels_first_ln"]
 
 
-@functools.lru_cache(maxsize=None)
-def _permutes_to_channels_last(cls: type) -> bool:
-    try:
-        return "permute(0, 2, 3, 1)" in inspect.getsource(cls.forward)
-    except (OSError, TypeError):
-        return False
-
-
 def is_channels_first_ln(m: nn.Module) -> bool:
     """timm's / torchvision's LayerNorm2d: LayerNorm over C of a ``[B, C, H, W]`` tensor."""
     return isinstance(m, nn.LayerNorm) and type(m).forward is not nn.LayerNorm.forward and \
-        _permutes_to_channels_last(type(m))
+        forward_source_has(type(m), "permute(0, 2, 3, 1)")[0]
 
 
 def layernorm_sites(module: nn.Module) -> list[str]:
@@ -75,7 +65,7 @@ def swap_layernorm(gm: fx.GraphModule, *, total_steps: int, eta_init: float = 1.
                 skips.append(Skip(site, SkipReason.UNSUPPORTED, f"{type(ln).__name__} has its own forward"))
                 continue
             new = _progressive(ln, ln.normalized_shape[0], ln.eps, channels_first, total_steps, eta_init)
-            _set_module(gm, site, new)
+            set_module(gm, site, new)
             changes.append(Change(site, "prepbn", "channels-first" if channels_first else "tokens"))
         elif node.op == "call_function" and node.target is F.layer_norm:
             change = _swap_functional(gm, node, total_steps, eta_init)
@@ -86,14 +76,10 @@ def swap_layernorm(gm: fx.GraphModule, *, total_steps: int, eta_init: float = 1.
     return PassResult("swap_layernorm", tuple(changes), tuple(skips))
 
 
-@functools.lru_cache(maxsize=None)
 def _is_last_dim_subclass(cls: type) -> bool:
     """A LayerNorm subclass that normalizes the last dim its own way (timm's fast-norm LayerNorm)."""
-    try:
-        src = inspect.getsource(cls.forward)
-    except (OSError, TypeError):
-        return False
-    return "layer_norm" in src and "permute" not in src and "transpose" not in src
+    ln, permute, transpose = forward_source_has(cls, "layer_norm", "permute", "transpose")
+    return ln and not permute and not transpose
 
 
 def _progressive(norm: nn.Module, c: int, eps: float, channels_first: bool, total_steps: int,
@@ -137,10 +123,7 @@ def _swap_functional(gm: fx.GraphModule, node: fx.Node, total_steps: int, eta_in
         if arg is None:
             tensors.append(None)
         elif isinstance(arg, fx.Node) and arg.op == "get_attr":
-            obj = gm
-            for part in str(arg.target).split("."):
-                obj = getattr(obj, part)
-            tensors.append(obj)
+            tensors.append(get_attr(gm, str(arg.target)))
             site = str(arg.target).rsplit(".", 1)[0] or site
         else:
             return Skip(site, SkipReason.UNSUPPORTED, "affine parameters are computed in the graph")
@@ -162,7 +145,3 @@ def _free_name(gm: fx.GraphModule, base: str) -> str:
         name, i = f"{base}_{i}", i + 1
     return name
 
-
-def _set_module(gm: fx.GraphModule, qualname: str, module: nn.Module) -> None:
-    parent, _, name = qualname.rpartition(".")
-    setattr(gm.get_submodule(parent) if parent else gm, name, module)
