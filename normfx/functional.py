@@ -86,7 +86,7 @@ def fold_bn_after(
     c, t = scale_shift if scale_shift is not None else bn_scale_shift(bn)
     w = weight.detach()
     if transposed:
-        folded = w.to(torch.float64).mul_(out_channel_view(c, w, transposed, groups)).to(w.dtype)
+        folded = w.to(torch.float64, copy=True).mul_(out_channel_view(c, w, transposed, groups)).to(w.dtype)
     else:
         folded = _scale_rows(w, c)
     b = t if bias is None else bias.detach().to(torch.float64) * c + t
@@ -100,7 +100,7 @@ def _scale_rows(w: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     flat, dst, cc = w.reshape(w.shape[0], -1), out.view(w.shape[0], -1), c.reshape(-1, 1)
     step = max(1, 131072 // max(1, flat.shape[1]))
     for i in range(0, flat.shape[0], step):
-        dst[i:i + step].copy_(flat[i:i + step].to(torch.float64).mul_(cc[i:i + step]))
+        dst[i:i + step].copy_(flat[i:i + step].to(torch.float64, copy=True).mul_(cc[i:i + step]))
     return out
 
 

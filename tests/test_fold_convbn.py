@@ -111,6 +111,34 @@ def test_caller_model_untouched(mode):
     assert isinstance(m.bn1, nn.BatchNorm2d)
 
 
+def _storages(m):
+    return {t.untyped_storage().data_ptr() for t in list(m.parameters()) + list(m.buffers()) if t.numel()}
+
+
+@pytest.mark.parametrize("transform", [
+    lambda m: normfx.convbn(m, mode="tune"),
+    lambda m: normfx.convbn(m, mode="deploy"),
+    lambda m: normfx.deploy(m),
+    lambda m: normfx.repbn(m, total_steps=10),
+], ids=["tune", "deploy", "normfx.deploy", "repbn"])
+def test_result_shares_no_storage_with_caller(transform):
+    # The copy shares tensors until the pass has replaced what it changes; the rest must be cloned
+    # before the result is returned, or training the result would write into the caller's model.
+    m = nn.Sequential(_block(), nn.Flatten(), nn.LazyLinear(5)).eval()
+    m(X)
+    m.add_module("tied", nn.Linear(5, 5, bias=False))
+    m.add_module("tied2", nn.Linear(5, 5, bias=False))
+    m.tied2.weight = m.tied.weight
+    before = copy.deepcopy(m.state_dict())
+    out = transform(m)
+    assert not (_storages(out) & _storages(m))
+    mods = dict(out.named_modules())
+    assert mods["tied"].weight is mods["tied2"].weight
+    for p in out.parameters():
+        p.data.add_(1.0)  # writes through the result only
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
 def test_inplace_transforms_callers_modules():
     m = _block()
     ref = copy.deepcopy(m)
@@ -457,3 +485,23 @@ def test_timm_batchnormact_keeps_activation():
     x = torch.randn(4, 3, 8, 8)
     assert torch.equal(t(x), m(x))
     assert torch.equal(t.state_dict()["1.running_mean"], m.state_dict()["1.running_mean"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_fold_functions_never_write_their_inputs(dtype, transposed):
+    # float64 weights: `.to(float64)` is a no-op returning the same tensor, so an in-place multiply
+    # there would write into the caller's (and, with normfx's shared copy, the original model's) weight.
+    from normfx.functional import BNStats, fold_bn_after, fold_bn_before
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 4, 3, 3, generator=g, dtype=dtype)
+    b = torch.randn(6 if not transposed else 4 * 2, generator=g, dtype=dtype)
+    n = 4 * 2 if transposed else 6
+    stats = BNStats(torch.randn(n, generator=g, dtype=dtype), torch.rand(n, generator=g, dtype=dtype) + 0.5,
+                    torch.randn(n, generator=g, dtype=dtype), torch.randn(n, generator=g, dtype=dtype), 1e-5)
+    snap = [t.clone() for t in (w, b, *stats[:4])]
+    fold_bn_after(w, b, stats, transposed=transposed, groups=2 if transposed else 1)
+    if not transposed:
+        fold_bn_before(w[:, :4], b, BNStats(*(s[:4] for s in stats[:4]), 1e-5))
+    assert all(torch.equal(s, t) for s, t in zip(snap, (w, b, *stats[:4])))
