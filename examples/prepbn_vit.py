@@ -21,21 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import normfx
-
-
-def load_digits(size: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """scikit-learn's 8×8 digits, upsampled to ``size``, as 3-channel images; a fixed 80/20 split."""
-    from sklearn.datasets import load_digits as sk_digits
-
-    d = sk_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
-    x = (x - x.mean()) / x.std()
-    y = torch.tensor(d.target)
-    g = torch.Generator().manual_seed(0)
-    perm = torch.randperm(len(y), generator=g)
-    cut = int(0.8 * len(y))
-    return x[perm[:cut]], y[perm[:cut]], x[perm[cut:]], y[perm[cut:]]
+from _digits import accuracy, load_digits
 
 
 def make_vit() -> nn.Module:
@@ -45,15 +31,6 @@ def make_vit() -> nn.Module:
         image_size=16, patch_size=4, num_layers=4, num_heads=4, hidden_dim=64, mlp_dim=128,
         num_classes=10, dropout=0.0, attention_dropout=0.0,
     )
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    was = model.training
-    model.eval()
-    acc = (model(x).argmax(1) == y).float().mean().item()
-    model.train(was)
-    return acc
 
 
 def main() -> None:

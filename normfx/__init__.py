@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import logging
 
-from normfx.api import convbn, deploy, repbn
+from normfx import lab
+from normfx.api import convbn, deploy, freeze, repbn
 from normfx.nn.repbn import RepBNScheduler, recalibrate_bn
 from normfx.passes.fold_affine import RepBNNotFinishedError
 from normfx.onnx import ExportError, ExportReport, OutputCheck, export
 from normfx.passes.fold_convbn import TrainingModeError
+from normfx.passes.freeze import TrainableSummary, trainable_summary
 from normfx.report import Change, PassResult, Report, Skip, SkipReason, last_report
 from normfx.trace import TraceFailure, trace, untraceable_modules
 
@@ -19,6 +21,10 @@ __all__ = [
     "convbn",
     "deploy",
     "repbn",
+    "freeze",
+    "trainable_summary",
+    "TrainableSummary",
+    "lab",
     "RepBNScheduler",
     "recalibrate_bn",
     "RepBNNotFinishedError",

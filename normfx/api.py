@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Literal, Sequence
 
 import torch
 
@@ -15,7 +15,7 @@ from normfx.passes.swap_layernorm import layernorm_sites, swap_layernorm
 from normfx.report import PassResult, Report, Skip, SkipReason, attach_report
 from normfx.trace import regions, trace, untraceable_modules
 
-__all__ = ["convbn", "deploy", "repbn", "run"]
+__all__ = ["convbn", "deploy", "repbn", "freeze", "run"]
 
 
 def _prepare(model: nn.Module, inplace: bool) -> nn.Module:
@@ -190,3 +190,59 @@ def repbn(model: nn.Module, *, total_steps: int, eta_init: float = 1.0, inplace:
                     lambda gm: swap_layernorm(gm, total_steps=total_steps, eta_init=eta_init), layernorm_sites)
     attach_report(out, report)
     return _finish(out)
+
+
+def freeze(model: nn.Module, *, keep: Sequence[str] | str = ("norm",), random: int | Literal["match"] = 0,
+           seed: int = 0, freeze_stats: bool = False, inplace: bool = False) -> nn.Module:
+    """Freeze every parameter except the roles in ``keep`` (Frankle et al.'s BatchNorm-only training).
+
+    Roles are found from the graph and module types, never from parameter names: ``"norm"`` (every
+    normalization layer's own parameters: BatchNorm/LayerNorm/GroupNorm γ/β, RepBN's η, ...),
+    ``"head"`` (the Linear/Conv nearest the output on every path) and ``"bias"`` (Linear/Conv
+    biases). Every parameter's ``requires_grad`` is set: kept roles train, the rest is frozen at its
+    current value.
+
+    ``random=N`` also trains N individual entries drawn uniformly (seeded) from the frozen
+    parameters, the paper's control; ``"match"`` draws as many as ``keep`` selects. Those entries live
+    in their own Parameter (``torch.nn.utils.parametrize``), so no optimizer, momentum or weight
+    decay can move a frozen entry. State-dict keys stay the original ones; the control adds
+    ``<layer>.parametrizations.<tensor>.0.values`` and ``.index``.
+
+    Args:
+        model: any ``nn.Module`` (or a normfx result); never modified unless ``inplace=True``.
+        keep: roles that stay trainable, any of ``"norm"``, ``"head"``, ``"bias"``; ``()`` freezes all.
+        random: number of random frozen entries to train, or ``"match"``.
+        seed: seed of the random draw.
+        freeze_stats: BatchNorms whose γ/β are frozen also stop updating their running statistics:
+            they run in eval mode (running statistics used) whatever ``model.train()`` says.
+        inplace: set the flags on the caller's parameters instead of a copy's.
+
+    Raises:
+        ValueError: an unknown role; a role in ``keep`` that selects nothing (a model without
+            normalization layers, a head that cannot be found); ``random`` out of range.
+
+    Example:
+        >>> m = normfx.freeze(torchvision.models.resnet18(), keep=("norm",))
+        >>> normfx.trainable_summary(m).trainable
+        9600
+    """
+    from normfx.passes.freeze import freeze_model
+
+    keep_set = _check_keep(keep)
+    if not (random == "match" or (isinstance(random, int) and not isinstance(random, bool) and random >= 0)):
+        raise ValueError(f"random must be a non-negative int or 'match', got {random!r}")
+    out = _prepare(model, inplace)
+    out = _finish(out)  # flags are set in place: the copy must own its tensors first
+    result, notes = freeze_model(out, keep_set, random, seed, freeze_stats)
+    attach_report(out, Report((result,), untraceable_modules(out), notes))
+    return out
+
+
+def _check_keep(keep: Sequence[str] | str) -> set[str]:
+    from normfx.passes.freeze import ROLES
+
+    roles = (keep,) if isinstance(keep, str) else tuple(keep)
+    unknown = [r for r in roles if r not in ROLES]
+    if unknown:
+        raise ValueError(f"unknown role(s) {unknown} in keep; the roles are {list(ROLES)}")
+    return set(roles)

@@ -94,13 +94,19 @@ def fold_bn_after(
 
 
 def _scale_rows(w: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """``w[o] * c[o]`` computed in float64, in cache-sized blocks of rows (a whole-tensor float64
-    copy costs more memory traffic than the multiply itself)."""
+    """``w[o] * c[o]`` computed in float64, in cache-sized blocks of rows through one reused float64
+    buffer (a float64 copy of the whole weight, or a fresh one per block, costs more in memory
+    traffic and page faults than the multiply itself)."""
     out = torch.empty_like(w, memory_format=torch.contiguous_format)
     flat, dst, cc = w.reshape(w.shape[0], -1), out.view(w.shape[0], -1), c.reshape(-1, 1)
-    step = max(1, 131072 // max(1, flat.shape[1]))
-    for i in range(0, flat.shape[0], step):
-        dst[i:i + step].copy_(flat[i:i + step].to(torch.float64, copy=True).mul_(cc[i:i + step]))
+    rows, cols = flat.shape
+    step = max(1, 131072 // max(1, cols))
+    buf = torch.empty(min(step, rows), cols, dtype=torch.float64)
+    for i in range(0, rows, step):
+        n = min(step, rows - i)
+        b = buf[:n]
+        b.copy_(flat[i:i + n]).mul_(cc[i:i + n])
+        dst[i:i + n].copy_(b)
     return out
 
 

@@ -6,9 +6,11 @@ import inspect
 from collections import Counter
 from typing import Literal
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
@@ -16,7 +18,7 @@ from normfx.trace import is_frozen_bn
 
 __all__ = [
     "module_uses", "bn_kind", "is_conv_like", "is_plain_conv", "BNKind",
-    "get_attr", "set_module", "forward_source_has",
+    "get_attr", "set_module", "set_param", "forward_source_has",
 ]
 
 BNKind = Literal["plain", "norm_act"]
@@ -86,6 +88,20 @@ def set_module(gm: nn.Module, qualname: str, module: nn.Module) -> None:
     """Put ``module`` at ``qualname`` (the graph's nodes that call that name now call it)."""
     parent, _, name = qualname.rpartition(".")
     setattr(gm.get_submodule(parent) if parent else gm, name, module)
+
+
+def set_param(module: nn.Module, name: str, value: torch.Tensor, *, requires_grad: bool) -> None:
+    """Replace ``module.<name>`` by a new Parameter holding ``value``; never writes into the old one.
+
+    A parametrized tensor (``torch.nn.utils.parametrize``, e.g. ``normfx.freeze``'s random control)
+    loses its parametrization: ``value`` is computed from what the parametrization produced, so it
+    already holds the parametrized result.
+    """
+    if parametrize.is_parametrized(module, name):
+        # leave_parametrized=False puts the untouched original back (True would ``set_`` it in place,
+        # and the original may be shared with the caller's model).
+        parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+    setattr(module, name, nn.Parameter(value, requires_grad=requires_grad))
 
 
 @functools.lru_cache(maxsize=None)

@@ -90,10 +90,19 @@ class Report:
 
     passes: tuple[PassResult, ...] = ()
     untraceable: tuple[tuple[str, str], ...] = field(default=())
+    notes: tuple[str, ...] = ()
+    """Extra lines a pass adds to the summary (``freeze``: trainable counts per role)."""
 
     @property
     def modified(self) -> bool:
         return any(p.modified for p in self.passes)
+
+    def get(self, name: str) -> PassResult:
+        """The result of the pass called ``name`` (``report.get("fold_convbn")``)."""
+        for p in self.passes:
+            if p.name == name:
+                return p
+        raise KeyError(f"no pass named {name!r} in this report (passes: {[p.name for p in self.passes]})")
 
     @property
     def changes(self) -> tuple[Change, ...]:
@@ -107,6 +116,7 @@ class Report:
         """One line per pass that found a site (all of them if none did), then what was untraceable."""
         shown = [p for p in self.passes if p.sites] or list(self.passes)
         lines = [p.summary() for p in shown]
+        lines += list(self.notes)
         lines += [f"untraceable: {name or '<root>'}: {why}" for name, why in self.untraceable]
         return "\n".join(lines)
 

@@ -206,7 +206,7 @@ def test_deploy_deit_folds_every_site():
     p = normfx.repbn(_deit(), total_steps=10)
     d = _check_deploy(p, torch.randn(2, 3, 32, 32))
     r = normfx.last_report(d)
-    folds = [c for c in r.passes[0].changes if c.action == "fold"]
+    folds = [c for c in r.get("fold_repbn").changes if c.action == "fold"]
     assert len(folds) == 25 and _count(d, ChannelAffine) == 0
 
 
@@ -217,7 +217,7 @@ def test_deploy_torchvision_vit_into_multihead_attention():
     m = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
                                              hidden_dim=32, mlp_dim=64, num_classes=10)
     d = _check_deploy(normfx.repbn(m, total_steps=10), torch.randn(2, 3, 32, 32))
-    assert all(c.action == "fold" for c in normfx.last_report(d).passes[0].changes)
+    assert all(c.action == "fold" for c in normfx.last_report(d).get("fold_repbn").changes)
 
 
 def test_deploy_into_preceding_conv_keeps_eta_times_bias():
@@ -229,7 +229,7 @@ def test_deploy_into_preceding_conv_keeps_eta_times_bias():
         m[0].bias.uniform_(1.0, 2.0)  # a bias large enough that dropping a·c would show
     p = normfx.repbn(m, total_steps=10)
     d = _check_deploy(p, torch.randn(2, 3, 8, 8))
-    (change,) = normfx.last_report(d).passes[0].changes
+    (change,) = normfx.last_report(d).get("fold_repbn").changes
     assert change.detail == "into preceding '0'"
 
 
@@ -281,5 +281,5 @@ def test_onnx_torchvision_deployed(name, tmp_path):
     assert report.op_counts.get("LayerNormalization", 0) == 0
     assert report.op_counts.get("BatchNormalization", 0) == 0
     assert report.verified and report.outputs[0].max_rel < 1e-4
-    kept = sum(c.action == "affine" for c in report.passes.passes[0].changes)
+    kept = sum(c.action == "affine" for c in report.passes.get("fold_repbn").changes)
     assert kept == (13 if name == "swin_t" else 0)  # Swin's norm1 before padded windows, see docs/repbn.md

@@ -17,7 +17,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from normfx.functional import fold_bn_after, fold_bn_before
-from normfx.match import module_uses, set_module
+from normfx.match import module_uses, set_module, set_param
 from normfx.nn.repbn import ChannelAffine, ProgressiveRepBN
 from normfx.passes.fold_convbn import TrainingModeError
 from normfx.report import Change, PassResult
@@ -235,6 +235,7 @@ def _fold_into_consumer(m: nn.Module, a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def _assign(m: nn.Module, wname: str, bname: str, w: torch.Tensor, b: torch.Tensor) -> None:
+    old_b = getattr(m, bname)
     grad = getattr(m, wname).requires_grad
-    setattr(m, wname, nn.Parameter(w, requires_grad=grad))
-    setattr(m, bname, nn.Parameter(b, requires_grad=grad))
+    set_param(m, wname, w, requires_grad=grad)
+    set_param(m, bname, b, requires_grad=grad or (old_b is not None and old_b.requires_grad))

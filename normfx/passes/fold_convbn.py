@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from normfx.functional import BNStats, bn_scale_shift, fold_bn_after, fold_bn_before, scale_is_safe
-from normfx.match import bn_kind, get_attr, is_conv_like, is_functional_bn, module_uses, set_module
+from normfx.match import bn_kind, get_attr, is_conv_like, is_functional_bn, module_uses, set_module, set_param
 from normfx.nn.convbn import bn_stats, tune_convbn, tune_convbn_functional
 from normfx.report import Change, PassResult, Skip, SkipReason
 
@@ -141,10 +141,16 @@ def _dims_match(conv: nn.Module, bn: nn.Module | None, stats: BNStats) -> str:
     return ""
 
 
-def _set_weights(conv: nn.Module, w: torch.Tensor, b: torch.Tensor) -> None:
-    grad = conv.weight.requires_grad
-    conv.weight = nn.Parameter(w, requires_grad=grad)
-    conv.bias = nn.Parameter(b, requires_grad=grad)
+def _set_weights(conv: nn.Module, w: torch.Tensor, b: torch.Tensor, site: _Site, *, before: bool = False) -> None:
+    """Install the folded ``(w, b)``. Each requires grad when any tensor it was computed from did
+    (the conv's weight or bias, the BN's γ/β; a forward fold's bias also reads the conv's weight),
+    so a partly frozen model (``normfx.freeze``) stays trainable where it was and only there."""
+    st = site.stats
+    affine = any(t is not None and t.requires_grad for t in (st.weight, st.bias))
+    w_grad = conv.weight.requires_grad or (st.weight is not None and st.weight.requires_grad)
+    b_grad = (conv.bias is not None and conv.bias.requires_grad) or affine or (before and conv.weight.requires_grad)
+    set_param(conv, "weight", w, requires_grad=w_grad)
+    set_param(conv, "bias", b, requires_grad=b_grad)
 
 
 def fold_convbn(gm: fx.GraphModule, *, mode: ConvBNMode) -> PassResult:
@@ -316,7 +322,7 @@ def _fold_after(ctx: _Ctx, site: _Site, producer: fx.Node, conv: nn.Module) -> C
     folded = _checked_fold(site, conv)
     if isinstance(folded, Skip):
         return folded
-    _set_weights(conv, *folded)
+    _set_weights(conv, *folded, site)
     _replace_bn_by_tail(ctx, site, producer)
     return Change(site.name, "fold", f"into {producer.target}")
 
@@ -335,7 +341,7 @@ def _deploy_tune_block(ctx: _Ctx, site: _Site) -> Change | Skip:
         # Deploy leaves no Tune block behind: an unfoldable one goes back to conv -> BN.
         _untune(gm, site, conv_call)
         return Change(site.name, "revert", f"Tune block back to conv -> BN: {folded.reason.value}: {folded.detail}")
-    _set_weights(conv, *folded)
+    _set_weights(conv, *folded, site)
     _replace_bn_by_tail(ctx, site, conv_call)
     return Change(site.name, "fold", f"Tune block into {conv_ref.target}")
 
@@ -377,7 +383,7 @@ def _fold_before(ctx: _Ctx, site: _Site, follower: fx.Node) -> Change | Skip:
     if not ok:
         return Skip(site.name, SkipReason.NON_FINITE, why)
     w, b = fold_bn_before(conv.weight, conv.bias, site.stats, groups=getattr(conv, "groups", 1))
-    _set_weights(conv, w, b)
+    _set_weights(conv, w, b, site, before=True)
     follower.replace_input_with(site.node, site.input)
     gm.graph.erase_node(site.node)
     if site.module is not None:

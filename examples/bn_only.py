@@ -1,0 +1,162 @@
+"""Training BatchNorm and only BatchNorm (Frankle, Schwab & Morcos, ICLR 2021) on scikit-learn's digits.
+
+    python examples/bn_only.py [--depth 14|32|56] [--epochs 30] [--out examples/out]
+
+A CIFAR-style ResNet (He et al. 2016: 3 stages of 16/32/64 channels, depth 6n + 2; convs at
+Kaiming-normal init) is trained four ways from the same initial weights and the same batches:
+
+* ``all``: every parameter;
+* ``bn_only``: ``normfx.freeze(model, keep=("norm",))``: only BatchNorm's γ and β;
+* ``random``: ``normfx.freeze(model, keep=(), random=N)`` with N the count BN-only trains: as many
+  entries, drawn uniformly at random from the frozen weights (the paper's control);
+* ``head_only``: ``normfx.freeze(model, keep=("head",))``: a linear probe on random features.
+
+It prints a table (trainable entries, test accuracy, share of BN features with |γ| < 0.01) and saves
+``OUT/bn_only_gamma_<config>.png`` (|γ| per depth) and ``OUT/bn_only_accuracy.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import normfx
+from _digits import accuracy, load_digits
+
+CONFIGS = {
+    "all": None,
+    "bn_only": dict(keep=("norm",)),
+    "random": dict(keep=()),  # + random=<BN-only's trainable count>, set in run()
+    "head_only": dict(keep=("head",)),
+}
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """ResNet-(6n+2) for 32×32 inputs, as in He et al. (2016) §4.2 and Frankle et al."""
+
+    def __init__(self, depth: int = 14, num_classes: int = 10, width: int = 16) -> None:
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError(f"depth must be 6n + 2 (14, 20, 32, 56, ...), got {depth}")
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        layers, cin = [], width
+        for i, cout in enumerate((width, 2 * width, 4 * width)):
+            for j in range(n):
+                layers.append(BasicBlock(cin, cout, 2 if (i > 0 and j == 0) else 1))
+                cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(cin, num_classes)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layers(F.relu(self.bn1(self.conv1(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def run(args: argparse.Namespace) -> dict[str, dict]:
+    torch.manual_seed(args.seed)
+    x_tr, y_tr, x_te, y_te = load_digits(size=32)
+    base = CifarResNet(args.depth)
+    n_bn = normfx.trainable_summary(normfx.freeze(base, keep=("norm",))).trainable
+    models = {}
+    for name, kwargs in CONFIGS.items():
+        if name in args.configs:
+            if kwargs is None:
+                models[name] = copy.deepcopy(base)
+            else:
+                extra = dict(random=n_bn) if name == "random" else {}
+                models[name] = normfx.freeze(base, seed=args.seed, **kwargs, **extra)
+    opts = {k: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=args.lr, momentum=0.9,
+                               weight_decay=args.wd) for k, m in models.items()}
+    steps_per_epoch = -(-len(y_tr) // args.batch)
+    total = args.epochs * steps_per_epoch
+    scheds = {k: torch.optim.lr_scheduler.OneCycleLR(o, args.lr, total_steps=total) for k, o in opts.items()}
+    g = torch.Generator().manual_seed(args.seed)
+    with tqdm(total=total * len(models), desc=f"ResNet-{args.depth}, {len(models)} configs", unit="step") as bar:
+        for _ in range(args.epochs):
+            perm = torch.randperm(len(y_tr), generator=g)  # one order per epoch, shared by every config
+            for i in range(steps_per_epoch):
+                idx = perm[i * args.batch:(i + 1) * args.batch]
+                for k, m in models.items():
+                    m.train()
+                    loss = F.cross_entropy(m(x_tr[idx]), y_tr[idx])
+                    opts[k].zero_grad(set_to_none=True)
+                    loss.backward()
+                    opts[k].step()
+                    scheds[k].step()
+                    bar.update()
+    results = {}
+    for k, m in models.items():
+        d = normfx.lab.disabled_features(m, plot=args.out / f"bn_only_gamma_{k}.png")
+        results[k] = dict(trainable=normfx.trainable_summary(m).trainable, accuracy=accuracy(m, x_te, y_te),
+                          disabled=d.fraction)
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--depth", type=int, default=14, help="6n + 2: 14, 32, 56, ...")
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=0.1)
+    ap.add_argument("--wd", type=float, default=5e-4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--out", type=Path, default=Path("examples/out"))
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(min(torch.get_num_threads(), 2))
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    results = run(args)
+    print(f"\nResNet-{args.depth} on digits (32×32), {args.epochs} epochs, seed {args.seed}")
+    print(f"{'config':<10} {'trainable':>10} {'test acc':>9} {'|γ|<0.01':>9}")
+    for k, r in results.items():
+        print(f"{k:<10} {r['trainable']:>10,} {r['accuracy']:>9.3f} {100 * r['disabled']:>8.1f}%")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    names = list(results)
+    ax.bar(names, [results[k]["accuracy"] for k in names], color="tab:blue")
+    for i, k in enumerate(names):
+        ax.text(i, results[k]["accuracy"] + 0.01, f"{results[k]['trainable']:,} trained", ha="center", fontsize=8)
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"ResNet-{args.depth} on digits: what trains")
+    fig.tight_layout()
+    fig.savefig(args.out / "bn_only_accuracy.png", dpi=120)
+    print(f"plots in {args.out}/bn_only_*.png")
+
+
+if __name__ == "__main__":
+    main()
