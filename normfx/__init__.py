@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 
 from normfx import lab
-from normfx.api import convbn, deploy, freeze, repbn
+from normfx.api import calibrate, convbn, deploy, fixed_point, freeze, repbn
 from normfx.nn.repbn import RepBNScheduler, recalibrate_bn
 from normfx.passes.fold_affine import RepBNNotFinishedError
 from normfx.onnx import ExportError, ExportReport, OutputCheck, export
@@ -25,6 +25,8 @@ __all__ = [
     "trainable_summary",
     "TrainableSummary",
     "lab",
+    "fixed_point",
+    "calibrate",
     "RepBNScheduler",
     "recalibrate_bn",
     "RepBNNotFinishedError",

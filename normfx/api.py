@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Callable, Iterator, Literal, Sequence
+from typing import Callable, Iterable, Iterator, Literal, Sequence
 
 import torch
 
@@ -15,7 +15,7 @@ from normfx.passes.swap_layernorm import layernorm_sites, swap_layernorm
 from normfx.report import PassResult, Report, Skip, SkipReason, attach_report
 from normfx.trace import regions, trace, untraceable_modules
 
-__all__ = ["convbn", "deploy", "repbn", "freeze", "run"]
+__all__ = ["convbn", "deploy", "repbn", "freeze", "fixed_point", "calibrate", "run"]
 
 
 def _prepare(model: nn.Module, inplace: bool) -> nn.Module:
@@ -246,3 +246,96 @@ def _check_keep(keep: Sequence[str] | str) -> set[str]:
     if unknown:
         raise ValueError(f"unknown role(s) {unknown} in keep; the roles are {list(ROLES)}")
     return set(roles)
+
+
+def fixed_point(model: nn.Module, *, bits: int = 8, int_bits: float | None = None,
+                rounding: str = "nearest_even", overflow: str = "saturate",
+                targets: Sequence[str] = ("weight", "bias", "activation", "norm", "add"),
+                per_channel: bool = False, k_hot: int | None = None, fold_bn: bool = False,
+                inplace: bool = False) -> nn.Module:
+    """Insert trainable fixed-point casts (QFX): ``ap_fixed<bits, I, rounding, overflow>`` with a
+    trainable binary point ``I`` on weights, biases, activations, BatchNorm and residual adds.
+
+    Args:
+        model: any ``nn.Module``; never modified unless ``inplace=True``.
+        bits: the word length W of every cast (2 to 24).
+        int_bits: fix every binary point at this I instead of training it.
+        rounding: ``"nearest_even"`` (AP_RND_CONV), ``"half_up"`` (AP_RND), ``"half_zero"``
+            (AP_RND_ZERO), ``"half_down"`` (AP_RND_MIN_INF), ``"half_away"`` (AP_RND_INF), ``"floor"``
+            (AP_TRN), ``"trunc"`` (AP_TRN_ZERO); HLS names are accepted too.
+        overflow: ``"saturate"`` (AP_SAT), ``"saturate_zero"`` (AP_SAT_ZERO), ``"saturate_sym"``
+            (AP_SAT_SYM), ``"wrap"`` (AP_WRAP).
+        targets: which of ``"weight"``, ``"bias"``, ``"activation"``, ``"norm"``, ``"add"`` to cast.
+        per_channel: one binary point per output channel for conv/linear weights.
+        k_hot: BatchNorm scales become sums of at most K signed powers of two (shift-and-add).
+        fold_bn: fold BatchNorm into its conv first (``convbn(mode="deploy")``; the model must be in
+            eval mode) and quantize the folded weights, instead of keeping a fixed-point BN.
+        inplace: transform the caller's modules instead of a copy.
+
+    Example:
+        >>> q = normfx.fixed_point(torchvision.models.resnet18(), bits=8)
+        >>> normfx.calibrate(q, [torch.randn(8, 3, 64, 64)])
+    """
+    from normfx.functional import fixed_mode
+    from normfx.passes.fixed_point import TARGETS, fixed_point_sites, insert_fixed_point
+
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown:
+        raise ValueError(f"unknown target(s) {unknown}; the targets are {list(TARGETS)}")
+    if not 2 <= int(bits) <= 24:
+        raise ValueError(f"bits must be in [2, 24], got {bits}")
+    if k_hot is not None and not 1 <= int(k_hot) <= 4:
+        raise ValueError(f"k_hot must be 1 to 4 terms, got {k_hot}")
+    rounding, overflow = fixed_mode(rounding, "rounding"), fixed_mode(overflow, "overflow")
+    if fold_bn:
+        model = convbn(model, mode="deploy", inplace=inplace)
+        inplace = True  # already our own copy (or the caller's, as asked)
+    out = _finish(_prepare(model, inplace))  # parametrizations own the weights: the copy must own them first
+    _, report = run(out, "fixed_point", lambda gm: insert_fixed_point(
+        gm, bits=int(bits), int_bits=int_bits, rounding=rounding, overflow=overflow, targets=tuple(targets),
+        per_channel=per_channel, k_hot=k_hot), fixed_point_sites)
+    attach_report(out, report)
+    return out
+
+
+def calibrate(model: nn.Module, batches: Iterable, *, steps: int | None = None) -> nn.Module:
+    """Set every trainable fixed-point binary point from the ranges observed on ``batches``.
+
+    Each cast records ``max |x|`` while the model runs (in eval mode, casts passing values through),
+    then takes the smallest integer width that holds it. Training refines the binary points from
+    there; without training this is post-training quantization. Returns ``model`` (modified in place).
+    """
+    import torch
+    from tqdm import tqdm
+
+    from normfx.nn.fixed_point import FixedPoint
+
+    casts = [m for m in model.modules() if isinstance(m, FixedPoint) and m.trainable
+             and not _is_weight_cast(model, m)]
+    if not casts:
+        raise ValueError(f"{type(model).__name__} has no trainable FixedPoint cast: call normfx.fixed_point first")
+    was = model.training
+    model.eval()
+    for q in casts:
+        q.observed_max.zero_()
+        q.observing = True
+    try:
+        with torch.no_grad():
+            for i, batch in enumerate(tqdm(batches, total=steps, desc="calibrate fixed point", unit="batch")):
+                if steps is not None and i >= steps:
+                    break
+                model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
+    finally:
+        for q in casts:
+            q.observing = False
+    for q in casts:
+        q.calibrate_from_observed()
+    model.train(was)
+    return model
+
+
+def _is_weight_cast(model: nn.Module, q: nn.Module) -> bool:
+    from torch.nn.utils import parametrize
+
+    return any(parametrize.is_parametrized(m) and any(q is p for plist in m.parametrizations.values() for p in plist)
+               for m in model.modules())

@@ -15,7 +15,11 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["bn_scale_shift", "fold_bn_after", "fold_bn_before", "scale_is_safe", "out_channel_view"]
+__all__ = [
+    "bn_scale_shift", "fold_bn_after", "fold_bn_before", "scale_is_safe", "out_channel_view",
+    "ROUNDING", "OVERFLOW", "fixed_mode", "integer_range", "round_fixed", "overflow_fixed", "fixed_point_cast",
+    "k_hot_table", "k_hot_project",
+]
 
 
 class BNStats(NamedTuple):
@@ -130,3 +134,129 @@ def fold_bn_before(
     shift = (wg.sum(-1) * t_g).sum(-1).reshape(out_ch)
     b = shift if bias is None else bias.detach().to(torch.float64) + shift
     return w.to(weight.dtype), b.to(weight.dtype)
+
+
+# --- fixed point (Vitis HLS ap_fixed<W, I, Q, O>) -------------------------------------------------
+
+#: Rounding modes: normfx name -> Vitis HLS name. Each rounds ``v = x·2^F`` to an integer.
+ROUNDING = {
+    "nearest_even": "AP_RND_CONV",   # ties to even (convergent)
+    "half_up": "AP_RND",             # ties toward +inf
+    "half_zero": "AP_RND_ZERO",      # ties toward zero
+    "half_down": "AP_RND_MIN_INF",   # ties toward -inf
+    "half_away": "AP_RND_INF",       # ties away from zero
+    "floor": "AP_TRN",               # truncate toward -inf (HLS's default)
+    "trunc": "AP_TRN_ZERO",          # truncate toward zero
+}
+#: Overflow modes: normfx name -> Vitis HLS name.
+OVERFLOW = {
+    "saturate": "AP_SAT",            # clamp to [min, max]
+    "saturate_zero": "AP_SAT_ZERO",  # an overflowing value becomes 0
+    "saturate_sym": "AP_SAT_SYM",    # clamp to [-max, max] (signed; unsigned: as AP_SAT)
+    "wrap": "AP_WRAP",               # two's complement wrap-around (HLS's default)
+}
+_ALIASES = {**{v: k for k, v in ROUNDING.items()}, **{v: k for k, v in OVERFLOW.items()}}
+
+
+def fixed_mode(name: str, kind: str) -> str:
+    """Normalize a rounding/overflow mode given by normfx or HLS name (``"AP_RND_CONV"``)."""
+    table = ROUNDING if kind == "rounding" else OVERFLOW
+    key = _ALIASES.get(name.upper(), name) if isinstance(name, str) else name
+    if key not in table:
+        names = [f"{k} ({v})" for k, v in table.items()]
+        raise ValueError(f"unknown {kind} mode {name!r}; use one of {names}")
+    return key
+
+
+def integer_range(bits: int, signed: bool) -> tuple[int, int]:
+    """``(min, max)`` of the ``bits``-wide integer behind ``ap_fixed``/``ap_ufixed``."""
+    return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+
+
+def round_fixed(v: torch.Tensor, rounding: str) -> torch.Tensor:
+    """Round ``v`` to integers (as floats) by ``rounding``; exact for every finite float.
+
+    Ties are decided on ``d = v − floor(v)`` (exact in binary floating point), never on ``v + 0.5``,
+    which rounds itself once ``|v|`` nears the mantissa's width.
+    """
+    rounding = fixed_mode(rounding, "rounding")
+    if rounding == "floor":
+        return torch.floor(v)
+    if rounding == "trunc":
+        return torch.trunc(v)
+    fl = torch.floor(v)
+    d = v - fl
+    up = (d > 0.5).to(v.dtype)
+    tie = (d == 0.5).to(v.dtype)
+    if rounding == "nearest_even":
+        tie_up = torch.remainder(fl, 2)          # 1 where floor is odd: round up to the even one
+    elif rounding == "half_up":
+        tie_up = torch.ones_like(v)
+    elif rounding == "half_down":
+        tie_up = torch.zeros_like(v)
+    elif rounding == "half_zero":
+        tie_up = (v < 0).to(v.dtype)
+    else:  # half_away
+        tie_up = (v > 0).to(v.dtype)
+    return fl + up + tie * tie_up
+
+
+def overflow_fixed(m: torch.Tensor, bits: int, signed: bool, overflow: str) -> torch.Tensor:
+    """Bring integers ``m`` (as floats) into the ``bits``-wide range by ``overflow``."""
+    overflow = fixed_mode(overflow, "overflow")
+    lo, hi = integer_range(bits, signed)
+    if overflow == "saturate":
+        return m.clamp(lo, hi)
+    if overflow == "saturate_sym":
+        return m.clamp(-hi if signed else 0, hi)
+    if overflow == "saturate_zero":
+        return torch.where((m < lo) | (m > hi), torch.zeros_like(m), m)
+    span = float(1 << bits)
+    return torch.remainder(m - lo, span) + lo  # wrap
+
+
+def fixed_point_cast(x: torch.Tensor, bits: int, int_bits: torch.Tensor | float, *, signed: bool = True,
+                     rounding: str = "nearest_even", overflow: str = "saturate") -> torch.Tensor:
+    """``ap_fixed<bits, int_bits, Q, O>`` applied to ``x`` (no gradient logic; see ``nn.FixedPoint``).
+
+    ``x̂ = O(Q(x·2^F))·2^−F`` with ``F = bits − int_bits`` (``int_bits`` counts the sign bit of a
+    signed type, as HLS does, and may be a tensor broadcasting against ``x``: per channel). Exact in
+    float32 for ``bits ≤ 24`` and in float64 for ``bits ≤ 53``: the scaling is by powers of two.
+    """
+    limit = 24 if x.dtype in (torch.float32,) else 53 if x.dtype == torch.float64 else 11
+    if not 1 <= bits <= limit:
+        raise ValueError(f"bits={bits} cannot be represented exactly in {x.dtype} (at most {limit})")
+    f = bits - (int_bits if isinstance(int_bits, torch.Tensor) else torch.tensor(float(int_bits)))
+    scale = torch.exp2(f.to(x.dtype))
+    m = overflow_fixed(round_fixed(x * scale, rounding), bits, signed, overflow)
+    return m / scale
+
+
+def csd_terms(value: float, k: int, exponents: range) -> float:
+    """The value nearest ``value`` that is a sum of at most ``k`` signed powers of two ``±2^e``,
+    ``e`` in ``exponents`` (ties: the one of smaller magnitude). Reference implementation for tests."""
+    cands = {0.0}
+    for _ in range(k):
+        cands |= {c + s * 2.0 ** e for c in cands for e in exponents for s in (1, -1)}
+    return min(cands, key=lambda c: (abs(c - value), abs(c)))
+
+
+def k_hot_table(k: int, exponents: range, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Every value with at most ``k`` non-zero signed-power-of-two terms from ``exponents``, sorted."""
+    vals = torch.zeros(1, dtype=torch.float64)
+    terms = torch.tensor([s * 2.0 ** e for e in exponents for s in (1, -1)], dtype=torch.float64)
+    for _ in range(k):
+        vals = torch.unique(torch.cat([vals, (vals[:, None] + terms[None, :]).reshape(-1)]))
+    return vals.to(dtype)
+
+
+def k_hot_project(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Each entry of ``x`` replaced by the nearest value of the sorted ``table`` (ties: smaller
+    magnitude), i.e. the nearest sum of at most K signed powers of two (canonical signed digit)."""
+    t = table.to(x.dtype)
+    i = torch.searchsorted(t, x.detach().contiguous()).clamp(1, t.numel() - 1)
+    lo, hi = t[i - 1], t[i]
+    dlo, dhi = (x - lo).abs(), (hi - x).abs()
+    pick_hi = (dhi < dlo) | ((dhi == dlo) & (hi.abs() < lo.abs()))
+    out = torch.where(pick_hi, hi, lo)
+    return torch.where(x <= t[0], t[0], torch.where(x >= t[-1], t[-1], out))

@@ -14,11 +14,13 @@ import torch.nn as nn
 
 from normfx.passes.fold_affine import fold_repbn
 from normfx.passes.fold_convbn import bn_sites, fold_convbn
+from normfx.passes.fixed_point import fixed_point_sites, freeze_binary_points, insert_fixed_point
 from normfx.passes.freeze import bake_random_entries, freeze_model, random_entry_sites
 from normfx.passes.swap_layernorm import layernorm_sites, swap_layernorm
 from normfx.report import PassResult
 
-__all__ = ["fold_convbn", "fold_repbn", "swap_layernorm", "freeze_model", "bake_random_entries", "DeployStep", "deploy_steps", "register_deploy_step"]
+__all__ = ["fold_convbn", "fold_repbn", "swap_layernorm", "freeze_model", "bake_random_entries",
+           "insert_fixed_point", "freeze_binary_points", "DeployStep", "deploy_steps", "register_deploy_step"]
 
 DeployStep = Callable[[fx.GraphModule], PassResult]
 SiteLister = Callable[[nn.Module], list[str]]
@@ -51,5 +53,6 @@ def _prepbn_sites(module: nn.Module) -> list[str]:
 
 
 register_deploy_step("bake_random_entries", bake_random_entries, order=10, untraced_sites=random_entry_sites)
+register_deploy_step("freeze_binary_points", freeze_binary_points, order=20, untraced_sites=fixed_point_sites)
 register_deploy_step("fold_repbn", fold_repbn, order=50, untraced_sites=_prepbn_sites)
 register_deploy_step("fold_convbn", partial(fold_convbn, mode="deploy"), order=100, untraced_sites=bn_sites)

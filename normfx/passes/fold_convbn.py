@@ -21,6 +21,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
 from normfx.functional import BNStats, bn_scale_shift, fold_bn_after, fold_bn_before, scale_is_safe
 from normfx.match import bn_kind, get_attr, is_conv_like, is_functional_bn, module_uses, set_module, set_param
@@ -289,7 +290,20 @@ def _make_tune_block(gm: fx.GraphModule, site: _Site, producer: fx.Node) -> Chan
     return Change(site.name, "tune", f"{producer.target} + {site.name}")
 
 
+def _fixed_point_weights(site: _Site, conv: nn.Module) -> Skip | None:
+    from normfx.nn.fixed_point import FixedPoint
+
+    plists = conv.parametrizations.values() if parametrize.is_parametrized(conv) else ()
+    if any(isinstance(p, FixedPoint) for plist in plists for p in plist):
+        return Skip(site.name, SkipReason.UNSUPPORTED, "the conv's weights are cast to fixed point: folding would "
+                    "leave the fixed-point grid (use normfx.fixed_point(..., fold_bn=True) to fold first)")
+    return None
+
+
 def _checked_fold(site: _Site, conv: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | Skip:
+    fixed = _fixed_point_weights(site, conv)
+    if fixed is not None:
+        return fixed
     c, t = bn_scale_shift(site.stats)
     ok, why = scale_is_safe(c, conv.weight)
     if not ok:
@@ -378,6 +392,9 @@ def _fold_before(ctx: _Ctx, site: _Site, follower: fx.Node) -> Change | Skip:
     in_ch = conv.in_features if isinstance(conv, nn.Linear) else conv.in_channels
     if site.stats.mean.numel() != in_ch:
         return Skip(site.name, SkipReason.UNSUPPORTED, "channel counts differ")
+    fixed = _fixed_point_weights(site, conv)
+    if fixed is not None:
+        return fixed
     a, _ = bn_scale_shift(site.stats)
     ok, why = scale_is_safe(a, conv.weight)
     if not ok:

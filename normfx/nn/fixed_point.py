@@ -1,0 +1,123 @@
+"""``FixedPoint``: a trainable ``ap_fixed<W, I, Q, O>`` cast (QFX, Dai et al. 2024).
+
+Forward: ``x̂ = O(Q(x·2^F))·2^−F`` with ``F = W − I`` (``normfx.functional.fixed_point_cast``), where
+``I = round(int_bits)``. Backward (straight-through, LSQ-style):
+
+* ``x``: gradient passes where the value is in range, is zero where it overflowed;
+* ``int_bits``: through the step ``s = 2^(I − W)``. In range, ``∂x̂/∂s = m − x/s`` (the rounding
+  error); out of range, ``∂x̂/∂s = m_sat`` (the saturation value). Under a reconstruction loss the
+  first term pushes ``s`` down (more fraction bits) and the second pushes it up (less clipping), so
+  the binary point settles where rounding and clipping errors balance. ``∂s/∂I = s·ln 2``; the
+  rounding of ``int_bits`` is straight-through.
+
+``int_bits`` is a Parameter (trainable) unless fixed at construction; per-channel casts hold one per
+channel along ``axis``. While ``observing`` the cast records ``max |x|`` (per channel) and returns
+``x`` unchanged: ``normfx.calibrate`` uses it to set ``int_bits``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from normfx.functional import OVERFLOW, ROUNDING, fixed_mode, integer_range, overflow_fixed, round_fixed
+
+__all__ = ["FixedPoint"]
+
+
+class FixedPoint(nn.Module):
+    """Cast to ``ap_fixed<bits, int_bits, rounding, overflow>`` (``ap_ufixed`` when ``signed=False``)."""
+
+    saves_current = False  # as a weight's parametrization: checkpoints keep the float master weight
+
+    def __init__(self, bits: int = 8, int_bits: float | None = None, *, signed: bool = True,
+                 rounding: str = "nearest_even", overflow: str = "saturate", channels: int = 1,
+                 axis: int = 1, init_int_bits: float = 1.0) -> None:
+        super().__init__()
+        if not 2 <= bits <= 24:
+            raise ValueError(f"bits must be in [2, 24] (exact in float32), got {bits}")
+        self.bits, self.signed, self.axis = int(bits), bool(signed), int(axis)
+        self.rounding = fixed_mode(rounding, "rounding")
+        self.overflow = fixed_mode(overflow, "overflow")
+        value = torch.full((channels,), float(init_int_bits if int_bits is None else int_bits))
+        if int_bits is None:
+            self.int_bits = nn.Parameter(value)
+        else:
+            self.register_buffer("int_bits", value)
+        self.register_buffer("observed_max", torch.zeros(channels))
+        self.observing = False
+
+    @property
+    def trainable(self) -> bool:
+        return isinstance(self.int_bits, nn.Parameter)
+
+    @property
+    def per_channel(self) -> bool:
+        return self.int_bits.numel() > 1
+
+    def _view(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if t.numel() == 1:
+            return t.reshape(())
+        shape = [1] * x.dim()
+        shape[self.axis] = -1
+        return t.reshape(shape)
+
+    def integer_bits(self) -> torch.Tensor:
+        """``I`` as used in the forward: ``int_bits`` rounded (half away from zero)."""
+        return torch.round(self.int_bits.detach())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_floating_point():
+            raise TypeError(f"FixedPoint casts floating-point tensors, got {x.dtype}")
+        if self.observing:
+            with torch.no_grad():
+                dims = [d for d in range(x.dim()) if not (self.per_channel and d == self.axis % x.dim())]
+                cur = x.detach().abs().amax(dim=dims) if dims else x.detach().abs()
+                self.observed_max.copy_(torch.maximum(self.observed_max, cur.float().reshape(-1)))
+            return x
+        ib = self.int_bits
+        ib = ib + (torch.round(ib) - ib).detach()                  # straight-through rounding of I
+        step = torch.exp2(self._view(ib, x) - self.bits).to(x.dtype)  # s = 2^-F
+        v = x / step
+        with torch.no_grad():
+            m = round_fixed(v, self.rounding)
+            lo, hi = integer_range(self.bits, self.signed)
+            if self.overflow == "saturate_sym" and self.signed:
+                lo = -hi
+            inside = (m >= lo) & (m <= hi)
+            out_m = overflow_fixed(m, self.bits, self.signed, self.overflow)
+            sat_m = m.clamp(lo, hi)                                 # the gradient's surrogate
+        # in range: value m·s, gradients as if x̂ = v·s + const  (∂x = 1, ∂s = m − v)
+        ste_in = (v + (m - v).detach()) * step
+        # out of range: value out_m·s, gradients as if x̂ = sat_m·s  (∂x = 0, ∂s = sat_m)
+        ste_out = out_m * step.detach() + (sat_m * step - (sat_m * step).detach())
+        return torch.where(inside, ste_in, ste_out)
+
+    @torch.no_grad()
+    def calibrate_from_observed(self, margin: float = 0.0) -> None:
+        """Set ``int_bits`` so the observed ``max |x|`` (times ``1 + margin``) fits, and stop observing."""
+        mx = self.observed_max * (1.0 + margin)
+        # the smallest I with max < 2^(I - sign): floor(log2 max) + 1 integer bits (+1 for the sign)
+        bits = torch.where(mx > 0, torch.floor(torch.log2(mx.clamp_min(1e-30))) + 1,
+                           torch.full_like(mx, 1.0 - self.bits))
+        if self.signed:
+            bits = bits + 1
+        self.int_bits.copy_(bits.clamp(1 - self.bits * 2, self.bits * 2))
+        self.observing = False
+
+    def fill_state(self, state_dict: dict, prefix: str, original: torch.Tensor) -> None:
+        """A checkpoint without this cast's keys (a float model's): keep the current binary point."""
+        for name, t in (*self.named_parameters(), *self.named_buffers()):
+            state_dict.setdefault(prefix + name, t.detach().clone())
+
+    def hls_type(self, channel: int = 0) -> str:
+        """``ap_fixed<W, I, Q, O>`` (or ``ap_ufixed``) for one channel, as Vitis HLS spells it."""
+        i = int(self.integer_bits().reshape(-1)[channel])
+        kind = "ap_fixed" if self.signed else "ap_ufixed"
+        return f"{kind}<{self.bits}, {i}, {ROUNDING[self.rounding]}, {OVERFLOW[self.overflow]}>"
+
+    def extra_repr(self) -> str:
+        ib = self.integer_bits()
+        i = int(ib[0]) if ib.numel() == 1 else f"per-channel[{ib.numel()}]"
+        return (f"bits={self.bits}, int_bits={i}, signed={self.signed}, rounding={self.rounding}, "
+                f"overflow={self.overflow}, trainable={self.trainable}")
+

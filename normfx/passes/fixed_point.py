@@ -1,0 +1,261 @@
+"""Insert ``FixedPoint`` casts (QFX): weights and biases, activations, BatchNorm, residual adds.
+
+Sites and what each becomes:
+
+* ``"weight"`` / ``"bias"``: every Conv/Linear's weight and bias get a ``FixedPoint``
+  parametrization (``torch.nn.utils.parametrize``): the layer computes with the cast tensor while the
+  optimizer updates the float master copy. State-dict keys stay the original ones.
+* ``"norm"``: every plain BatchNorm becomes ``FixedPointBatchNorm`` (same parameters and buffers, same
+  keys): the per-channel multiply-add ``x·ŝ + t̂`` with the scale ``ŝ`` and shift ``t̂`` cast to
+  fixed point (the scale K-hot when ``k_hot`` is set), from batch statistics in training and running
+  statistics in eval. It is never folded.
+* ``"add"``: a residual ``a + b`` of two tensors gets one cast shared by both inputs (one format, as
+  an adder in hardware needs).
+* ``"activation"``: the model input and the output of every compute node get a cast (unsigned after
+  ReLU-like ops); value-preserving ops (views, max-pooling, dropout, getitem) are not casts' sites.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils import parametrize
+
+from normfx.functional import k_hot_project, k_hot_table
+from normfx.match import bn_kind, is_conv_like
+from normfx.match import get_attr as getattr_path
+from normfx.nn.fixed_point import FixedPoint
+from normfx.nn.param_keys import keep_state_dict_keys
+from normfx.report import Change, PassResult, Skip, SkipReason
+
+__all__ = ["TARGETS", "FixedPointBatchNorm", "insert_fixed_point", "freeze_binary_points"]
+
+TARGETS = ("weight", "bias", "activation", "norm", "add")
+
+_UNSIGNED_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid)
+_UNSIGNED_FUNCS = {F.relu, torch.relu, F.relu6, torch.sigmoid, F.sigmoid, F.hardsigmoid}
+_SAME_VALUES_MODULES = (nn.Identity, nn.Flatten, nn.Dropout, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
+                        nn.Unflatten)
+_SAME_VALUES_FUNCS = {torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze,
+                      torch.unsqueeze, operator.getitem, getattr, F.dropout, F.max_pool1d, F.max_pool2d,
+                      F.max_pool3d, torch.cat, torch.chunk, torch.split}
+_SAME_VALUES_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze",
+                        "unsqueeze", "expand", "size", "dim", "chunk", "split", "unbind"}
+_ADDS = {operator.add, torch.add, operator.iadd}
+
+
+class FixedPointBatchNorm(nn.BatchNorm2d):
+    """BatchNorm as a fixed-point per-channel multiply-add: ``x·ŝ + t̂``.
+
+    ``ŝ = Q_s(γ/√(σ² + ε))`` (K-hot projected when ``k_hot``) and ``t̂ = Q_t(β − μ·γ/√(σ² + ε))`` with
+    batch statistics in training (running statistics updated as BatchNorm does) and running
+    statistics in eval. Subclasses BatchNorm2d so parameters, buffers and state-dict keys are the
+    BatchNorm's; works for 1d/2d/3d inputs (channel axis 1).
+    """
+
+    def __init__(self, num_features: int, *, scale_q: FixedPoint, shift_q: FixedPoint,
+                 k_hot: int | None = None, **kw) -> None:
+        super().__init__(num_features, **kw)
+        self.scale_q, self.shift_q = scale_q, shift_q
+        self.k_hot = k_hot
+
+    @classmethod
+    def from_bn(cls, bn: _BatchNorm, *, scale_q: FixedPoint, shift_q: FixedPoint,
+                k_hot: int | None) -> "FixedPointBatchNorm":
+        new = cls(bn.num_features, scale_q=scale_q, shift_q=shift_q, k_hot=k_hot, eps=bn.eps,
+                  momentum=bn.momentum, affine=bn.affine, track_running_stats=bn.track_running_stats)
+        for name in ("weight", "bias"):
+            setattr(new, name, getattr(bn, name))
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            setattr(new, name, getattr(bn, name))
+        new.train(bn.training)
+        return new
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2D input, got {x.dim()}D")
+
+    def scale_shift(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel ``(scale, shift)`` of the float BatchNorm (batch statistics in training)."""
+        dims = [d for d in range(x.dim()) if d != 1]
+        if self.training or not self.track_running_stats:
+            mean = x.mean(dims)
+            var = x.var(dims, unbiased=False)
+            if self.training and self.track_running_stats:
+                with torch.no_grad():
+                    n = x.numel() / x.shape[1]
+                    self.num_batches_tracked.add_(1)
+                    m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                    self.running_mean.mul_(1 - m).add_(m * mean.detach())
+                    self.running_var.mul_(1 - m).add_(m * var.detach() * n / max(n - 1, 1))
+        else:
+            mean, var = self.running_mean, self.running_var
+        scale = torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            scale = scale * self.weight
+        shift = -mean * scale
+        if self.bias is not None:
+            shift = shift + self.bias
+        return scale, shift
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        scale, shift = self.scale_shift(x)
+        s = self.scale_q(scale)
+        if self.k_hot:
+            f = int(self.scale_q.bits - self.scale_q.integer_bits().max())
+            table = k_hot_table(self.k_hot, range(-f, self.scale_q.bits - f), dtype=s.dtype)
+            s = s + (k_hot_project(s.detach(), table) - s).detach()   # straight-through
+        t = self.shift_q(shift)
+        view = (1, -1) + (1,) * (x.dim() - 2)
+        return x * s.view(view) + t.view(view)
+
+
+def _q(bits: int, int_bits: float | None, rounding: str, overflow: str, *, signed: bool = True,
+       channels: int = 1, axis: int = 1) -> FixedPoint:
+    return FixedPoint(bits, int_bits, signed=signed, rounding=rounding, overflow=overflow, channels=channels,
+                      axis=axis)
+
+
+def _is_same_values(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), _SAME_VALUES_MODULES)
+    if node.op == "call_function":
+        return node.target in _SAME_VALUES_FUNCS
+    if node.op == "call_method":
+        return node.target in _SAME_VALUES_METHODS
+    return node.op in ("get_attr", "output")
+
+
+def _is_unsigned(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), _UNSIGNED_MODULES)
+    if node.op == "call_function":
+        return node.target in _UNSIGNED_FUNCS
+    return node.op == "call_method" and node.target in ("relu", "relu_", "sigmoid")
+
+
+def _tensor_nodes(gm: fx.GraphModule) -> set[fx.Node]:
+    """Nodes that produce tensors (not sizes, dims or other Python values), by a forward dataflow
+    pass: inputs, modules and tensor attributes do; ``size()``/``.shape`` and what is computed only
+    from them do not."""
+    out: set[fx.Node] = set()
+    for n in gm.graph.nodes:
+        if n.op in ("placeholder", "call_module"):
+            out.add(n)
+        elif n.op == "get_attr":
+            if isinstance(getattr_path(gm, n.target), torch.Tensor):
+                out.add(n)
+        elif n.op == "call_method" and n.target in ("size", "dim", "numel", "tolist", "item"):
+            continue
+        elif n.op == "call_function" and n.target is getattr:
+            continue
+        elif n.op in ("call_function", "call_method") and any(a in out for a in n.all_input_nodes):
+            out.add(n)
+    return out
+
+
+def insert_fixed_point(gm: fx.GraphModule, *, bits: int = 8, int_bits: float | None = None,
+                       rounding: str = "nearest_even", overflow: str = "saturate",
+                       targets: Sequence[str] = TARGETS, per_channel: bool = False,
+                       k_hot: int | None = None) -> PassResult:
+    """Insert the casts in ``gm`` (in place); see the module docstring for the sites."""
+    targets = set(targets)
+    changes: list[Change] = []
+    skips: list[Skip] = []
+    mods = dict(gm.named_modules())
+    tensors = _tensor_nodes(gm)
+
+    def add_cast(after: fx.Node, signed: bool, name: str) -> None:
+        q = _q(bits, int_bits, rounding, overflow, signed=signed)
+        qname = f"fxq_{after.name}"
+        gm.add_submodule(qname, q)
+        users = list(after.users)
+        with gm.graph.inserting_after(after):
+            new = gm.graph.call_module(qname, (after,))
+        tensors.add(new)
+        for u in users:
+            u.replace_input_with(after, new)
+        changes.append(Change(name, "cast", q.extra_repr()))
+
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module":
+            m = mods[node.target]
+            if isinstance(m, FixedPoint):
+                continue
+            if is_conv_like(m) and not parametrize.is_parametrized(m):
+                transposed = bool(getattr(m, "transposed", False))
+                for t in ("weight", "bias"):
+                    if t not in targets or getattr(m, t, None) is None:
+                        continue
+                    per = per_channel and t == "weight" and not transposed
+                    out = m.weight.shape[0]
+                    q = _q(bits, int_bits, rounding, overflow, channels=out if per else 1, axis=0)
+                    _init_from(q, getattr(m, t), per)
+                    keep_state_dict_keys(m)
+                    parametrize.register_parametrization(m, t, q, unsafe=True)
+                    changes.append(Change(f"{node.target}.{t}", "cast", q.extra_repr()))
+            elif isinstance(m, _BatchNorm) and "norm" in targets:
+                if bn_kind(m) != "plain" or type(m) not in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
+                    skips.append(Skip(str(node.target), SkipReason.UNSUPPORTED,
+                                      f"{type(m).__name__} is not a plain BatchNorm"))
+                else:
+                    fq = FixedPointBatchNorm.from_bn(m, scale_q=_q(bits, int_bits, rounding, overflow),
+                                                     shift_q=_q(bits, int_bits, rounding, overflow), k_hot=k_hot)
+                    parent, _, leaf = node.target.rpartition(".")
+                    setattr(gm.get_submodule(parent) if parent else gm, leaf, fq)
+                    mods[node.target] = fq
+                    changes.append(Change(str(node.target), "fixed-point multiply-add",
+                                          f"k_hot={k_hot}" if k_hot else ""))
+        if node.op in ("call_function", "call_method") and "add" in targets and (
+            node.target in _ADDS or node.target == "add"
+        ):
+            ins = [a for a in node.args[:2] if isinstance(a, fx.Node) and a in tensors]
+            if len(ins) == 2 and ins[0] is not ins[1]:
+                q = _q(bits, int_bits, rounding, overflow)
+                qname = f"fxq_{node.name}_in"
+                gm.add_submodule(qname, q)
+                with gm.graph.inserting_before(node):
+                    qa = gm.graph.call_module(qname, (ins[0],))
+                    qb = gm.graph.call_module(qname, (ins[1],))
+                node.replace_input_with(ins[0], qa)
+                node.replace_input_with(ins[1], qb)
+                changes.append(Change(node.name, "shared input cast", "both inputs in one format"))
+        if "activation" in targets and node.op in ("placeholder", "call_module", "call_function", "call_method"):
+            if node.op == "call_module" and isinstance(mods.get(node.target), FixedPoint):
+                continue
+            if node in tensors and not _is_same_values(gm, node) and node.users:
+                add_cast(node, not _is_unsigned(gm, node), f"{node.name} (output)")
+    gm.graph.lint()
+    gm.recompile()
+    return PassResult("fixed_point", tuple(changes), tuple(skips))
+
+
+@torch.no_grad()
+def _init_from(q: FixedPoint, t: torch.Tensor, per_channel: bool) -> None:
+    """Start a weight's binary point where its range fits (training refines it)."""
+    mx = t.detach().abs().reshape(t.shape[0], -1).amax(1) if per_channel else t.detach().abs().amax().reshape(1)
+    q.observed_max.copy_(mx.float())
+    q.calibrate_from_observed()
+    q.observed_max.zero_()
+
+
+def freeze_binary_points(gm: fx.GraphModule) -> PassResult:
+    """Deploy step: every trainable binary point becomes a fixed integer (a buffer)."""
+    changes = []
+    for name, m in gm.named_modules():
+        if isinstance(m, FixedPoint) and m.trainable:
+            value = m.integer_bits().clone()
+            del m.int_bits
+            m.register_buffer("int_bits", value)
+            changes.append(Change(name, "freeze", m.hls_type()))
+    return PassResult("freeze_binary_points", tuple(changes))
+
+
+def fixed_point_sites(module: nn.Module) -> list[str]:
+    return [n for n, m in module.named_modules() if isinstance(m, FixedPoint) and m.trainable]
