@@ -66,6 +66,8 @@ class ExportReport:
     seconds: float
     verified: bool
     notes: tuple[str, ...] = field(default=())
+    fixed_point_json: str | None = None
+    """The sidecar with every fixed-point tensor's ``ap_fixed`` type (fixed-point models only)."""
 
     def summary(self) -> str:
         ops = ", ".join(f"{k} {v}" for k, v in sorted(self.op_counts.items(), key=lambda kv: (-kv[1], kv[0])))
@@ -81,6 +83,8 @@ class ExportReport:
             lines.append(f"output {o.name}: {list(o.shape)}: {check}")
         lines += [p.summary() for p in self.passes.passes]
         lines += list(self.notes)
+        if self.fixed_point_json:
+            lines.append(f"fixed-point types (ap_fixed, per tensor and layer): {self.fixed_point_json}")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -166,6 +170,11 @@ def export(
 
         deployed = trace(copy.deepcopy(model))
         attach_report(deployed, Report())
+    fixed = _fixed_point_casts(deployed)
+    json_path = None
+    if fixed:
+        json_path = _write_fixed_point_json(fixed, target)
+        exporter, opset = _fixed_point_export_settings(fixed, exporter, opset, json_path)
     input_names = _input_names(deployed, len(inputs))
     output_names = ["output"] if len(ref_flat) == 1 else [f"output_{i}" for i in range(len(ref_flat))]
     batch = inputs[0].shape[0] if inputs[0].dim() else 1
@@ -178,8 +187,11 @@ def export(
     tmpdir = Path(tempfile.mkdtemp(prefix=".normfx-export-", dir=target.parent))
     try:
         tmp = tmpdir / target.name
-        used, notes = _export(deployed, export_inputs, tmp, exporter, opset, dynamic_batch,
-                              input_names, output_names, large)
+        from normfx.nn.fixed_point import exporting
+
+        with exporting(deployed):
+            used, notes = _export(deployed, export_inputs, tmp, exporter, opset, dynamic_batch,
+                                  input_names, output_names, large)
         try:
             import onnx
 
@@ -192,7 +204,12 @@ def export(
         in_shapes = tuple((i.name, _dims(i)) for i in proto.graph.input)
         out_shapes = {o.name: _dims(o) for o in proto.graph.output}
         onnx_out_names = [o.name for o in proto.graph.output]
-        checks = _verify(model, inputs, ref_flat, tmp, onnx_out_names, dynamic_batch, rtol, atol) if verify else {}
+        checks = _verify(model, inputs, ref_flat, tmp, onnx_out_names, dynamic_batch, rtol, atol,
+                         keep_qdq=bool(fixed)) if verify else {}
+        if fixed:
+            notes.append("fixed point: verified with ONNX Runtime's graph optimizations at BASIC, so the "
+                         "QDQ fusions of the EXTENDED level (integer QLinearConv/QLinearMatMul kernels with "
+                         "their own requantization) do not replace the casts")
         outputs = tuple(
             OutputCheck(n, out_shapes[n], *checks.get(n, (float("nan"), float("nan"), ())))
             for n in onnx_out_names
@@ -207,7 +224,7 @@ def export(
     )
     report = ExportReport(
         str(target), used, opset_used, dict(counts), in_shapes, outputs, last_report(deployed), size,
-        time.perf_counter() - t0, verify, tuple(notes),
+        time.perf_counter() - t0, verify, tuple(notes), str(json_path) if json_path else None,
     )
     for line in report.summary().splitlines():
         logger.info("%s", line)
@@ -295,9 +312,12 @@ def _export_dynamo(model, inputs, tmp, opset, dynamic_batch, input_names, output
     if dynamic_batch:
         batch = torch.export.Dim("batch", min=1)
         dynamic_shapes = tuple({0: batch} if x.dim() else None for x in inputs)
+    extra = {}
+    if _fixed_point_casts(model):
+        extra["custom_translation_table"] = {torch.ops.normfx.fixed_point_qdq.default: _qdq_onnx}
     program = torch.onnx.export(
         model, inputs, dynamo=True, opset_version=opset, dynamic_shapes=dynamic_shapes,
-        input_names=input_names, output_names=output_names, optimize=True, verbose=False,
+        input_names=input_names, output_names=output_names, optimize=True, verbose=False, **extra,
     )
     program.save(str(tmp), external_data=large)
 
@@ -379,11 +399,13 @@ def _external_files(target: Path) -> list[str]:
 
 
 def _verify(model, inputs, ref_flat, tmp: Path, names: list[str], dynamic_batch: bool, rtol: float,
-            atol: float) -> dict[str, tuple[float, float, tuple[int, ...]]]:
+            atol: float, keep_qdq: bool = False) -> dict[str, tuple[float, float, tuple[int, ...]]]:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if keep_qdq:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     session = ort.InferenceSession(str(tmp), opts, providers=["CPUExecutionProvider"])
     feed_names = [i.name for i in session.get_inputs()]
     batch = inputs[0].shape[0] if inputs[0].dim() else 1
@@ -417,3 +439,102 @@ def _verify(model, inputs, ref_flat, tmp: Path, names: list[str], dynamic_batch:
             worst[name] = (max(prev[0], err), max(prev[1], rel), prev[2] + (b,))
     return worst
 
+
+
+# --- fixed point --------------------------------------------------------------------------------
+
+def _fixed_point_casts(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    from normfx.nn.fixed_point import FixedPoint
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, FixedPoint)]
+
+
+def _cast_site(name: str) -> tuple[str, str]:
+    """``(tensor, layer)`` a cast belongs to, from its module name."""
+    if ".parametrizations." in name:
+        layer, _, rest = name.partition(".parametrizations.")
+        return f"{layer}.{rest.split('.')[0]}", layer
+    head, _, leaf = name.rpartition(".")
+    if leaf in ("scale_q", "shift_q"):
+        return f"{head}.{leaf[:-2]}", head
+    if leaf.startswith("fxq_") and leaf.endswith("_in"):
+        node = leaf[4:-3]
+        return f"{node} inputs", (f"{head}.{node}" if head else node)
+    if leaf.startswith("fxq_"):
+        node = leaf[4:]
+        return f"{node} output", (f"{head}.{node}" if head else node)
+    return name, head
+
+
+def _write_fixed_point_json(fixed: list[tuple[str, nn.Module]], target: Path) -> Path:
+    """The HLS sidecar: every cast's ``ap_fixed<W, I, Q, O>`` type with its tensor and layer."""
+    import json
+
+    from normfx.functional import OVERFLOW, ROUNDING
+
+    tensors = []
+    for name, q in fixed:
+        tensor, layer = _cast_site(name)
+        types = q.hls_types()
+        tensors.append({
+            "tensor": tensor, "layer": layer, "module": name,
+            "type": types[0] if len(types) == 1 else types,
+            "bits": q.bits, "int_bits": [int(i) for i in q.integer_bits().reshape(-1).tolist()],
+            "signed": q.signed, "rounding": ROUNDING[q.rounding], "overflow": OVERFLOW[q.overflow],
+            "onnx": q.onnx_expressible,
+        })
+    path = target.with_name(target.stem + ".fixed_point.json")
+    path.write_text(json.dumps({"format": "normfx.fixed_point", "version": 1, "onnx": target.name,
+                                "tensors": tensors}, indent=1))
+    return path
+
+
+def _fixed_point_export_settings(fixed, exporter: Exporter, opset: int | None, json_path: Path):
+    from normfx.functional import OVERFLOW, ROUNDING
+
+    bad = [(n, q) for n, q in fixed if not q.onnx_expressible]
+    if bad:
+        n, q = bad[0]
+        raise ExportError(
+            f"FixedPoint '{n}' rounds with {q.rounding} ({ROUNDING[q.rounding]}) and overflows with "
+            f"{q.overflow} ({OVERFLOW[q.overflow]}); ONNX QuantizeLinear only rounds half to even and "
+            f"saturates, so {len(bad)} cast(s) cannot be written as QuantizeLinear/DequantizeLinear. "
+            f"Use rounding='nearest_even' with overflow='saturate' or 'saturate_sym' to export; the HLS "
+            f"types were written to {json_path}."
+        )
+    if exporter == "torchscript":
+        raise ExportError("fixed-point models export with the dynamo exporter (exporter='dynamo' or 'auto')")
+    if opset is not None and opset < 21:
+        raise ExportError(f"fixed-point casts are written with opset 21 (int16 QuantizeLinear for 9-16 bits), "
+                          f"got opset={opset}")
+    return "dynamo", 21
+
+
+def _qdq_onnx(x, scale, qmin: int, qmax: int, axis: int):
+    """ONNX for ``normfx::fixed_point_qdq``: QuantizeLinear (zero point 0) -> DequantizeLinear, with
+    int8/uint8 containers up to 8 bits and int16/uint16 above. A range narrower than its container
+    is clamped in float first (``clamp(round(x/s)) == round(clamp(x, qmin·s, qmax·s)/s)`` for integer
+    bounds; ONNX Runtime has no int16 Clip)."""
+    from onnxscript import ir
+    from onnxscript.onnx_opset import opset21 as op
+
+    if qmin >= -128 and qmax <= 127:
+        dt, full = ir.DataType.INT8, (-128, 127)
+    elif qmin >= 0 and qmax <= 255:
+        dt, full = ir.DataType.UINT8, (0, 255)
+    elif qmin >= -32768 and qmax <= 32767:
+        dt, full = ir.DataType.INT16, (-32768, 32767)
+    else:
+        dt, full = ir.DataType.UINT16, (0, 65535)
+    if (qmin, qmax) != full:
+        lo = op.Mul(scale, op.Constant(value_float=float(qmin)))
+        hi = op.Mul(scale, op.Constant(value_float=float(qmax)))
+        per_axis = scale.shape is not None and len(scale.shape) == 1
+        if per_axis:
+            rank = len(x.shape)
+            shape = op.Constant(value_ints=[-1] + [1] * (rank - 1 - axis))
+            lo, hi = op.Reshape(lo, shape), op.Reshape(hi, shape)
+        x = op.Min(op.Max(x, lo), hi)
+    zero = op.Cast(op.Mul(scale, op.Constant(value_float=0.0)), to=dt)
+    q = op.QuantizeLinear(x, scale, zero, axis=axis)
+    return op.DequantizeLinear(q, scale, zero, axis=axis)

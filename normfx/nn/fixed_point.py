@@ -21,7 +21,41 @@ import torch.nn as nn
 
 from normfx.functional import OVERFLOW, ROUNDING, fixed_mode, integer_range, overflow_fixed, round_fixed
 
-__all__ = ["FixedPoint"]
+__all__ = ["FixedPoint", "fixed_point_qdq", "exporting"]
+
+
+@torch.library.custom_op("normfx::fixed_point_qdq", mutates_args=())
+def fixed_point_qdq(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, axis: int) -> torch.Tensor:
+    """``clamp(round_half_even(x / scale), qmin, qmax) · scale``: a round-to-nearest-even, saturating
+    ``ap_fixed`` cast as one op, which ``normfx.export`` writes as QuantizeLinear → (Clip) →
+    DequantizeLinear. ``scale`` is ``2^−F``, a scalar or one per channel along ``axis``."""
+    if scale.dim() == 1 and scale.numel() > 1:
+        shape = [1] * x.dim()
+        shape[axis] = -1
+        scale = scale.reshape(shape)
+    return torch.clamp(torch.round(x / scale), qmin, qmax) * scale
+
+
+@fixed_point_qdq.register_fake
+def _(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, axis: int) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+class exporting:  # noqa: N801 - a context manager used like a function
+    """Within ``with exporting(model):`` every ``FixedPoint`` computes through ``fixed_point_qdq``
+    (same numbers; an op the ONNX exporter maps to QuantizeLinear/DequantizeLinear)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.casts = [m for m in model.modules() if isinstance(m, FixedPoint)]
+
+    def __enter__(self) -> "exporting":
+        for q in self.casts:
+            q.export_form = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for q in self.casts:
+            q.export_form = False
 
 
 class FixedPoint(nn.Module):
@@ -45,6 +79,7 @@ class FixedPoint(nn.Module):
             self.register_buffer("int_bits", value)
         self.register_buffer("observed_max", torch.zeros(channels))
         self.observing = False
+        self.export_form = False
 
     @property
     def trainable(self) -> bool:
@@ -74,6 +109,12 @@ class FixedPoint(nn.Module):
                 cur = x.detach().abs().amax(dim=dims) if dims else x.detach().abs()
                 self.observed_max.copy_(torch.maximum(self.observed_max, cur.float().reshape(-1)))
             return x
+        if self.export_form:
+            lo, hi = integer_range(self.bits, self.signed)
+            lo = -hi if (self.overflow == "saturate_sym" and self.signed) else lo
+            step = torch.exp2(self.integer_bits() - self.bits).to(x.dtype)
+            step = step.reshape(()) if step.numel() == 1 else step
+            return fixed_point_qdq(x, step, lo, hi, self.axis % x.dim())
         ib = self.int_bits
         ib = ib + (torch.round(ib) - ib).detach()                  # straight-through rounding of I
         step = torch.exp2(self._view(ib, x) - self.bits).to(x.dtype)  # s = 2^-F
@@ -108,6 +149,15 @@ class FixedPoint(nn.Module):
         """A checkpoint without this cast's keys (a float model's): keep the current binary point."""
         for name, t in (*self.named_parameters(), *self.named_buffers()):
             state_dict.setdefault(prefix + name, t.detach().clone())
+
+    @property
+    def onnx_expressible(self) -> bool:
+        """QuantizeLinear rounds half to even and saturates: only those modes export to ONNX."""
+        return self.rounding == "nearest_even" and self.overflow in ("saturate", "saturate_sym")
+
+    def hls_types(self) -> list[str]:
+        """``hls_type`` of every channel."""
+        return [self.hls_type(c) for c in range(self.int_bits.numel())]
 
     def hls_type(self, channel: int = 0) -> str:
         """``ap_fixed<W, I, Q, O>`` (or ``ap_ufixed``) for one channel, as Vitis HLS spells it."""

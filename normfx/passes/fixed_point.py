@@ -63,6 +63,8 @@ class FixedPointBatchNorm(nn.BatchNorm2d):
         super().__init__(num_features, **kw)
         self.scale_q, self.shift_q = scale_q, shift_q
         self.k_hot = k_hot
+        self.register_buffer("deployed_scale", None)
+        self.register_buffer("deployed_shift", None)
 
     @classmethod
     def from_bn(cls, bn: _BatchNorm, *, scale_q: FixedPoint, shift_q: FixedPoint,
@@ -103,15 +105,36 @@ class FixedPointBatchNorm(nn.BatchNorm2d):
             shift = shift + self.bias
         return scale, shift
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input_dim(x)
-        scale, shift = self.scale_shift(x)
+    def quantized_scale_shift(self, scale: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ŝ, t̂)``: the fixed-point (and K-hot) scale and shift."""
         s = self.scale_q(scale)
         if self.k_hot:
             f = int(self.scale_q.bits - self.scale_q.integer_bits().max())
             table = k_hot_table(self.k_hot, range(-f, self.scale_q.bits - f), dtype=s.dtype)
             s = s + (k_hot_project(s.detach(), table) - s).detach()   # straight-through
-        t = self.shift_q(shift)
+        return s, self.shift_q(shift)
+
+    @torch.no_grad()
+    def bake(self) -> None:
+        """Deploy: compute ``(ŝ, t̂)`` once from the running statistics and keep them as constants
+        (eval forwards then are one multiply-add; a train-mode forward drops them)."""
+        if not self.track_running_stats:
+            return  # batch statistics at every call: nothing constant to keep
+        was = self.training
+        self.train(False)
+        probe = self.running_mean.new_zeros(1, self.num_features)  # eval reads the running statistics
+        s, t = self.quantized_scale_shift(*self.scale_shift(probe))
+        self.train(was)
+        self.deployed_scale, self.deployed_shift = s.clone(), t.clone()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        if not self.training and self.deployed_scale is not None:
+            s, t = self.deployed_scale, self.deployed_shift
+        else:
+            if self.training:
+                self.deployed_scale = self.deployed_shift = None
+            s, t = self.quantized_scale_shift(*self.scale_shift(x))
         view = (1, -1) + (1,) * (x.dim() - 2)
         return x * s.view(view) + t.view(view)
 
@@ -246,7 +269,8 @@ def _init_from(q: FixedPoint, t: torch.Tensor, per_channel: bool) -> None:
 
 
 def freeze_binary_points(gm: fx.GraphModule) -> PassResult:
-    """Deploy step: every trainable binary point becomes a fixed integer (a buffer)."""
+    """Deploy step: every trainable binary point becomes a fixed integer (a buffer), and every
+    ``FixedPointBatchNorm`` keeps its fixed-point scale and shift as constants."""
     changes = []
     for name, m in gm.named_modules():
         if isinstance(m, FixedPoint) and m.trainable:
@@ -254,8 +278,13 @@ def freeze_binary_points(gm: fx.GraphModule) -> PassResult:
             del m.int_bits
             m.register_buffer("int_bits", value)
             changes.append(Change(name, "freeze", m.hls_type()))
+    for name, m in gm.named_modules():
+        if isinstance(m, FixedPointBatchNorm) and m.deployed_scale is None and m.track_running_stats:
+            m.bake()
+            changes.append(Change(name, "bake", "fixed-point scale and shift from running statistics"))
     return PassResult("freeze_binary_points", tuple(changes))
 
 
 def fixed_point_sites(module: nn.Module) -> list[str]:
-    return [n for n, m in module.named_modules() if isinstance(m, FixedPoint) and m.trainable]
+    return [n for n, m in module.named_modules() if (isinstance(m, FixedPoint) and m.trainable)
+            or (isinstance(m, FixedPointBatchNorm) and m.deployed_scale is None)]
