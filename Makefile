@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.normfx-installed$(subst /,_,$(CURDIR))
 PYTEST_ARGS ?=
 
-.PHONY: demo example test test-fast bench clean
+.PHONY: demo example examples test test-fast bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -28,6 +28,11 @@ demo: $(STAMP)
 example: $(STAMP)
 	$(PY) examples/convbn_finetune.py
 
+examples: example
+	$(PY) examples/prepbn_vit.py
+	$(PY) examples/bn_only.py
+	$(PY) examples/fixed_point.py
+
 test: $(STAMP)
 	$(PY) -m pytest -n 2 -q $(PYTEST_ARGS)
 
@@ -37,6 +42,8 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/convbn.py
 	$(PY) benchmarks/export.py
+	$(PY) benchmarks/repbn.py
+	$(PY) benchmarks/fixed_point.py
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache

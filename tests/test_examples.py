@@ -36,3 +36,11 @@ def test_bn_only_example(tmp_path):
 def test_prepbn_vit_example(tmp_path):
     out = _run("prepbn_vit.py", "--epochs", "1", "--out", str(tmp_path), cwd=tmp_path)
     assert "test accuracy:" in out and (tmp_path / "prepbn_vit.png").exists()
+
+
+@pytest.mark.slow
+def test_fixed_point_example(tmp_path):
+    out = _run("fixed_point.py", "--bits", "4", "8", "--epochs", "1", "--qat-epochs", "1", "--out", str(tmp_path),
+               cwd=tmp_path)
+    assert "PTQ" in out and "QFX" in out and "max abs difference ONNX Runtime vs PyTorch 0.0" in out
+    assert (tmp_path / "fixed_point_8bit.onnx").exists() and (tmp_path / "fixed_point_8bit.fixed_point.json").exists()

@@ -349,3 +349,39 @@ def test_modes_onnx_cannot_express_refuse_but_write_the_json(tmp_path):
     assert not (tmp_path / "q.onnx").exists()
     side = (tmp_path / "q.fixed_point.json").read_text()
     assert "ap_fixed<8, " in side and "AP_TRN, AP_WRAP>" in side
+
+
+def _reference_ste(x, int_bits, bits, axis, rounding, overflow, signed=True):
+    """The straight-through cast written with plain autograd ops (what the fused Function computes)."""
+    from normfx.functional import integer_range, overflow_fixed, round_fixed
+
+    ib = int_bits + (torch.round(int_bits) - int_bits).detach()
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    step = torch.exp2((ib.reshape(shape) if ib.numel() > 1 else ib.reshape(())) - bits)
+    v = x / step
+    with torch.no_grad():
+        m = round_fixed(v, rounding)
+        lo, hi = integer_range(bits, signed)
+        lo = -hi if overflow == "saturate_sym" and signed else lo
+        inside = (m >= lo) & (m <= hi)
+        out_m, sat_m = overflow_fixed(m, bits, signed, overflow), m.clamp(lo, hi)
+    ste_in = (v + (m - v).detach()) * step
+    ste_out = out_m * step.detach() + (sat_m * step - (sat_m * step).detach())
+    return torch.where(inside, ste_in, ste_out)
+
+
+@pytest.mark.parametrize("rounding,overflow", [("nearest_even", "saturate"), ("floor", "wrap"),
+                                               ("half_away", "saturate_zero"), ("trunc", "saturate_sym")])
+@pytest.mark.parametrize("channels", [1, 4])
+def test_fused_gradients_equal_the_plain_autograd_formulation(rounding, overflow, channels):
+    x = (torch.randn(3, 4, 5, 5) * 3).requires_grad_()
+    q = FixedPoint(5, None, rounding=rounding, overflow=overflow, channels=channels, axis=1, init_int_bits=1.6)
+    w = torch.randn(3, 4, 5, 5)
+    (q(x) * w).sum().backward()
+    gx, gi = x.grad.clone(), q.int_bits.grad.clone()
+    x.grad = None
+    ib = q.int_bits.detach().clone().requires_grad_()
+    (_reference_ste(x, ib, 5, 1, rounding, overflow) * w).sum().backward()
+    assert torch.equal(gx, x.grad)
+    assert torch.allclose(gi, ib.grad, rtol=1e-5, atol=1e-5)

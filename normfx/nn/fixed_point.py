@@ -41,6 +41,39 @@ def _(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, axis: int) -> 
     return torch.empty_like(x)
 
 
+class _FixedPointSTE(torch.autograd.Function):
+    """The cast with its straight-through gradients in one node (few elementwise passes):
+    ``∂x̂/∂x = 1`` in range, 0 outside; ``∂x̂/∂s = m − x/s`` in range, ``m_sat`` outside."""
+
+    @staticmethod
+    def forward(ctx, x, step, lo: int, hi: int, bits: int, signed: bool, rounding: str, overflow: str):
+        v = x / step
+        m = torch.round(v) if rounding == "nearest_even" else round_fixed(v, rounding)
+        inside = (m >= lo) & (m <= hi)
+        sat = m.clamp(lo, hi)
+        out = sat if overflow in ("saturate", "saturate_sym") else overflow_fixed(m, bits, signed, overflow)
+        if ctx.needs_input_grad[1]:
+            ctx.save_for_backward(inside, torch.where(inside, m - v, sat))
+        else:
+            ctx.save_for_backward(inside)
+        ctx.step_shape = step.shape
+        return out * step
+
+    @staticmethod
+    def backward(ctx, g):
+        inside, *rest = ctx.saved_tensors
+        gx = g * inside if ctx.needs_input_grad[0] else None
+        gs = None
+        if ctx.needs_input_grad[1]:
+            gs = g * rest[0]
+            shape = ctx.step_shape   # () or x's rank with the channel axis kept (see FixedPoint._view)
+            if len(shape) == 0:
+                gs = gs.sum()
+            else:
+                gs = gs.sum(dim=[d for d, n in enumerate(shape) if n == 1], keepdim=True)
+        return gx, gs, None, None, None, None, None, None
+
+
 class exporting:  # noqa: N801 - a context manager used like a function
     """Within ``with exporting(model):`` every ``FixedPoint`` computes through ``fixed_point_qdq``
     (same numbers; an op the ONNX exporter maps to QuantizeLinear/DequantizeLinear)."""
@@ -118,20 +151,10 @@ class FixedPoint(nn.Module):
         ib = self.int_bits
         ib = ib + (torch.round(ib) - ib).detach()                  # straight-through rounding of I
         step = torch.exp2(self._view(ib, x) - self.bits).to(x.dtype)  # s = 2^-F
-        v = x / step
-        with torch.no_grad():
-            m = round_fixed(v, self.rounding)
-            lo, hi = integer_range(self.bits, self.signed)
-            if self.overflow == "saturate_sym" and self.signed:
-                lo = -hi
-            inside = (m >= lo) & (m <= hi)
-            out_m = overflow_fixed(m, self.bits, self.signed, self.overflow)
-            sat_m = m.clamp(lo, hi)                                 # the gradient's surrogate
-        # in range: value m·s, gradients as if x̂ = v·s + const  (∂x = 1, ∂s = m − v)
-        ste_in = (v + (m - v).detach()) * step
-        # out of range: value out_m·s, gradients as if x̂ = sat_m·s  (∂x = 0, ∂s = sat_m)
-        ste_out = out_m * step.detach() + (sat_m * step - (sat_m * step).detach())
-        return torch.where(inside, ste_in, ste_out)
+        lo, hi = integer_range(self.bits, self.signed)
+        if self.overflow == "saturate_sym" and self.signed:
+            lo = -hi
+        return _FixedPointSTE.apply(x, step, lo, hi, self.bits, self.signed, self.rounding, self.overflow)
 
     @torch.no_grad()
     def calibrate_from_observed(self, margin: float = 0.0) -> None:

@@ -1,0 +1,88 @@
+"""Fixed point (QFX): training-step time of the quantized model vs the float model.
+
+    python benchmarks/fixed_point.py            # writes the fixed_point section of docs/benchmarks.md
+    python benchmarks/fixed_point.py --quick    # one round
+
+ResNet-18 (torchvision, random weights), batch 16 at 64×64, SGD step in train mode. Variants, each
+in its own process: ``float``; ``fixed8``: ``normfx.fixed_point(model, bits=8)`` on every target
+(weights, biases, activations, BatchNorm, adds) with trainable binary points; ``fixed8_k2``: the same
+with 2-hot BatchNorm scales. Target: ≤ 1.5 × the float step.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+BATCH, SIZE = 16, 64
+VARIANTS = ["float", "fixed8", "fixed8_k2"]
+
+
+def child(variant: str, steps: int) -> dict:
+    import normfx
+    from _common import torchvision_model
+
+    torch.set_num_threads(2)
+    model = torchvision_model("resnet18")
+    if variant != "float":
+        model = normfx.fixed_point(model, bits=8, k_hot=2 if variant.endswith("k2") else None)
+        normfx.calibrate(model, [torch.randn(BATCH, 3, SIZE, SIZE)])
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    x = torch.randn(BATCH, 3, SIZE, SIZE)
+    y = torch.randint(0, 1000, (BATCH,))
+    times = []
+    for i in range(steps + 3):
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        if i >= 3:
+            times.append(time.perf_counter() - t0)
+    return {"step_ms": 1e3 * statistics.median(times)}
+
+
+def main() -> None:
+    from _common import machine, ratio_cell, run_variant, table, write_section
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child is not None:
+        print(json.dumps(child(args.child[0], int(args.child[1]))))
+        return
+    rounds, steps = (1, 5) if args.quick else (5, 10)
+    runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    for _ in range(rounds):
+        for v in VARIANTS:
+            runs[v].append(run_variant(__file__, v, str(steps)))
+    rows = []
+    for v in VARIANTS:
+        ms = statistics.median(r["step_ms"] for r in runs[v])
+        ratios = [r["step_ms"] / f["step_ms"] for r, f in zip(runs[v], runs["float"])]
+        rows.append([v, f"{ms:.1f}", ratio_cell(ratios)])
+    body = f"""## Fixed point (`benchmarks/fixed_point.py`)
+
+Machine: {machine()}. ResNet-18, batch {BATCH} at {SIZE}×{SIZE}, one SGD step (forward, backward,
+update) in train mode; each variant its own process, alternating over {rounds} round(s); medians of
+{steps} steps per process, then across rounds; ratios are medians of per-round ratios [range].
+`fixed8`: `normfx.fixed_point(model, bits=8)` on weights, biases, activations, BatchNorm and residual
+adds, binary points trainable; `fixed8_k2`: with 2-hot BatchNorm scales. Target: ≤ 1.5 × float.
+
+{table(["variant", "step (ms)", "÷ float"], rows)}
+"""
+    write_section("fixed_point", body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()
