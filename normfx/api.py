@@ -13,7 +13,7 @@ from normfx.passes import deploy_steps
 from normfx.passes.fold_convbn import ConvBNMode, bn_sites, fold_convbn
 from normfx.passes.swap_layernorm import layernorm_sites, swap_layernorm
 from normfx.report import PassResult, Report, Skip, SkipReason, attach_report
-from normfx.trace import regions, trace, untraceable_modules
+from normfx.trace import materialize, regions, trace, untraceable_modules
 
 __all__ = ["convbn", "deploy", "repbn", "freeze", "fixed_point", "calibrate", "run"]
 
@@ -31,9 +31,9 @@ def _prepare(model: nn.Module, inplace: bool) -> nn.Module:
     if inplace:
         # Tracing builds a new GraphModule around the same submodules: parameters are shared, so
         # the caller's modules are the ones transformed; the returned GraphModule is the model to use.
-        return trace(model)
+        return trace(model, _lazy=True)
     memo: dict[int, object] = {id(t): t for t in _tensors(model)}
-    out = trace(copy.deepcopy(model, memo))
+    out = trace(copy.deepcopy(model, memo), _lazy=True)
     out.__dict__["_normfx_shared"] = frozenset(id(t) for t in _tensors(model))
     return out
 
@@ -46,6 +46,7 @@ def _tensors(model: nn.Module) -> Iterator[torch.Tensor]:
 
 def _finish(out: nn.Module) -> nn.Module:
     """Clone every parameter/buffer ``out`` still shares with the caller's model (see ``_prepare``)."""
+    materialize(out)
     shared = out.__dict__.pop("_normfx_shared", None)
     if not shared:
         return out

@@ -104,9 +104,29 @@ def _trace_once(
     tracer = _Tracer(leaves, leaf_types)
     graph = tracer.trace(model)
     name = type(model).__name__
-    gm = fx.GraphModule(tracer.root, graph, name)
+    # Lazy code generation: a one-liner rewrites the graph right away, so generating the forward's
+    # code here would be thrown away; ``materialize`` generates it once, after the passes.
+    gm = _graph_module_cls()(tracer.root, graph, name)
     _restore_order(gm, model)
     return gm
+
+
+def _graph_module_cls() -> type[fx.GraphModule]:
+    try:
+        from torch.fx._lazy_graph_module import _LazyGraphModule
+    except ImportError:  # pragma: no cover - older torch: eager code generation
+        return fx.GraphModule
+    return _LazyGraphModule
+
+
+def materialize(model: nn.Module) -> nn.Module:
+    """Generate the code of every traced region whose graph changed (lazily traced ones included),
+    so the model runs, prints and pickles as a plain GraphModule would."""
+    for _, gm in regions(model):
+        real = getattr(gm, "real_recompile", None)
+        if real is not None:
+            real()
+    return model
 
 
 def _restore_order(gm: nn.Module, original: nn.Module) -> None:
@@ -174,7 +194,7 @@ def _sub_leaves(leaves: frozenset[str], prefix: str) -> frozenset[str]:
     return frozenset(q[len(p):] for q in leaves if q.startswith(p))
 
 
-def trace(model: nn.Module, *, leaf_modules: Sequence[str | type] = ()) -> nn.Module:
+def trace(model: nn.Module, *, leaf_modules: Sequence[str | type] = (), _lazy: bool = False) -> nn.Module:
     """Symbolically trace ``model`` with normfx's leaves; trace what can be traced.
 
     Args:
@@ -212,7 +232,7 @@ def trace(model: nn.Module, *, leaf_modules: Sequence[str | type] = ()) -> nn.Mo
     for f in failures:
         logger.info("untraceable module '%s' kept as is: %s", f.qualname or "<root>", f.reason)
     object.__setattr__(result, _UNTRACEABLE_ATTR, tuple((f.qualname, f.reason) for f in failures))
-    return result
+    return result if _lazy else materialize(result)
 
 
 def untraceable_modules(model: nn.Module) -> tuple[tuple[str, str], ...]:
