@@ -1,6 +1,6 @@
 """Training BatchNorm and only BatchNorm (Frankle, Schwab & Morcos, ICLR 2021) on scikit-learn's digits.
 
-    python examples/bn_only.py [--depth 14|32|56] [--epochs 30] [--out examples/out]
+    python examples/bn_only.py [--depth 14|32|56] [--epochs 15] [--out examples/out]
 
 A CIFAR-style ResNet (He et al. 2016: 3 stages of 16/32/64 channels, depth 6n + 2; convs at
 Kaiming-normal init) is trained four ways from the same initial weights and the same batches:
@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--depth", type=int, default=14, help="6n + 2: 14, 32, 56, ...")
-    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--wd", type=float, default=5e-4)

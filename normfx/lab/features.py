@@ -76,7 +76,7 @@ class DisabledFeatures:
         import numpy as np
 
         depths = len(self.layers)
-        lo = max(min((float(g.abs_gamma.min()) for g in self.layers if g.channels), default=1e-4), 1e-6)
+        lo = max(min([float(g.abs_gamma.min()) for g in self.layers if g.channels] + [self.threshold / 2]), 1e-6)
         hi = max((float(g.abs_gamma.max()) for g in self.layers if g.channels), default=1.0)
         bins = np.logspace(np.log10(lo), np.log10(max(hi, lo * 10)), 40)
         grid = np.stack([np.histogram(g.abs_gamma.clamp_min(lo).numpy(), bins=bins)[0] / max(g.channels, 1)
