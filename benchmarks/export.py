@@ -83,6 +83,7 @@ def main() -> None:
         return
 
     rounds, reps = (1, 20) if args.quick else (5, 50)
+    lat_rounds = 1 if args.quick else 11  # latency processes are cheap; the VM drifts between processes
     me = __file__
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -93,8 +94,9 @@ def main() -> None:
             for _ in range(rounds):
                 for v, p in paths.items():
                     exp[v].append(run_variant(me, "export", name, v, p)["export_s"])
-            for _ in range(rounds):
-                for v, p in paths.items():
+            for i in range(lat_rounds):
+                order = list(paths.items()) if i % 2 == 0 else list(paths.items())[::-1]  # who goes first alternates
+                for v, p in order:
                     lat[v].append(run_variant(me, "latency", p, str(reps))["latency_ms"])
             e = {v: statistics.median(x) for v, x in exp.items()}
             lt = {v: statistics.median(x) for v, x in lat.items()}
@@ -111,9 +113,11 @@ def main() -> None:
     body = f"""## Export (`benchmarks/export.py`)
 
 Machine: {machine()}; ONNX Runtime with {ORT_THREADS} intra-op threads. Each export and each latency
-measurement is its own process; the two variants alternate over {rounds} round(s); times are medians
-across rounds (latency: of per-process medians of {reps} runs at batch 1×3×224×224); ratios are
-medians of per-round ratios, [range over rounds]. The dynamo exporter's own optimizer already folds
+measurement is its own process; the two variants alternate over {rounds} export round(s) and
+{lat_rounds} latency round(s) (which variant runs first alternates too); times are medians across
+rounds (latency: of per-process medians of {reps} runs at batch 1×3×224×224); ratios are medians of
+per-round ratios, [range over rounds]. Both files have the same operators (normfx's weights come
+from the float64 fold), so the latency ratio measures the machine's noise around 1.0. The dynamo exporter's own optimizer already folds
 Conv+BatchNormalization in a bare export, so both files have no BatchNormalization node here; what
 normfx adds is the float64 fold, the sites the exporter's rewrite does not handle (ConvTranspose with
 groups, Linear+BatchNorm1d, BN before a conv, FrozenBatchNorm, Tune blocks) and the verification.

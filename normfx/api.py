@@ -33,9 +33,25 @@ def _prepare(model: nn.Module, inplace: bool) -> nn.Module:
         # the caller's modules are the ones transformed; the returned GraphModule is the model to use.
         return trace(model, _lazy=True)
     memo: dict[int, object] = {id(t): t for t in _tensors(model)}
-    out = trace(copy.deepcopy(model, memo), _lazy=True)
+    twin = copy.deepcopy(model, memo)
+    _own_parametrized_classes(twin)
+    out = trace(twin, _lazy=True)
     out.__dict__["_normfx_shared"] = frozenset(id(t) for t in _tensors(model))
     return out
+
+
+def _own_parametrized_classes(model: nn.Module) -> None:
+    """Give each parametrized module of a deep copy its own class. ``torch.nn.utils.parametrize``
+    keeps the parametrized properties on a per-module class that ``deepcopy`` shares between the
+    copy and the original, so removing a parametrization from the copy (a fold, a deploy step)
+    would delete the original's property too."""
+    from torch.nn.utils import parametrize
+
+    for m in model.modules():
+        if parametrize.is_parametrized(m):
+            cls = type(m)
+            ns = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+            m.__class__ = type(cls.__name__, cls.__bases__, ns)
 
 
 def _tensors(model: nn.Module) -> Iterator[torch.Tensor]:
@@ -252,8 +268,8 @@ def _check_keep(keep: Sequence[str] | str) -> set[str]:
 def fixed_point(model: nn.Module, *, bits: int = 8, int_bits: float | None = None,
                 rounding: str = "nearest_even", overflow: str = "saturate",
                 targets: Sequence[str] = ("weight", "bias", "activation", "norm", "add"),
-                per_channel: bool = False, k_hot: int | None = None, fold_bn: bool = False,
-                inplace: bool = False) -> nn.Module:
+                per_channel: bool = False, k_hot: int | None = None, k_hot_weights: bool = False,
+                fold_bn: bool = False, inplace: bool = False) -> nn.Module:
     """Insert trainable fixed-point casts (QFX): ``ap_fixed<bits, I, rounding, overflow>`` with a
     trainable binary point ``I`` on weights, biases, activations, BatchNorm and residual adds.
 
@@ -269,6 +285,7 @@ def fixed_point(model: nn.Module, *, bits: int = 8, int_bits: float | None = Non
         targets: which of ``"weight"``, ``"bias"``, ``"activation"``, ``"norm"``, ``"add"`` to cast.
         per_channel: one binary point per output channel for conv/linear weights.
         k_hot: BatchNorm scales become sums of at most K signed powers of two (shift-and-add).
+        k_hot_weights: conv/linear weights become K-hot too (needs ``k_hot``).
         fold_bn: fold BatchNorm into its conv first (``convbn(mode="deploy")``; the model must be in
             eval mode) and quantize the folded weights, instead of keeping a fixed-point BN.
         inplace: transform the caller's modules instead of a copy.
@@ -287,6 +304,8 @@ def fixed_point(model: nn.Module, *, bits: int = 8, int_bits: float | None = Non
         raise ValueError(f"bits must be in [2, 24], got {bits}")
     if k_hot is not None and not 1 <= int(k_hot) <= 4:
         raise ValueError(f"k_hot must be 1 to 4 terms, got {k_hot}")
+    if k_hot_weights and not k_hot:
+        raise ValueError("k_hot_weights=True needs k_hot=K (the number of signed powers of two)")
     rounding, overflow = fixed_mode(rounding, "rounding"), fixed_mode(overflow, "overflow")
     if fold_bn:
         model = convbn(model, mode="deploy", inplace=inplace)
@@ -294,7 +313,7 @@ def fixed_point(model: nn.Module, *, bits: int = 8, int_bits: float | None = Non
     out = _finish(_prepare(model, inplace))  # parametrizations own the weights: the copy must own them first
     _, report = run(out, "fixed_point", lambda gm: insert_fixed_point(
         gm, bits=int(bits), int_bits=int_bits, rounding=rounding, overflow=overflow, targets=tuple(targets),
-        per_channel=per_channel, k_hot=k_hot), fixed_point_sites)
+        per_channel=per_channel, k_hot=k_hot, k_hot_weights=k_hot_weights), fixed_point_sites)
     attach_report(out, report)
     return out
 

@@ -530,11 +530,12 @@ def _qdq_onnx(x, scale, qmin: int, qmax: int, axis: int):
         lo = op.Mul(scale, op.Constant(value_float=float(qmin)))
         hi = op.Mul(scale, op.Constant(value_float=float(qmax)))
         per_axis = scale.shape is not None and len(scale.shape) == 1
-        if per_axis:
+        if per_axis:  # Clip takes scalar bounds only: per-channel bounds broadcast through Max/Min
             rank = len(x.shape)
             shape = op.Constant(value_ints=[-1] + [1] * (rank - 1 - axis))
-            lo, hi = op.Reshape(lo, shape), op.Reshape(hi, shape)
-        x = op.Min(op.Max(x, lo), hi)
+            x = op.Min(op.Max(x, op.Reshape(lo, shape)), op.Reshape(hi, shape))
+        else:
+            x = op.Clip(x, lo, hi)
     zero = op.Cast(op.Mul(scale, op.Constant(value_float=0.0)), to=dt)
     q = op.QuantizeLinear(x, scale, zero, axis=axis)
     return op.DequantizeLinear(q, scale, zero, axis=axis)

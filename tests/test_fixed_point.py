@@ -254,11 +254,29 @@ def test_deploy_freezes_binary_points_and_keeps_the_numbers():
     assert not any(isinstance(m, FixedPoint) and m.trainable for m in d.modules())
     assert torch.equal(d(XQ), before)
     assert isinstance(d.bn1, FixedPointBatchNorm)          # never folded
-    # BN scales are 2-hot in eval
-    s = d.bn1.scale_q(d.bn1.scale_shift(XQ)[0])
-    f = int(d.bn1.scale_q.bits - d.bn1.scale_q.integer_bits().max())
-    table = k_hot_table(2, range(-f, 6 - f))
-    assert set(k_hot_project(s, table).tolist()) <= set(table.tolist())
+    # BN scales are 2-hot: at most two signed powers of two on the scale's grid
+    table = set(d.bn1.scale_q.k_hot_table().tolist())
+    assert set(d.bn1.deployed_scale.tolist()) <= table
+    assert all(len([b for b in _csd(v) if b]) <= 2 for v in d.bn1.deployed_scale.tolist())
+
+
+def _csd(v: float) -> list[int]:
+    """Non-adjacent form (canonical signed digits) of v·2^20: its non-zero digits are the minimum."""
+    n, digits = round(v * 2 ** 20), []
+    while n:
+        d = 0 if n % 2 == 0 else 2 - (n % 4)
+        digits.append(d)
+        n = (n - d) // 2
+    return digits
+
+
+def test_k_hot_weights():
+    q = normfx.fixed_point(_net(), bits=6, k_hot=2, k_hot_weights=True).eval()
+    w = q.conv2.weight
+    assert all(len([b for b in _csd(v) if b]) <= 2 for v in w.flatten().tolist())
+    assert len(set(w.flatten().tolist())) > 4
+    with pytest.raises(ValueError, match="k_hot_weights=True needs k_hot"):
+        normfx.fixed_point(_net(), k_hot_weights=True)
 
 
 def test_plain_bn_after_a_fixed_point_conv_is_not_folded():
@@ -308,7 +326,7 @@ def _mlp() -> nn.Module:
 
 
 @pytest.mark.parametrize("make,x,bits,kw", [
-    (_net, XQ, 6, dict(k_hot=2)),
+    (_net, XQ, 6, dict(k_hot=2, k_hot_weights=True)),
     (_net, XQ, 12, {}),
     (_mlp, torch.randn(8, 12), 8, dict(per_channel=True)),
 ], ids=["cnn_bn_add_6bit_2hot", "cnn_bn_add_12bit_int16", "mlp_8bit_per_channel"])

@@ -218,8 +218,11 @@ def test_composes_with_convbn_in_either_order():
 def test_survives_deploy():
     base = _resnet18().eval()
     m = normfx.freeze(base, keep=("head",), random=400).eval()
+    before = m(X)
     d = normfx.deploy(m)
     assert rel_err(d(X), base(X)) < DEPLOY_RTOL
+    assert torch.equal(m(X), before)  # deploy worked on a copy: the frozen model still runs as it did
+    assert any("parametrizations" in n for n, _ in m.named_parameters())
     assert not any("parametrizations" in n for n, _ in d.named_parameters())
     flags = {n: p.requires_grad for n, p in d.named_parameters()}
     assert flags["fc.weight"] and flags["fc.bias"]

@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from normfx.functional import OVERFLOW, ROUNDING, fixed_mode, integer_range, overflow_fixed, round_fixed
+from normfx.functional import (OVERFLOW, ROUNDING, fixed_mode, integer_range, k_hot_project, k_hot_table,
+                                overflow_fixed, round_fixed)
 
 __all__ = ["FixedPoint", "fixed_point_qdq", "exporting"]
 
@@ -113,6 +114,7 @@ class FixedPoint(nn.Module):
         self.register_buffer("observed_max", torch.zeros(channels))
         self.observing = False
         self.export_form = False
+        self.k_hot: int | None = None  # project the cast value to at most K signed powers of two
 
     @property
     def trainable(self) -> bool:
@@ -154,7 +156,24 @@ class FixedPoint(nn.Module):
         lo, hi = integer_range(self.bits, self.signed)
         if self.overflow == "saturate_sym" and self.signed:
             lo = -hi
-        return _FixedPointSTE.apply(x, step, lo, hi, self.bits, self.signed, self.rounding, self.overflow)
+        y = _FixedPointSTE.apply(x, step, lo, hi, self.bits, self.signed, self.rounding, self.overflow)
+        return self._k_hot(y) if self.k_hot else y
+
+    def k_hot_table(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """Every value with at most ``k_hot`` signed powers of two ``2^e`` on this cast's grid
+        (``e ≥ −F``) and within its range (per-channel casts: the union of their formats)."""
+        ib = self.integer_bits()
+        f, top = int(self.bits - ib.min()), int(ib.max())
+        table = k_hot_table(self.k_hot, range(-f, top), dtype=torch.float64)
+        lo, hi = integer_range(self.bits, self.signed)
+        if ib.numel() == 1:
+            step = 2.0 ** (top - self.bits)
+            table = table[(table >= lo * step) & (table <= hi * step)]
+        return table.to(dtype)
+
+    def _k_hot(self, y: torch.Tensor) -> torch.Tensor:
+        """Nearest K-hot value, straight-through in backward."""
+        return y + (k_hot_project(y.detach(), self.k_hot_table(y.dtype)) - y).detach()
 
     @torch.no_grad()
     def calibrate_from_observed(self, margin: float = 0.0) -> None:
@@ -192,5 +211,5 @@ class FixedPoint(nn.Module):
         ib = self.integer_bits()
         i = int(ib[0]) if ib.numel() == 1 else f"per-channel[{ib.numel()}]"
         return (f"bits={self.bits}, int_bits={i}, signed={self.signed}, rounding={self.rounding}, "
-                f"overflow={self.overflow}, trainable={self.trainable}")
+                f"overflow={self.overflow}, trainable={self.trainable}" + (f", k_hot={self.k_hot}" if self.k_hot else ""))
 

@@ -16,6 +16,7 @@ Sites and what each becomes:
 """
 from __future__ import annotations
 
+import copy
 import operator
 from typing import Sequence
 
@@ -26,7 +27,6 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
-from normfx.functional import k_hot_project, k_hot_table
 from normfx.match import bn_kind, is_conv_like
 from normfx.match import get_attr as getattr_path
 from normfx.nn.fixed_point import FixedPoint
@@ -63,6 +63,7 @@ class FixedPointBatchNorm(nn.BatchNorm2d):
         super().__init__(num_features, **kw)
         self.scale_q, self.shift_q = scale_q, shift_q
         self.k_hot = k_hot
+        self.scale_q.k_hot = k_hot
         self.register_buffer("deployed_scale", None)
         self.register_buffer("deployed_shift", None)
 
@@ -107,12 +108,7 @@ class FixedPointBatchNorm(nn.BatchNorm2d):
 
     def quantized_scale_shift(self, scale: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(ŝ, t̂)``: the fixed-point (and K-hot) scale and shift."""
-        s = self.scale_q(scale)
-        if self.k_hot:
-            f = int(self.scale_q.bits - self.scale_q.integer_bits().max())
-            table = k_hot_table(self.k_hot, range(-f, self.scale_q.bits - f), dtype=s.dtype)
-            s = s + (k_hot_project(s.detach(), table) - s).detach()   # straight-through
-        return s, self.shift_q(shift)
+        return self.scale_q(scale), self.shift_q(shift)   # scale_q.k_hot projects the scale
 
     @torch.no_grad()
     def bake(self) -> None:
@@ -186,7 +182,7 @@ def _tensor_nodes(gm: fx.GraphModule) -> set[fx.Node]:
 def insert_fixed_point(gm: fx.GraphModule, *, bits: int = 8, int_bits: float | None = None,
                        rounding: str = "nearest_even", overflow: str = "saturate",
                        targets: Sequence[str] = TARGETS, per_channel: bool = False,
-                       k_hot: int | None = None) -> PassResult:
+                       k_hot: int | None = None, k_hot_weights: bool = False) -> PassResult:
     """Insert the casts in ``gm`` (in place); see the module docstring for the sites."""
     targets = set(targets)
     changes: list[Change] = []
@@ -220,6 +216,8 @@ def insert_fixed_point(gm: fx.GraphModule, *, bits: int = 8, int_bits: float | N
                     out = m.weight.shape[0]
                     q = _q(bits, int_bits, rounding, overflow, channels=out if per else 1, axis=0)
                     _init_from(q, getattr(m, t), per)
+                    if k_hot_weights and t == "weight":
+                        q.k_hot = k_hot
                     keep_state_dict_keys(m)
                     parametrize.register_parametrization(m, t, q, unsafe=True)
                     changes.append(Change(f"{node.target}.{t}", "cast", q.extra_repr()))
@@ -278,6 +276,19 @@ def freeze_binary_points(gm: fx.GraphModule) -> PassResult:
             del m.int_bits
             m.register_buffer("int_bits", value)
             changes.append(Change(name, "freeze", m.hls_type()))
+    for name, m in list(gm.named_modules()):
+        for t, plist in (list(m.parametrizations.items()) if parametrize.is_parametrized(m) else []):
+            q = plist[0]
+            if len(plist) == 1 and isinstance(q, FixedPoint) and q.k_hot:
+                # Bake the K-hot projection (a table lookup ONNX has no op for) into the weight; the
+                # cast stays (on K-hot values it is the identity), so the export still writes Q/DQ.
+                value = getattr(m, t).detach().clone()
+                parametrize.remove_parametrizations(m, t, leave_parametrized=False)
+                setattr(m, t, nn.Parameter(value, requires_grad=False))
+                plain = copy.deepcopy(q)
+                plain.k_hot = None
+                parametrize.register_parametrization(m, t, plain, unsafe=True)
+                changes.append(Change(f"{name}.{t}", "bake", f"{q.k_hot}-hot weights"))
     for name, m in gm.named_modules():
         if isinstance(m, FixedPointBatchNorm) and m.deployed_scale is None and m.track_running_stats:
             m.bake()
