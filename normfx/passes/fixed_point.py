@@ -87,8 +87,7 @@ class FixedPointBatchNorm(nn.BatchNorm2d):
         """Per-channel ``(scale, shift)`` of the float BatchNorm (batch statistics in training)."""
         dims = [d for d in range(x.dim()) if d != 1]
         if self.training or not self.track_running_stats:
-            mean = x.mean(dims)
-            var = x.var(dims, unbiased=False)
+            var, mean = torch.var_mean(x, dims, unbiased=False)
             if self.training and self.track_running_stats:
                 with torch.no_grad():
                     n = x.numel() / x.shape[1]
