@@ -48,13 +48,14 @@ class _FixedPointSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, step, lo: int, hi: int, bits: int, signed: bool, rounding: str, overflow: str):
-        v = x / step
+        v = x * (1.0 / step)                      # exact: step is a power of two
         m = torch.round(v) if rounding == "nearest_even" else round_fixed(v, rounding)
-        inside = (m >= lo) & (m <= hi)
         sat = m.clamp(lo, hi)
+        inside = sat == m
         out = sat if overflow in ("saturate", "saturate_sym") else overflow_fixed(m, bits, signed, overflow)
         if ctx.needs_input_grad[1]:
-            ctx.save_for_backward(inside, torch.where(inside, m - v, sat))
+            # ∂x̂/∂s: m − v = sat − v in range, sat outside
+            ctx.save_for_backward(inside, torch.addcmul(sat, v, inside, value=-1))
         else:
             ctx.save_for_backward(inside)
         ctx.step_shape = step.shape
@@ -155,22 +156,9 @@ class FixedPoint(nn.Module):
         lo, hi = integer_range(self.bits, self.signed)
         if self.overflow == "saturate_sym" and self.signed:
             lo = -hi
-        if self.rounding == "nearest_even" and self.overflow in ("saturate", "saturate_sym") \
-                and x.dtype == torch.float32:
-            # torch's fused learnable fake-quantize kernels compute exactly this cast (round half to
-            # even, saturate; the power-of-two scale makes x/s exact) with the same straight-through
-            # gradients (LSQ: m − x/s in range, the bound outside) in one pass each way.
-            y = self._fused(x, torch.exp2(ib - self.bits), lo, hi)
-        else:
-            step = torch.exp2(self._view(ib, x) - self.bits).to(x.dtype)  # s = 2^-F
-            y = _FixedPointSTE.apply(x, step, lo, hi, self.bits, self.signed, self.rounding, self.overflow)
+        step = torch.exp2(self._view(ib, x) - self.bits).to(x.dtype)  # s = 2^-F
+        y = _FixedPointSTE.apply(x, step, lo, hi, self.bits, self.signed, self.rounding, self.overflow)
         return self._k_hot(y) if self.k_hot else y
-
-    def _fused(self, x: torch.Tensor, step: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        zero = torch.zeros_like(step, requires_grad=False)
-        if step.numel() == 1:
-            return torch._fake_quantize_learnable_per_tensor_affine(x, step.reshape(1), zero.reshape(1), lo, hi, 1.0)
-        return torch._fake_quantize_learnable_per_channel_affine(x, step, zero, self.axis % x.dim(), lo, hi, 1.0)
 
     def k_hot_table(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """Every value with at most ``k_hot`` signed powers of two ``2^e`` on this cast's grid
