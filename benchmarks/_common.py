@@ -26,6 +26,17 @@ def run_variant(script: str, *args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def parse_args(doc: str | None) -> "argparse.Namespace":
+    """The benchmarks' shared command line: ``--quick`` (one round, a smoke run) and the hidden
+    ``--child ARGS`` with which ``run_variant`` starts a variant in its own process."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="one round with fewer repeats (a smoke run)")
+    ap.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
+    return ap.parse_args()
+
+
 def machine() -> str:
     return (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "

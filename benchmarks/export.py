@@ -10,7 +10,6 @@ thread count fixed, at batch 1.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -70,12 +69,9 @@ def child_latency(path: str, reps: int) -> dict:
 
 
 def main() -> None:
-    from _common import machine, ratio_cell as _ratio_cell, run_variant, table, write_section
+    from _common import machine, parse_args, ratio_cell as _ratio_cell, run_variant, table, write_section
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = parse_args(__doc__)
     if args.child is not None:
         kind, *rest = args.child
         res = child_export(*rest) if kind == "export" else child_latency(rest[0], int(rest[1]))

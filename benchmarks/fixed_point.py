@@ -10,7 +10,6 @@ with 2-hot BatchNorm scales. Target: ≤ 1.5 × the float step.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -51,12 +50,9 @@ def child(variant: str, steps: int) -> dict:
 
 
 def main() -> None:
-    from _common import machine, ratio_cell, run_variant, table, write_section
+    from _common import machine, parse_args, ratio_cell, run_variant, table, write_section
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = parse_args(__doc__)
     if args.child is not None:
         print(json.dumps(child(args.child[0], int(args.child[1]))))
         return

@@ -11,7 +11,6 @@ too: it bounds the saving.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -99,12 +98,9 @@ def child_latency(name: str, variant: str, engine: str, path: str, reps: int) ->
 
 
 def main() -> None:
-    from _common import machine, ratio_cell, run_variant, table, write_section
+    from _common import machine, parse_args, ratio_cell, run_variant, table, write_section
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = parse_args(__doc__)
     if args.child is not None:
         kind, *rest = args.child
         res = child_export(*rest) if kind == "export" else child_latency(*rest[:4], int(rest[4]))
