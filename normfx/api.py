@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import copy
-from typing import Callable, Iterable, Iterator, Literal, Sequence
+from typing import Callable, Iterable, Literal, Sequence
 
 import torch
 
 import torch.fx as fx
 import torch.nn as nn
 
+from normfx.match import module_tensors
 from normfx.passes import deploy_steps
 from normfx.passes.fold_convbn import ConvBNMode, bn_sites, fold_convbn
 from normfx.passes.swap_layernorm import layernorm_sites, swap_layernorm
@@ -32,11 +33,11 @@ def _prepare(model: nn.Module, inplace: bool) -> nn.Module:
         # Tracing builds a new GraphModule around the same submodules: parameters are shared, so
         # the caller's modules are the ones transformed; the returned GraphModule is the model to use.
         return trace(model, _lazy=True)
-    memo: dict[int, object] = {id(t): t for t in _tensors(model)}
+    memo: dict[int, object] = {id(t): t for t in module_tensors(model)}
     twin = copy.deepcopy(model, memo)
     _own_parametrized_classes(twin)
     out = trace(twin, _lazy=True)
-    out.__dict__["_normfx_shared"] = frozenset(id(t) for t in _tensors(model))
+    out.__dict__["_normfx_shared"] = frozenset(id(t) for t in module_tensors(model))
     return out
 
 
@@ -52,12 +53,6 @@ def _own_parametrized_classes(model: nn.Module) -> None:
             cls = type(m)
             ns = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
             m.__class__ = type(cls.__name__, cls.__bases__, ns)
-
-
-def _tensors(model: nn.Module) -> Iterator[torch.Tensor]:
-    for m in model.modules():
-        yield from (t for t in m._parameters.values() if t is not None)
-        yield from (t for t in m._buffers.values() if t is not None)
 
 
 def _finish(out: nn.Module) -> nn.Module:

@@ -18,7 +18,7 @@ from normfx.trace import is_frozen_bn
 
 __all__ = [
     "module_uses", "bn_kind", "is_conv_like", "is_plain_conv", "BNKind",
-    "get_attr", "set_module", "set_param", "forward_source_has",
+    "get_attr", "set_module", "set_param", "forward_source_has", "module_tensors",
 ]
 
 BNKind = Literal["plain", "norm_act"]
@@ -88,6 +88,11 @@ def set_module(gm: nn.Module, qualname: str, module: nn.Module) -> None:
     """Put ``module`` at ``qualname`` (the graph's nodes that call that name now call it)."""
     parent, _, name = qualname.rpartition(".")
     setattr(gm.get_submodule(parent) if parent else gm, name, module)
+
+
+def module_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """Every parameter and buffer object of ``model`` (tied ones once per holder)."""
+    return [t for m in model.modules() for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
 
 
 def set_param(module: nn.Module, name: str, value: torch.Tensor, *, requires_grad: bool) -> None:

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
-from normfx.match import is_conv_like, set_param
+from normfx.match import is_conv_like, module_tensors, set_param
 from normfx.nn.freeze import RandomEntries, add_random_entries, keep_eval, random_entries
 from normfx.nn.repbn import ProgressiveRepBN, RepBN
 from normfx.report import Change, PassResult, Skip, SkipReason
@@ -206,7 +206,7 @@ def trainable_summary(model: nn.Module) -> TrainableSummary:
         >>> s.by_role["norm"], s.trainable
         (9600, 9600)
     """
-    traced = model if _is_traced(model) else trace(copy.deepcopy(model, _share_tensors(model)))
+    traced = model if _is_traced(model) else trace(copy.deepcopy(model, {id(t): t for t in module_tensors(model)}))
     heads, _ = head_layers(traced)
     roles = param_roles(traced, heads)
     # Names are the same in the copy; requires_grad is read from the model itself.
@@ -215,15 +215,6 @@ def trainable_summary(model: nn.Module) -> TrainableSummary:
 
 def _is_traced(model: nn.Module) -> bool:
     return isinstance(model, fx.GraphModule) or bool(untraceable_modules(model))
-
-
-def _share_tensors(model: nn.Module) -> dict[int, object]:
-    memo: dict[int, object] = {}
-    for m in model.modules():
-        for t in (*m._parameters.values(), *m._buffers.values()):
-            if t is not None:
-                memo[id(t)] = t
-    return memo
 
 
 def frozen_entries(model: nn.Module, roles: dict[str, frozenset[str]], keep: set[str]) -> list[tuple[str, nn.Parameter]]:
