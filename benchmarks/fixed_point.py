@@ -56,7 +56,7 @@ def main() -> None:
     if args.child is not None:
         print(json.dumps(child(args.child[0], int(args.child[1]))))
         return
-    rounds, steps = (1, 5) if args.quick else (5, 10)
+    rounds, steps = (1, 5) if args.quick else (7, 15)
     runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     for _ in range(rounds):
         for v in VARIANTS:

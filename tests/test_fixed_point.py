@@ -2,6 +2,7 @@
 straight-through gradients of the binary point, calibration, and K-hot (CSD) projection."""
 from __future__ import annotations
 
+import copy
 import math
 from fractions import Fraction
 
@@ -10,7 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from normfx.functional import (OVERFLOW, ROUNDING, csd_terms, fixed_point_cast, k_hot_project, k_hot_table)
+from normfx.functional import (OVERFLOW, ROUNDING, csd_terms, fixed_point_cast, integer_range, k_hot_project,
+                               k_hot_table)
 from normfx.nn.fixed_point import FixedPoint
 
 
@@ -103,6 +105,32 @@ def test_module_forward_equals_the_cast(rounding, overflow):
     q = FixedPoint(6, None, rounding=rounding, overflow=overflow, init_int_bits=2.4)  # rounds to I = 2
     x = torch.linspace(-5, 5, 1001)
     assert torch.equal(q(x), fixed_point_cast(x, 6, 2, rounding=rounding, overflow=overflow))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bits", [2, 5, 8, 16, 22, 23, 24])
+@pytest.mark.parametrize("signed,overflow", [(True, "saturate"), (True, "saturate_sym"), (False, "saturate")])
+@pytest.mark.parametrize("grad", [True, False])
+@pytest.mark.parametrize("scalar_step", [True, False])
+def test_module_forward_is_exact_on_ties_and_far_out_of_range(dtype, bits, signed, overflow, grad, scalar_step,
+                                                              monkeypatch):
+    """The module's forward (including its shortcut for round-to-nearest-even) against the
+    reference cast: every tie, the range edges, values far beyond the word (up to ±inf)."""
+    if not scalar_step:
+        monkeypatch.setattr("normfx.nn.fixed_point._SCALAR_STEP_DEVICES", set())
+    i = 3
+    s = 2.0 ** (i - bits)
+    k = torch.arange(-(2 ** min(bits, 12)) - 3, 2 ** min(bits, 12) + 3, dtype=torch.float64)
+    edges = torch.tensor([2.0 ** (bits - 1), 2.0 ** bits, 2.0 ** 22, 2.0 ** 23, 2.0 ** 30, 1e30], dtype=torch.float64)
+    v = torch.cat([k, k + 0.5, k + 0.25, k - 0.5, edges, -edges, edges - 0.5, -edges + 0.5, -edges - 0.5])
+    x = (v * s).to(dtype)
+    q = FixedPoint(bits, None, signed=signed, overflow=overflow, init_int_bits=i)
+    got = q(x.clone().requires_grad_(grad)).detach()
+    assert torch.equal(got, fixed_point_cast(x, bits, i, signed=signed, overflow=overflow))
+    lo, hi = integer_range(bits, signed)
+    lo = -hi if overflow == "saturate_sym" and signed else lo
+    inf = q(torch.tensor([float("inf"), -float("inf")], dtype=dtype, requires_grad=grad)).detach()
+    assert inf.tolist() == [hi * s, lo * s]                         # infinities saturate
 
 
 def _int_bits_grad(q: FixedPoint, x: torch.Tensor) -> float:
@@ -224,6 +252,44 @@ def test_pass_sites_keys_and_training():
     q2 = normfx.fixed_point(_ResBlockNet(), bits=8)
     q2.load_state_dict(base.state_dict(), strict=False)
     q2.load_state_dict(q.state_dict())
+
+
+@pytest.mark.parametrize("shape,momentum", [((6, 5, 4, 4), 0.1), ((7, 5), None), ((3, 5, 6), 0.3)])
+def test_batchnorm_training_matches_plain_autograd_and_updates_stats_like_batchnorm(shape, momentum):
+    """The training path (fused statistics and multiply-add kernels) against the formula written
+    with plain autograd ops: same output up to a fused multiply-add's last bit, same gradients for
+    the input, γ, β and both binary points, and running statistics updated as nn.BatchNorm does."""
+    torch.manual_seed(0)
+    kind = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d}[len(shape)]
+    ref_bn = kind(5, momentum=momentum)
+    with torch.no_grad():
+        ref_bn.weight.uniform_(0.5, 2.0)
+        ref_bn.bias.uniform_(-1.0, 1.0)
+    fq = FixedPointBatchNorm.from_bn(copy.deepcopy(ref_bn), scale_q=FixedPoint(8, None, init_int_bits=2.0),
+                                     shift_q=FixedPoint(8, None, init_int_bits=3.0), k_hot=None).train()
+    twin = copy.deepcopy(fq)
+    view = (1, -1) + (1,) * (len(shape) - 2)
+    for _ in range(3):
+        x = (torch.randn(shape) * 2 + 0.5).requires_grad_()
+        w = torch.randn(shape)
+        y = fq(x)
+        (y * w).sum().backward()
+        ref_bn(x.detach())                                   # running statistics as BatchNorm keeps them
+        x2 = x.detach().clone().requires_grad_()
+        var, mean = torch.var_mean(x2, [d for d in range(x2.dim()) if d != 1], unbiased=False)
+        scale = torch.rsqrt(var + twin.eps) * twin.weight
+        s, t = twin.quantized_scale_shift(scale, twin.bias - mean * scale)
+        y2 = x2 * s.view(view) + t.view(view)
+        (y2 * w).sum().backward()
+        assert rel_err(y, y2) < 1e-6
+        assert torch.allclose(x.grad, x2.grad, rtol=1e-4, atol=1e-5)
+        for a, b in [(fq.weight, twin.weight), (fq.bias, twin.bias), (fq.scale_q.int_bits, twin.scale_q.int_bits),
+                     (fq.shift_q.int_bits, twin.shift_q.int_bits)]:
+            assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-4)
+            a.grad = b.grad = None
+        assert torch.allclose(fq.running_mean, ref_bn.running_mean, rtol=1e-6, atol=1e-7)
+        assert torch.allclose(fq.running_var, ref_bn.running_var, rtol=1e-6, atol=1e-7)
+        assert fq.num_batches_tracked == ref_bn.num_batches_tracked
 
 
 def test_wide_words_track_the_float_model_and_caller_untouched():
@@ -392,14 +458,20 @@ def _reference_ste(x, int_bits, bits, axis, rounding, overflow, signed=True):
 @pytest.mark.parametrize("rounding,overflow", [("nearest_even", "saturate"), ("floor", "wrap"),
                                                ("half_away", "saturate_zero"), ("trunc", "saturate_sym")])
 @pytest.mark.parametrize("channels", [1, 4])
-def test_fused_gradients_equal_the_plain_autograd_formulation(rounding, overflow, channels):
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("scalar_step", [True, False])
+def test_fused_gradients_equal_the_plain_autograd_formulation(rounding, overflow, channels, signed, scalar_step,
+                                                              monkeypatch):
+    if not scalar_step:   # the path accelerators take: the step stays a tensor
+        monkeypatch.setattr("normfx.nn.fixed_point._SCALAR_STEP_DEVICES", set())
     x = (torch.randn(3, 4, 5, 5) * 3).requires_grad_()
-    q = FixedPoint(5, None, rounding=rounding, overflow=overflow, channels=channels, axis=1, init_int_bits=1.6)
+    q = FixedPoint(5, None, rounding=rounding, overflow=overflow, channels=channels, axis=1, init_int_bits=1.6,
+                   signed=signed)
     w = torch.randn(3, 4, 5, 5)
     (q(x) * w).sum().backward()
     gx, gi = x.grad.clone(), q.int_bits.grad.clone()
     x.grad = None
     ib = q.int_bits.detach().clone().requires_grad_()
-    (_reference_ste(x, ib, 5, 1, rounding, overflow) * w).sum().backward()
+    (_reference_ste(x, ib, 5, 1, rounding, overflow, signed) * w).sum().backward()
     assert torch.equal(gx, x.grad)
     assert torch.allclose(gi, ib.grad, rtol=1e-5, atol=1e-5)

@@ -16,6 +16,8 @@ channel along ``axis``. While ``observing`` the cast records ``max |x|`` (per ch
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -42,38 +44,101 @@ def _(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, axis: int) -> 
     return torch.empty_like(x)
 
 
+_htb = torch.ops.aten.hardtanh_backward.default        # grad where lo < self < hi, else 0
+_htb_out = torch.ops.aten.hardtanh_backward.grad_input  # the same into a given tensor
+_LN2 = math.log(2.0)
+# Where a per-tensor binary point is read into a Python float (no tensor ops per call; on an
+# accelerator that read would synchronize, so the step stays a tensor there).
+_SCALAR_STEP_DEVICES = {"cpu"}
+# 1.5·2^p (p = significand bits − 1): for |v| < 2^(p−1), (v + C) − C is v rounded to an integer, half
+# to even, in two IEEE additions (the sum's spacing is exactly 1). Scaled by the step s it rounds to
+# a multiple of s.
+# Exact while in-range values stay below 2^(p−1): words of up to 22 bits in float32, 51 in float64.
+_ROUND_CONST = {torch.float32: (1.5 * 2.0 ** 23, 22), torch.float64: (1.5 * 2.0 ** 52, 51)}
+
+
 class _FixedPointSTE(torch.autograd.Function):
-    """The cast with its straight-through gradients in one node (few elementwise passes):
-    ``∂x̂/∂x = 1`` in range, 0 outside; ``∂x̂/∂s = m − x/s`` in range, ``m_sat`` outside."""
+    """The whole cast, binary point included, as one autograd node:
+    ``I = round(int_bits)`` (straight-through), ``s = 2^(I − W)``, ``x̂ = O(Q(x/s))·s``;
+    ``∂x̂/∂x = 1`` in range, 0 outside; ``∂x̂/∂s = m − x/s`` in range, ``m_sat`` outside;
+    ``∂s/∂int_bits = s·ln 2``.
+
+    Written for CPU time, which memory passes and per-op overhead dominate: one saved tensor, two
+    fresh allocations in forward and one in backward, no boolean masks (a bool tensor and its
+    promotion back to float cost several float ops each), and no autograd graph for the binary
+    point. The saved ``r`` (in units ``u``: the step, or 1) encodes both gradients: ``r = m − x/s``
+    in range (``|r| < u``, for every rounding mode) and ``r = m_sat`` outside (``|r| ≥ u`` for signed
+    types of 2+ bits; an unsigned value below range, whose ``m_sat`` is 0, is stored as ``−u`` and
+    contributes 0 to ``∂x̂/∂s``). So ``∂x̂/∂x = [−u < r < u]``.
+
+    Per-tensor casts on CPU in float32/float64 that round to nearest-even and saturate (the
+    defaults, and what ONNX expresses) take a shorter path: ``(x + C·s) − C·s`` rounds to the grid
+    in two passes, with no division, ``round`` or rescaling; every other case computes
+    ``v = x/s``, rounds and clamps ``v``, and rescales.
+    """
 
     @staticmethod
-    def forward(ctx, x, step, lo: int, hi: int, bits: int, signed: bool, rounding: str, overflow: str):
-        v = x * (1.0 / step)                      # exact: step is a power of two
-        m = torch.round(v) if rounding == "nearest_even" else round_fixed(v, rounding)
-        sat = m.clamp(lo, hi)
-        inside = sat == m
-        out = sat if overflow in ("saturate", "saturate_sym") else overflow_fixed(m, bits, signed, overflow)
-        if ctx.needs_input_grad[1]:
-            # ∂x̂/∂s: m − v = sat − v in range, sat outside
-            ctx.save_for_backward(inside, torch.addcmul(sat, v, inside, value=-1))
+    def forward(ctx, x, int_bits, lo: int, hi: int, bits: int, signed: bool, rounding: str, overflow: str,
+                axis: int):
+        need = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        saturating = overflow in ("saturate", "saturate_sym")
+        lo_mark = lo - 1 if lo == 0 and need else lo   # unsigned: the below-range marker
+        if int_bits.numel() == 1 and x.device.type in _SCALAR_STEP_DEVICES:
+            step = 2.0 ** (round(float(int_bits)) - bits)   # a Python float: no tensor ops per call
+        else:                                     # per channel along axis, or on an accelerator (no sync)
+            step = torch.exp2(torch.round(int_bits) - bits).to(x.dtype)
+            shape = [1] * x.dim()
+            if step.numel() > 1:
+                shape[axis] = -1
+            step = step.reshape(shape if step.numel() > 1 else ())
+        const, max_bits = _ROUND_CONST.get(x.dtype, (0.0, 0))
+        if isinstance(step, float) and saturating and rounding == "nearest_even" and bits <= max_bits:
+            c = const * step
+            y = x + c
+            y.sub_(c)                                           # round(x/s)·s, not yet clamped
+            out = y.clamp(lo_mark * step, hi * step)
+            if need:
+                xin = _htb_out(x, y, (lo - 0.5) * step, (hi + 0.5) * step, grad_input=y)  # x in range, else 0
+                ctx.save_for_backward(torch.sub(out, xin, out=xin))                       # r·s
+            unit = step
         else:
-            ctx.save_for_backward(inside)
-        ctx.step_shape = step.shape
-        return out * step
+            v = x * (1.0 / step)                  # exact: step is a power of two
+            m = torch.round(v) if rounding == "nearest_even" else round_fixed(v, rounding)
+            out = m if saturating else overflow_fixed(m, bits, signed, overflow)
+            if need:
+                r = _htb_out(v, m, lo - 0.5, hi + 0.5, grad_input=v)   # v in range, 0 outside
+                m.clamp_(lo_mark, hi)                                   # m_sat, with the marker
+                ctx.save_for_backward(torch.sub(m, r, out=r))
+            elif saturating:
+                out.clamp_(lo, hi)
+            out.mul_(step)
+            unit = 1.0
+        if saturating and lo_mark != lo:
+            out.clamp_(min=0)                     # the marker was only for r
+        ctx.unsigned, ctx.int_bits_dtype, ctx.step, ctx.unit = lo == 0, int_bits.dtype, step, unit
+        return out
 
     @staticmethod
     def backward(ctx, g):
-        inside, *rest = ctx.saved_tensors
-        gx = g * inside if ctx.needs_input_grad[0] else None
-        gs = None
+        (r,) = ctx.saved_tensors
+        step, u = ctx.step, ctx.unit
+        per_tensor = not isinstance(step, torch.Tensor) or step.dim() == 0
+        gx = gi = None
         if ctx.needs_input_grad[1]:
-            gs = g * rest[0]
-            shape = ctx.step_shape   # () or x's rank with the channel axis kept (see FixedPoint._view)
-            if len(shape) == 0:
-                gs = gs.sum()
+            rr = _htb(r, r, -u, float("inf")) if ctx.unsigned else r   # the −u markers count 0
+            if per_tensor and g.is_contiguous() and rr.is_contiguous():
+                gs = torch.dot(g.reshape(-1), rr.reshape(-1))
+            elif per_tensor:
+                gs = (g * rr).sum()
             else:
-                gs = gs.sum(dim=[d for d, n in enumerate(shape) if n == 1], keepdim=True)
-        return gx, gs, None, None, None, None, None, None
+                gs = (g * rr).sum(dim=[d for d, n in enumerate(step.shape) if n == 1], keepdim=True)
+            # ∂/∂int_bits = Σ g·r·(s/u)·ln 2
+            gi = (gs * (_LN2 * step / u)).reshape(-1).to(ctx.int_bits_dtype)   # int_bits' (channels,)
+            if ctx.needs_input_grad[0] and rr is not r:
+                gx = _htb_out(g, r, -u, u, grad_input=rr)   # reuse the temporary
+        if ctx.needs_input_grad[0] and gx is None:
+            gx = _htb(g, r, -u, u)
+        return gx, gi, None, None, None, None, None, None, None
 
 
 class exporting:  # noqa: N801 - a context manager used like a function
@@ -125,13 +190,6 @@ class FixedPoint(nn.Module):
     def per_channel(self) -> bool:
         return self.int_bits.numel() > 1
 
-    def _view(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if t.numel() == 1:
-            return t.reshape(())
-        shape = [1] * x.dim()
-        shape[self.axis] = -1
-        return t.reshape(shape)
-
     def integer_bits(self) -> torch.Tensor:
         """``I`` as used in the forward: ``int_bits`` rounded (half away from zero)."""
         return torch.round(self.int_bits.detach())
@@ -151,13 +209,11 @@ class FixedPoint(nn.Module):
             step = torch.exp2(self.integer_bits() - self.bits).to(x.dtype)
             step = step.reshape(()) if step.numel() == 1 else step
             return fixed_point_qdq(x, step, lo, hi, self.axis % x.dim())
-        ib = self.int_bits
-        ib = ib + (torch.round(ib) - ib).detach()                  # straight-through rounding of I
         lo, hi = integer_range(self.bits, self.signed)
         if self.overflow == "saturate_sym" and self.signed:
             lo = -hi
-        step = torch.exp2(self._view(ib, x) - self.bits).to(x.dtype)  # s = 2^-F
-        y = _FixedPointSTE.apply(x, step, lo, hi, self.bits, self.signed, self.rounding, self.overflow)
+        y = _FixedPointSTE.apply(x, self.int_bits, lo, hi, self.bits, self.signed, self.rounding, self.overflow,
+                                 self.axis % x.dim())
         return self._k_hot(y) if self.k_hot else y
 
     def k_hot_table(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -165,12 +221,18 @@ class FixedPoint(nn.Module):
         (``e ≥ −F``) and within its range (per-channel casts: the union of their formats)."""
         ib = self.integer_bits()
         f, top = int(self.bits - ib.min()), int(ib.max())
+        key = (self.k_hot, f, top, ib.numel() == 1, self.bits, self.signed, dtype, self.int_bits.device)
+        cached = self.__dict__.get("_k_hot_cache")
+        if cached is not None and cached[0] == key:   # the binary point moves rarely: reuse the table
+            return cached[1]
         table = k_hot_table(self.k_hot, range(-f, top), dtype=torch.float64)
         lo, hi = integer_range(self.bits, self.signed)
         if ib.numel() == 1:
             step = 2.0 ** (top - self.bits)
             table = table[(table >= lo * step) & (table <= hi * step)]
-        return table.to(dtype)
+        table = table.to(device=self.int_bits.device, dtype=dtype)
+        self.__dict__["_k_hot_cache"] = (key, table)
+        return table
 
     def _k_hot(self, y: torch.Tensor) -> torch.Tensor:
         """Nearest K-hot value, straight-through in backward."""

@@ -85,16 +85,14 @@ class FixedPointBatchNorm(nn.BatchNorm2d):
 
     def scale_shift(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel ``(scale, shift)`` of the float BatchNorm (batch statistics in training)."""
-        dims = [d for d in range(x.dim()) if d != 1]
         if self.training or not self.track_running_stats:
-            var, mean = torch.var_mean(x, dims, unbiased=False)
-            if self.training and self.track_running_stats:
-                with torch.no_grad():
-                    n = x.numel() / x.shape[1]
-                    self.num_batches_tracked.add_(1)
-                    m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                    self.running_mean.mul_(1 - m).add_(m * mean.detach())
-                    self.running_var.mul_(1 - m).add_(m * var.detach() * n / max(n - 1, 1))
+            update = self.training and self.track_running_stats
+            m = 0.0
+            if update:
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+            mean, var = _BatchStats.apply(x, self.running_mean if update else None,
+                                          self.running_var if update else None, m)
         else:
             mean, var = self.running_mean, self.running_var
         scale = torch.rsqrt(var + self.eps)
@@ -130,8 +128,43 @@ class FixedPointBatchNorm(nn.BatchNorm2d):
             if self.training:
                 self.deployed_scale = self.deployed_shift = None
             s, t = self.quantized_scale_shift(*self.scale_shift(x))
+            if self.training and x.dim() <= 5 and s.dtype == x.dtype:
+                # x·ŝ + t̂ through torch's fused BatchNorm kernel with identity statistics (ε = 0):
+                # one pass forward and one backward; values may differ from the separate Mul/Add in
+                # the last bit (a fused multiply-add), which only the eval graph must reproduce.
+                return F.batch_norm(x, s.new_zeros(s.shape), s.new_ones(s.shape), s, t, False, 0.0, 0.0)
         view = (1, -1) + (1,) * (x.dim() - 2)
         return x * s.view(view) + t.view(view)
+
+
+class _BatchStats(torch.autograd.Function):
+    """Per-channel batch mean and biased variance over every axis but 1, and, when running
+    statistics are given, their in-place update as BatchNorm does it (unbiased variance, momentum)
+    — one pass through torch's BatchNorm statistics kernel. Backward in one pass:
+    ``∂/∂x = ḡ_μ/n + 2·ḡ_σ²·(x − μ)/n``."""
+
+    @staticmethod
+    def forward(ctx, x, running_mean, running_var, momentum: float):
+        if running_mean is not None and running_mean.dtype != x.dtype:
+            var, mean = torch.var_mean(x, [d for d in range(x.dim()) if d != 1], unbiased=False)
+            with torch.no_grad():
+                n = x.numel() / x.shape[1]
+                running_mean.mul_(1 - momentum).add_(momentum * mean.to(running_mean.dtype))
+                running_var.mul_(1 - momentum).add_(momentum * var.to(running_var.dtype) * n / max(n - 1, 1))
+        else:
+            mean, var = torch.batch_norm_update_stats(x, running_mean, running_var, momentum)
+        ctx.save_for_backward(x, mean)
+        return mean, var
+
+    @staticmethod
+    def backward(ctx, g_mean, g_var):
+        x, mean = ctx.saved_tensors
+        n = x.numel() / x.shape[1]
+        g_mean = torch.zeros_like(mean) if g_mean is None else g_mean
+        a = torch.zeros_like(mean) if g_var is None else g_var * (2.0 / n)
+        b = g_mean / n - a * mean
+        view = (1, -1) + (1,) * (x.dim() - 2)
+        return torch.addcmul(b.view(view), x, a.view(view)), None, None, None
 
 
 def _q(bits: int, int_bits: float | None, rounding: str, overflow: str, *, signed: bool = True,
