@@ -26,14 +26,17 @@ def run_variant(script: str, *args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def parse_args(doc: str | None) -> "argparse.Namespace":
+def parse_args(doc: str | None, extra=None) -> "argparse.Namespace":
     """The benchmarks' shared command line: ``--quick`` (one round, a smoke run) and the hidden
-    ``--child ARGS`` with which ``run_variant`` starts a variant in its own process."""
+    ``--child ARGS`` with which ``run_variant`` starts a variant in its own process; ``extra(parser)``
+    adds a script's own options."""
     import argparse
 
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="one round with fewer repeats (a smoke run)")
     ap.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
+    if extra is not None:
+        extra(ap)
     return ap.parse_args()
 
 
@@ -83,3 +86,23 @@ def torchvision_model(name: str) -> torch.nn.Module:
             mod.running_var.uniform_(0.5, 2.0, generator=g)
             mod.running_mean.normal_(0, 0.1, generator=g)
     return m.eval()
+
+
+def interleaved_ratio(run_a, run_b, pairs: int) -> float:
+    """Median over ``pairs`` of ``time(run_b()) / time(run_a())``, the two run back to back in one
+    process, which goes first alternating: a drift-free cross-check of ratios taken between
+    processes (a slow stretch of a shared machine hits both runs of a pair)."""
+    import time
+
+    run_a(), run_b()
+    ratios = []
+    for i in range(pairs):
+        t = [0.0, 0.0]
+        for j in ((0, 1) if i % 2 == 0 else (1, 0)):
+            t0 = time.perf_counter()
+            (run_a, run_b)[j]()
+            t[j] = time.perf_counter() - t0
+        ratios.append(t[1] / t[0])
+    ratios.sort()
+    mid = len(ratios) // 2
+    return ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2

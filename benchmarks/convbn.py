@@ -120,6 +120,23 @@ def child_latency(name: str, variant: str, repeats: int) -> dict:
     return {"transform_s": statistics.median(t_times), "first_transform_s": t_times[0], "latency_ms": 1e3 * statistics.median(lat), "bn_left": bn_left}
 
 
+def child_interleaved(name: str, pairs: int) -> dict:
+    """``fuse`` and normfx's deploy in one process, single runs alternating: the drift-free
+    cross-check of the per-process latency ratio."""
+    from torch.fx.experimental.optimization import fuse
+
+    import normfx
+    from _common import interleaved_ratio
+
+    torch.set_num_threads(2)
+    a, b = fuse(_model(name).eval()), normfx.convbn(_model(name).eval(), mode="deploy")
+    x = torch.randn(1, 3, 224, 224)
+    with torch.inference_mode():
+        for _ in range(5):
+            a(x), b(x)
+        return {"ratio": interleaved_ratio(lambda: a(x), lambda: b(x), pairs)}
+
+
 def main() -> None:
     from _common import write_section
 
@@ -131,7 +148,12 @@ def main() -> None:
     args = ap.parse_args()
     if args.child is not None:
         kind, *rest = args.child
-        res = child_memory(rest[0], int(rest[1])) if kind == "memory" else child_latency(rest[0], rest[1], int(rest[2]))
+        if kind == "memory":
+            res = child_memory(rest[0], int(rest[1]))
+        elif kind == "interleaved":
+            res = child_interleaved(rest[0], int(rest[1]))
+        else:
+            res = child_latency(rest[0], rest[1], int(rest[2]))
         print(json.dumps(res))
         return
 
@@ -182,19 +204,23 @@ def _latency(me: str, rounds: int, reps: int) -> str:
         for _ in range(rounds):
             for v in runs:
                 runs[v].append(run_variant(me, "latency", name, v, str(reps)))
+        inter = run_variant(me, "interleaved", name, str(4 * reps))["ratio"]
         r = {v: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for v, rs in runs.items()}
         lat_ratio = [b["latency_ms"] / a["latency_ms"] for a, b in zip(runs["fuse"], runs["normfx"])]
         tr_ratio = [b["transform_s"] / a["transform_s"] for a, b in zip(runs["fuse"], runs["normfx"])]
         first_ratio = [b["first_transform_s"] / a["first_transform_s"] for a, b in zip(runs["fuse"], runs["normfx"])]
         lat_rows.append([
             name, f"{r['eager']['latency_ms']:.1f}", f"{r['fuse']['latency_ms']:.1f}", f"{r['normfx']['latency_ms']:.1f}",
-            ratio_cell(lat_ratio), f"{r['fuse']['transform_s'] * 1e3:.0f}", f"{r['normfx']['transform_s'] * 1e3:.0f}",
+            ratio_cell(lat_ratio), f"{inter:.3f}", f"{r['fuse']['transform_s'] * 1e3:.0f}", f"{r['normfx']['transform_s'] * 1e3:.0f}",
             ratio_cell(tr_ratio), ratio_cell(first_ratio), f"{r['eager']['bn_left']} / {r['fuse']['bn_left']} / {r['normfx']['bn_left']}",
         ])
     intro = (f"Every variant is its own process; eager, fuse and normfx alternate over {rounds} rounds; times are "
              f"medians across rounds of per-process medians ({reps} inference runs, 7 transforms); ratios are "
-             "medians of per-round ratios, [range over rounds].")
+             "medians of per-round ratios, [range over rounds]. \"Same process, interleaved\" is a drift-free "
+             f"cross-check: one process holds fuse's and normfx's models and alternates single runs ({4 * reps} "
+             "pairs, which goes first alternating); it is the median of per-pair ratios.")
     return intro + "\n\n" + table(["model", "eager (ms)", "fuse (ms)", "normfx (ms)", "latency normfx ÷ fuse",
+                                   "same process, interleaved",
                                    "fuse transform (ms)", "normfx transform (ms)", "transform ÷ fuse",
                                    "first transform in the process ÷ fuse's",
                                    "BN left: eager / fuse / normfx"], lat_rows)

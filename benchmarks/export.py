@@ -6,7 +6,8 @@
 Both export with the dynamo exporter, a dynamic batch dimension and the same example input (batch 2);
 normfx's time includes deploying a copy, onnx.checker (full check) and the ONNX Runtime comparison
 at two batch sizes. ONNX Runtime latency is measured on each file in its own process, with ORT's
-thread count fixed, at batch 1.
+thread count fixed, at batch 1; a last process per model alternates single runs of both files, a
+drift-free cross-check of the per-process ratio.
 """
 from __future__ import annotations
 
@@ -68,13 +69,36 @@ def child_latency(path: str, reps: int) -> dict:
     return {"latency_ms": 1e3 * statistics.median(times)}
 
 
+def child_interleaved(path_bare: str, path_normfx: str, pairs: int) -> dict:
+    """Both files in one process, single runs alternating: the drift-free cross-check."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from _common import interleaved_ratio
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = ORT_THREADS
+    opts.inter_op_num_threads = 1
+    a, b = (ort.InferenceSession(p, opts, providers=["CPUExecutionProvider"]) for p in (path_bare, path_normfx))
+    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224), dtype=np.float32)
+    for _ in range(5):
+        a.run(None, {a.get_inputs()[0].name: x}), b.run(None, {b.get_inputs()[0].name: x})
+    return {"ratio": interleaved_ratio(lambda: a.run(None, {a.get_inputs()[0].name: x}),
+                                       lambda: b.run(None, {b.get_inputs()[0].name: x}), pairs)}
+
+
 def main() -> None:
     from _common import machine, parse_args, ratio_cell as _ratio_cell, run_variant, table, write_section
 
     args = parse_args(__doc__)
     if args.child is not None:
         kind, *rest = args.child
-        res = child_export(*rest) if kind == "export" else child_latency(rest[0], int(rest[1]))
+        if kind == "export":
+            res = child_export(*rest)
+        elif kind == "interleaved":
+            res = child_interleaved(rest[0], rest[1], int(rest[2]))
+        else:
+            res = child_latency(rest[0], int(rest[1]))
         print(json.dumps(res))
         return
 
@@ -94,6 +118,7 @@ def main() -> None:
                 order = list(paths.items()) if i % 2 == 0 else list(paths.items())[::-1]  # who goes first alternates
                 for v, p in order:
                     lat[v].append(run_variant(me, "latency", p, str(reps))["latency_ms"])
+            inter = run_variant(me, "interleaved", paths["bare"], paths["normfx"], str(4 * reps))["ratio"]
             e = {v: statistics.median(x) for v, x in exp.items()}
             lt = {v: statistics.median(x) for v, x in lat.items()}
             e_ratio = [b / a for a, b in zip(exp["bare"], exp["normfx"])]
@@ -102,17 +127,20 @@ def main() -> None:
 
             bn = {v: sum(n.op_type == "BatchNormalization" for n in onnx.load(p).graph.node) for v, p in paths.items()}
             rows.append([name, f"{e['bare']:.1f}", f"{e['normfx']:.1f}", _ratio_cell(e_ratio),
-                         f"{lt['bare']:.2f}", f"{lt['normfx']:.2f}", _ratio_cell(l_ratio),
+                         f"{lt['bare']:.2f}", f"{lt['normfx']:.2f}", _ratio_cell(l_ratio), f"{inter:.3f}",
                          f"{bn['bare']} / {bn['normfx']}"])
     md = table(["model", "bare export (s)", "normfx.export (s)", "export ÷ bare", "ORT bare (ms)",
-                "ORT normfx (ms)", "ORT latency ÷ bare", "BatchNormalization nodes: bare / normfx"], rows)
+                "ORT normfx (ms)", "ORT latency ÷ bare", "same process, interleaved",
+                "BatchNormalization nodes: bare / normfx"], rows)
     body = f"""## Export (`benchmarks/export.py`)
 
 Machine: {machine()}; ONNX Runtime with {ORT_THREADS} intra-op threads. Each export and each latency
 measurement is its own process; the two variants alternate over {rounds} export round(s) and
 {lat_rounds} latency round(s) (which variant runs first alternates too); times are medians across
 rounds (latency: of per-process medians of {reps} runs at batch 1×3×224×224); ratios are medians of
-per-round ratios, [range over rounds]. Both files have the same operators (normfx's weights come
+per-round ratios, [range over rounds]. "Same process, interleaved" is a drift-free cross-check: one
+process loads both files and alternates single runs ({4 * reps} pairs, which goes first alternating);
+it is the median of per-pair ratios. Both files have the same operators (normfx's weights come
 from the float64 fold), so the latency ratio measures the machine's noise around 1.0. The dynamo exporter's own optimizer already folds
 Conv+BatchNormalization in a bare export, so both files have no BatchNormalization node here; what
 normfx adds is the float64 fold, the sites the exporter's rewrite does not handle (ConvTranspose with

@@ -2,12 +2,14 @@
 
     python benchmarks/repbn.py            # writes the "repbn" section of docs/benchmarks.md
     python benchmarks/repbn.py --quick
+    python benchmarks/repbn.py --only swin_t:eager --rounds 8   # rerun one cell, keep the others
 
 For vit_b_16 and swin_t (random weights, 224×224): the original model, and the same model after
 ``normfx.repbn`` with λ = 0, randomized statistics and ``normfx.deploy``; torch eager and ONNX
 Runtime; batch 1 and 8. Each (model, variant, engine) runs in its own process; variants alternate
 over rounds. The torch profiler's share of LayerNorm in the original model's CPU time is measured
-too: it bounds the saving.
+too: it bounds the saving. A last process per (model, engine) holds both variants and alternates
+single runs: a drift-free cross-check of the per-process ratio.
 """
 from __future__ import annotations
 
@@ -23,7 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 MODELS = ["vit_b_16", "swin_t"]
+ENGINES = ["eager", "ort"]
 BATCHES = [1, 8]
+RESULTS = Path(__file__).resolve().parent / "results"  # each cell's last rows, so one cell can be rerun
 ORT_THREADS = 2
 
 
@@ -97,28 +101,68 @@ def child_latency(name: str, variant: str, engine: str, path: str, reps: int) ->
     return out
 
 
+def child_interleaved(name: str, engine: str, path_ln: str, path_dep: str, reps: int) -> dict:
+    """Drift-free cross-check: both variants in one process, runs alternating, so a slow stretch of
+    the machine hits both. Returns the median of per-pair ratios (deployed ÷ LN) per batch."""
+    from _common import interleaved_ratio
+
+    torch.set_num_threads(2)
+    if engine == "ort":
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.inter_op_num_threads = ORT_THREADS, 1
+        sessions = [ort.InferenceSession(p, opts, providers=["CPUExecutionProvider"]) for p in (path_ln, path_dep)]
+        runs = [(lambda s: lambda x: s.run(None, {s.get_inputs()[0].name: x.numpy()}))(s) for s in sessions]
+    else:
+        runs = [(lambda m: lambda x: m(x))(build(name, v)) for v in ("ln", "deployed")]
+    out: dict = {}
+    with torch.inference_mode():
+        for b in BATCHES:
+            x = torch.randn(b, 3, 224, 224)
+            pairs = reps if b == 1 else max(3, reps // 3)
+            out[f"b{b}_ratio"] = interleaved_ratio(lambda: runs[0](x), lambda: runs[1](x), pairs)
+    return out
+
+
 def main() -> None:
     from _common import machine, parse_args, ratio_cell, run_variant, table, write_section
 
-    args = parse_args(__doc__)
+    def options(ap) -> None:
+        ap.add_argument("--only", nargs="+", metavar="MODEL:ENGINE",
+                        help="rerun these cells (e.g. swin_t:eager); the others keep their stored results")
+        ap.add_argument("--rounds", type=int, help="alternating rounds per cell (default 4)")
+
+    args = parse_args(__doc__, options)
     if args.child is not None:
         kind, *rest = args.child
-        res = child_export(*rest) if kind == "export" else child_latency(*rest[:4], int(rest[4]))
+        if kind == "export":
+            res = child_export(*rest)
+        elif kind == "interleaved":
+            res = child_interleaved(*rest[:4], int(rest[4]))
+        else:
+            res = child_latency(*rest[:4], int(rest[4]))
         print(json.dumps(res))
         return
 
-    rounds, reps = (1, 5) if args.quick else (2, 8)
+    rounds, reps = (1, 5) if args.quick else (4, 8)
+    rounds = args.rounds or rounds
+    cells = [(m, e) for m in MODELS for e in ENGINES]
+    if args.only:
+        cells = [tuple(c.split(":")) for c in args.only]
     me = __file__
-    rows = []
+    RESULTS.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        for name in MODELS:
+        for name in dict.fromkeys(m for m, _ in cells):
             paths = {v: str(Path(tmp) / f"{name}-{v}.onnx") for v in ("ln", "deployed")}
             ops = {v: run_variant(me, "export", name, v, p) for v, p in paths.items()}
-            for engine in ("eager", "ort"):
+            for engine in [e for m, e in cells if m == name]:
                 runs: dict[str, list[dict]] = {"ln": [], "deployed": []}
-                for _ in range(rounds):
-                    for v in runs:
+                for r in range(rounds):
+                    for v in (list(runs) if r % 2 == 0 else list(runs)[::-1]):   # who goes first alternates
                         runs[v].append(run_variant(me, "latency", name, v, engine, paths[v], str(reps)))
+                inter = run_variant(me, "interleaved", name, engine, paths["ln"], paths["deployed"], str(2 * reps))
+                rows = []
                 for b in BATCHES:
                     k = f"b{b}_ms"
                     ln = statistics.median(r[k] for r in runs["ln"])
@@ -126,15 +170,26 @@ def main() -> None:
                     ratios = [d[k] / l_[k] for l_, d in zip(runs["ln"], runs["deployed"])]
                     share = statistics.median(r["ln_share"] for r in runs["ln"]) if engine == "eager" else None
                     rows.append([name, engine, str(b), f"{ln:.1f}", f"{dep:.1f}", ratio_cell(ratios),
+                                 f"{inter[f'b{b}_ratio']:.3f}",
                                  f"{100 * share:.1f}%" if share is not None else "",
                                  f"{ops['ln']['norm_ops']} / {ops['deployed']['norm_ops']}" if engine == "ort" else ""])
+                cell = {"rows": rows, "rounds": rounds, "reps": reps}
+                (RESULTS / f"repbn_{name}_{engine}.json").write_text(json.dumps(cell, indent=1))
+    stored = {(m, e): json.loads((RESULTS / f"repbn_{m}_{e}.json").read_text())
+              for m in MODELS for e in ENGINES if (RESULTS / f"repbn_{m}_{e}.json").exists()}
+    rows = [row[:6] + [str(cell["rounds"])] + row[6:] for cell in stored.values() for row in cell["rows"]]
     md = table(["model", "engine", "batch", "LayerNorm model (ms)", "deployed PRepBN (ms)", "deployed ÷ LN",
+                "rounds", "same process, interleaved",
                 "LayerNorm share of CPU time (profiler)", "norm ops in ONNX: LN model / deployed"], rows)
     body = f"""## PRepBN (`benchmarks/repbn.py`)
 
 Machine: {machine()}; ONNX Runtime with {ORT_THREADS} intra-op threads. Each (model, variant, engine)
-is its own process; the two variants alternate over {rounds} round(s); times are medians across
-rounds of per-process medians; ratios are medians of per-round ratios, [range over rounds].
+is its own process; the two variants alternate over the rounds given per row (each (model, engine)
+cell's last run is kept in `benchmarks/results/`); times are medians across rounds of per-process
+medians; ratios are medians of per-round ratios, [range over rounds] (which
+variant runs first alternates by round). "Same process, interleaved" is a drift-free cross-check:
+one process holds both variants and alternates single runs ({2 * reps} pairs at batch 1,
+{max(3, 2 * reps // 3)} at batch 8); it is the median of per-pair ratios.
 
 Target: never slower, the saving close to LayerNorm's profiled share, no normalization op in the
 exported graph (swin_t keeps 13 sites as one multiply-add each, see docs/repbn.md; those are `Mul`+`Add`,

@@ -50,10 +50,10 @@ _LN2 = math.log(2.0)
 # Where a per-tensor binary point is read into a Python float (no tensor ops per call; on an
 # accelerator that read would synchronize, so the step stays a tensor there).
 _SCALAR_STEP_DEVICES = {"cpu"}
-# 1.5·2^p (p = significand bits − 1): for |v| < 2^(p−1), (v + C) − C is v rounded to an integer, half
-# to even, in two IEEE additions (the sum's spacing is exactly 1). Scaled by the step s it rounds to
-# a multiple of s.
-# Exact while in-range values stay below 2^(p−1): words of up to 22 bits in float32, 51 in float64.
+# C = 1.5·2^p (p = significand bits − 1): for |v| < 2^(p−1), (v + C) − C is v rounded to an integer,
+# half to even, in two IEEE additions (the sum's spacing is exactly 1); scaled by the step s, it rounds
+# to a multiple of s. In-range values must stay below 2^(p−1) steps: words of up to 22 bits in
+# float32, 51 in float64 (the second entry).
 _ROUND_CONST = {torch.float32: (1.5 * 2.0 ** 23, 22), torch.float64: (1.5 * 2.0 ** 52, 51)}
 
 
