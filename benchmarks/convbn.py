@@ -2,6 +2,7 @@
 
     python benchmarks/convbn.py            # everything; writes docs/benchmarks.md
     python benchmarks/convbn.py --quick    # fewer repeats (a smoke run)
+    python benchmarks/convbn.py --only latency --models densenet121 --rounds 15   # rerun one model
 
 Each variant runs in its own process (``--child``) so peak RSS and allocator state are its own;
 ratios are taken against the anchor measured in the same run.
@@ -144,6 +145,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repeats")
     ap.add_argument("--only", choices=["memory", "latency"], help="run one part; keep the other's numbers")
+    ap.add_argument("--models", nargs="+", choices=LAT_MODELS,
+                    help="latency: rerun these models; the others keep their stored rows")
+    ap.add_argument("--rounds", type=int, help="latency: alternating rounds (default 7)")
     ap.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child is not None:
@@ -166,7 +170,7 @@ def main() -> None:
         mem_md = _memory(me, rounds, steps)
         (OUT / "convbn_memory.md").write_text(mem_md)
     if args.only != "memory":
-        lat_md = _latency(me, lat_rounds, reps)
+        lat_md = _latency(me, args.rounds or lat_rounds, reps, args.models or LAT_MODELS)
         (OUT / "convbn_latency.md").write_text(lat_md)
     mem_md = (OUT / "convbn_memory.md").read_text()
     lat_md = (OUT / "convbn_latency.md").read_text()
@@ -195,11 +199,12 @@ def _memory(me: str, rounds: int, steps: int) -> str:
                                    "step (ms)", "step ÷ Eval"], rows)
 
 
-def _latency(me: str, rounds: int, reps: int) -> str:
+def _latency(me: str, rounds: int, reps: int, models: list[str]) -> str:
+    """Measure ``models`` (each one's row is kept in ``results/``), then build the table from the
+    stored rows of every model, so one model can be rerun with more rounds."""
     from _common import ratio_cell, run_variant, table
 
-    lat_rows = []
-    for name in LAT_MODELS:
+    for name in models:
         runs: dict[str, list[dict]] = {"eager": [], "fuse": [], "normfx": []}
         for _ in range(rounds):
             for v in runs:
@@ -209,21 +214,26 @@ def _latency(me: str, rounds: int, reps: int) -> str:
         lat_ratio = [b["latency_ms"] / a["latency_ms"] for a, b in zip(runs["fuse"], runs["normfx"])]
         tr_ratio = [b["transform_s"] / a["transform_s"] for a, b in zip(runs["fuse"], runs["normfx"])]
         first_ratio = [b["first_transform_s"] / a["first_transform_s"] for a, b in zip(runs["fuse"], runs["normfx"])]
-        lat_rows.append([
+        row = [
             name, f"{r['eager']['latency_ms']:.1f}", f"{r['fuse']['latency_ms']:.1f}", f"{r['normfx']['latency_ms']:.1f}",
-            ratio_cell(lat_ratio), f"{inter:.3f}", f"{r['fuse']['transform_s'] * 1e3:.0f}", f"{r['normfx']['transform_s'] * 1e3:.0f}",
-            ratio_cell(tr_ratio), ratio_cell(first_ratio), f"{r['eager']['bn_left']} / {r['fuse']['bn_left']} / {r['normfx']['bn_left']}",
-        ])
-    intro = (f"Every variant is its own process; eager, fuse and normfx alternate over {rounds} rounds; times are "
-             f"medians across rounds of per-process medians ({reps} inference runs, 7 transforms); ratios are "
-             "medians of per-round ratios, [range over rounds]. \"Same process, interleaved\" is a drift-free "
-             f"cross-check: one process holds fuse's and normfx's models and alternates single runs ({4 * reps} "
-             "pairs, which goes first alternating); it is the median of per-pair ratios.")
+            ratio_cell(lat_ratio), str(rounds), f"{inter:.3f}", f"{r['fuse']['transform_s'] * 1e3:.0f}",
+            f"{r['normfx']['transform_s'] * 1e3:.0f}", ratio_cell(tr_ratio), ratio_cell(first_ratio),
+            f"{r['eager']['bn_left']} / {r['fuse']['bn_left']} / {r['normfx']['bn_left']}",
+        ]
+        (OUT / f"convbn_latency_{name}.json").write_text(json.dumps({"row": row, "reps": reps}, indent=1))
+    rows = [json.loads((OUT / f"convbn_latency_{n}.json").read_text())["row"]
+            for n in LAT_MODELS if (OUT / f"convbn_latency_{n}.json").exists()]
+    intro = ("Every variant is its own process; eager, fuse and normfx alternate over the rounds given per row; "
+             f"times are medians across rounds of per-process medians ({reps} inference runs, {TRANSFORMS} "
+             "transforms); ratios are medians of per-round ratios, [range over rounds]. \"Same process, "
+             "interleaved\" is a drift-free cross-check: one process holds fuse's and normfx's models and "
+             f"alternates single runs ({4 * reps} pairs, which goes first alternating); it is the median of "
+             "per-pair ratios.")
     return intro + "\n\n" + table(["model", "eager (ms)", "fuse (ms)", "normfx (ms)", "latency normfx ÷ fuse",
-                                   "same process, interleaved",
+                                   "rounds", "same process, interleaved",
                                    "fuse transform (ms)", "normfx transform (ms)", "transform ÷ fuse",
                                    "first transform in the process ÷ fuse's",
-                                   "BN left: eager / fuse / normfx"], lat_rows)
+                                   "BN left: eager / fuse / normfx"], rows)
 
 
 def _document(mem_md: str, lat_md: str) -> str:
