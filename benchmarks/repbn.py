@@ -149,7 +149,11 @@ def main() -> None:
     rounds = args.rounds or rounds
     cells = [(m, e) for m in MODELS for e in ENGINES]
     if args.only:
-        cells = [tuple(c.split(":")) for c in args.only]
+        cells = [tuple(c.split(":", 1)) for c in args.only]
+        bad = [":".join(c) for c in cells if len(c) != 2 or c[0] not in MODELS or c[1] not in ENGINES]
+        if bad:
+            raise SystemExit(f"--only: unknown cell(s) {', '.join(bad)}; cells are MODEL:ENGINE with MODEL in "
+                             f"{MODELS} and ENGINE in {ENGINES}")
     me = __file__
     RESULTS.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
