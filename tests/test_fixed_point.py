@@ -292,6 +292,19 @@ def test_batchnorm_training_matches_plain_autograd_and_updates_stats_like_batchn
         assert fq.num_batches_tracked == ref_bn.num_batches_tracked
 
 
+def test_batchnorm_training_with_an_input_dtype_other_than_its_statistics():
+    """float64 activations through a float32 FixedPointBatchNorm: statistics fall back to var_mean,
+    the running statistics keep their dtype and move as BatchNorm's would."""
+    fq = FixedPointBatchNorm.from_bn(nn.BatchNorm2d(3), scale_q=FixedPoint(8, None, init_int_bits=2.0),
+                                     shift_q=FixedPoint(8, None, init_int_bits=2.0), k_hot=None).train()
+    x = (torch.randn(4, 3, 5, 5, dtype=torch.float64) * 3 + 1).requires_grad_()
+    fq(x).sum().backward()
+    var, mean = torch.var_mean(x.detach(), [0, 2, 3], unbiased=True)
+    assert fq.running_mean.dtype == torch.float32 and x.grad is not None
+    assert torch.allclose(fq.running_mean, 0.1 * mean.float(), rtol=1e-5)
+    assert torch.allclose(fq.running_var, 0.9 + 0.1 * var.float(), rtol=1e-5)
+
+
 def test_wide_words_track_the_float_model_and_caller_untouched():
     base = _net().eval()
     state = copy.deepcopy(base.state_dict())
