@@ -92,6 +92,7 @@ def interleaved_ratio(run_a, run_b, pairs: int) -> float:
     """Median over ``pairs`` of ``time(run_b()) / time(run_a())``, the two run back to back in one
     process, which goes first alternating: a drift-free cross-check of ratios taken between
     processes (a slow stretch of a shared machine hits both runs of a pair)."""
+    import statistics
     import time
 
     run_a(), run_b()
@@ -103,6 +104,4 @@ def interleaved_ratio(run_a, run_b, pairs: int) -> float:
             (run_a, run_b)[j]()
             t[j] = time.perf_counter() - t0
         ratios.append(t[1] / t[0])
-    ratios.sort()
-    mid = len(ratios) // 2
-    return ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
+    return statistics.median(ratios)

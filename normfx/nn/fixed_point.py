@@ -203,15 +203,13 @@ class FixedPoint(nn.Module):
                 cur = x.detach().abs().amax(dim=dims) if dims else x.detach().abs()
                 self.observed_max.copy_(torch.maximum(self.observed_max, cur.float().reshape(-1)))
             return x
-        if self.export_form:
-            lo, hi = integer_range(self.bits, self.signed)
-            lo = -hi if (self.overflow == "saturate_sym" and self.signed) else lo
-            step = torch.exp2(self.integer_bits() - self.bits).to(x.dtype)
-            step = step.reshape(()) if step.numel() == 1 else step
-            return fixed_point_qdq(x, step, lo, hi, self.axis % x.dim())
         lo, hi = integer_range(self.bits, self.signed)
         if self.overflow == "saturate_sym" and self.signed:
             lo = -hi
+        if self.export_form:
+            step = torch.exp2(self.integer_bits() - self.bits).to(x.dtype)
+            step = step.reshape(()) if step.numel() == 1 else step
+            return fixed_point_qdq(x, step, lo, hi, self.axis % x.dim())
         y = _FixedPointSTE.apply(x, self.int_bits, lo, hi, self.bits, self.signed, self.rounding, self.overflow,
                                  self.axis % x.dim())
         return self._k_hot(y) if self.k_hot else y
