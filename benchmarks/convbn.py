@@ -9,7 +9,6 @@ ratios are taken against the anchor measured in the same run.
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import resource
@@ -24,7 +23,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 MEM_MODEL, MEM_BATCH, MEM_SIZE = "resnet50", 8, 160
-OUT = Path(__file__).resolve().parent / "results"  # each part's last table, so one part can be rerun
+OUT = Path(__file__).resolve().parent / "results"  # the memory table and each model's latency row, so one part can be rerun
 TRANSFORMS = 15  # per process; the first few pay the process's first page faults, the median does not
 LAT_MODELS = ["resnet50", "resnet152", "mobilenet_v3_large", "densenet121"]
 
@@ -139,17 +138,16 @@ def child_interleaved(name: str, pairs: int) -> dict:
 
 
 def main() -> None:
-    from _common import write_section
+    from _common import parse_args, write_section
+
+    def options(ap) -> None:
+        ap.add_argument("--only", choices=["memory", "latency"], help="run one part; keep the other's numbers")
+        ap.add_argument("--models", nargs="+", choices=LAT_MODELS,
+                        help="latency: rerun these models; the others keep their stored rows")
+        ap.add_argument("--rounds", type=int, help="latency: alternating rounds (default 7)")
 
     OUT.mkdir(exist_ok=True)
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="fewer repeats")
-    ap.add_argument("--only", choices=["memory", "latency"], help="run one part; keep the other's numbers")
-    ap.add_argument("--models", nargs="+", choices=LAT_MODELS,
-                    help="latency: rerun these models; the others keep their stored rows")
-    ap.add_argument("--rounds", type=int, help="latency: alternating rounds (default 7)")
-    ap.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = parse_args(__doc__, options)
     if args.child is not None:
         kind, *rest = args.child
         if kind == "memory":
@@ -169,11 +167,9 @@ def main() -> None:
     if args.only != "latency":
         mem_md = _memory(me, rounds, steps)
         (OUT / "convbn_memory.md").write_text(mem_md)
-    if args.only != "memory":
-        lat_md = _latency(me, args.rounds or lat_rounds, reps, args.models or LAT_MODELS)
-        (OUT / "convbn_latency.md").write_text(lat_md)
+    models = [] if args.only == "memory" else args.models or LAT_MODELS
+    lat_md = _latency(me, args.rounds or lat_rounds, reps, models)   # the table from every stored row
     mem_md = (OUT / "convbn_memory.md").read_text()
-    lat_md = (OUT / "convbn_latency.md").read_text()
     body = _document(mem_md, lat_md)
     write_section("convbn", body)
     print(body)
