@@ -10,12 +10,12 @@ import logging
 from normfx import lab
 from normfx.api import calibrate, convbn, deploy, fixed_point, freeze, repbn
 from normfx.nn.repbn import RepBNScheduler, recalibrate_bn
-from normfx.passes.fold_affine import RepBNNotFinishedError
-from normfx.onnx import ExportError, ExportReport, OutputCheck, export
-from normfx.passes.fold_convbn import TrainingModeError
+from normfx.errors import (AlreadyTransformedError, ExportError, NormfxError, RepBNNotFinishedError,
+                           SpecializedCallError, TraceFailure, TrainingModeError)
+from normfx.onnx import ExportReport, OutputCheck, export
 from normfx.passes.freeze import TrainableSummary, trainable_summary
 from normfx.report import Change, PassResult, Report, Skip, SkipReason, last_report
-from normfx.trace import TraceFailure, trace, untraceable_modules
+from normfx.trace import trace, untraceable_modules
 
 __all__ = [
     "convbn",
@@ -43,6 +43,9 @@ __all__ = [
     "Skip",
     "SkipReason",
     "TraceFailure",
+    "NormfxError",
+    "AlreadyTransformedError",
+    "SpecializedCallError",
     "TrainingModeError",
 ]
 __version__ = "0.1.0"

@@ -9,12 +9,14 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from normfx.errors import AlreadyTransformedError
 from normfx.match import module_tensors
-from normfx.passes import deploy_steps
-from normfx.passes.fold_convbn import ConvBNMode, bn_sites, fold_convbn
-from normfx.passes.swap_layernorm import layernorm_sites, swap_layernorm
-from normfx.report import PassResult, Report, Skip, SkipReason, attach_report
-from normfx.trace import materialize, regions, trace, untraceable_modules
+from normfx.passes import DEPLOY_STEPS
+from normfx.passes.fixed_point import TARGETS, insert_fixed_point, insert_fixed_point_outside
+from normfx.passes.fold_convbn import ConvBNMode, fold_convbn, fold_convbn_outside
+from normfx.passes.swap_layernorm import swap_layernorm, swap_layernorm_outside
+from normfx.report import Change, PassResult, Report, Skip, attach_report, last_report
+from normfx.trace import Outside, materialize, outside_modules, regions, trace_regions, untraceable_modules
 
 __all__ = ["convbn", "deploy", "repbn", "freeze", "fixed_point", "calibrate", "run"]
 
@@ -32,13 +34,22 @@ def _prepare(model: nn.Module, inplace: bool) -> nn.Module:
     if inplace:
         # Tracing builds a new GraphModule around the same submodules: parameters are shared, so
         # the caller's modules are the ones transformed; the returned GraphModule is the model to use.
-        return trace(model, _lazy=True)
+        return trace_regions(model)
     memo: dict[int, object] = {id(t): t for t in module_tensors(model)}
     twin = copy.deepcopy(model, memo)
     _own_parametrized_classes(twin)
-    out = trace(twin, _lazy=True)
+    out = trace_regions(twin)
     out.__dict__["_normfx_shared"] = frozenset(id(t) for t in module_tensors(model))
     return out
+
+
+def _own_copy(model: nn.Module) -> nn.Module:
+    """A deep copy that owns its tensors and its parametrized classes (see below)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"normfx expects an nn.Module, got {type(model).__name__}")
+    twin = copy.deepcopy(model)
+    _own_parametrized_classes(twin)
+    return twin
 
 
 def _own_parametrized_classes(model: nn.Module) -> None:
@@ -70,44 +81,39 @@ def _finish(out: nn.Module) -> nn.Module:
     return out
 
 
-def run(model: nn.Module, name: str, fn: Callable[[fx.GraphModule], PassResult],
-        untraced_sites: Callable[[nn.Module], list[str]] | None = None) -> tuple[PassResult, Report]:
-    """Run a pass over every traced region of ``model`` and merge the results into one PassResult.
+OutsideFn = Callable[[nn.Module, list[Outside]], PassResult]
+"""A pass's second half: what it does with modules no traced region calls (leaf swaps in place,
+or a skip that names why the module was not traced)."""
 
-    ``untraced_sites(module)`` lists the sites inside an untraceable module (reported as skipped).
+
+def run(model: nn.Module, name: str, fn: Callable[[fx.GraphModule], PassResult],
+        outside: OutsideFn | None = None) -> tuple[PassResult, Report]:
+    """Run a pass over every traced region of ``model``, then over the modules outside them, and
+    merge the results into one PassResult with qualified site names, each site once.
 
     Example:
         >>> gm = normfx.trace(model)
-        >>> result, report = run(gm, "fold_convbn", lambda g: fold_convbn(g, mode="deploy"))
+        >>> result, report = run(gm, "fold_convbn", lambda g: fold_convbn(g, mode="deploy"), fold_convbn_outside)
     """
-    changes, skips = [], []
+    changes: dict[str, Change] = {}
+    skips: dict[str, Skip] = {}
     for prefix, gm in list(regions(model)):
         res = fn(gm)
         pre = f"{prefix}." if prefix else ""
-        changes += [type(c)(pre + c.site, c.action, c.detail) for c in res.changes]
-        skips += [Skip(pre + s.site, s.reason, s.detail) for s in res.skips]
-    untraceable = untraceable_modules(model)
-    if untraced_sites is not None:
-        for qualname, why in untraceable:
-            m = model.get_submodule(qualname) if qualname else model
-            for site in untraced_sites(m):
-                full = f"{qualname}.{site}" if qualname and site else qualname or site
-                if not _inside_region(model, full):
-                    skips.append(Skip(full, SkipReason.UNTRACEABLE, why))
-    result = PassResult(name, tuple(changes), tuple(skips))
-    return result, Report((result,), untraceable)
-
-
-def _inside_region(model: nn.Module, qualname: str) -> bool:
-    """Whether ``qualname`` lies inside a traced region (then that region's pass reported it)."""
-    for prefix, _ in regions(model):
-        if prefix == "" or qualname.startswith(prefix + "."):
-            if prefix == "" and untraceable_modules(model):
-                # root region: only modules not below an untraceable leaf were visible to it
-                if any(qualname.startswith(q + ".") for q, _ in untraceable_modules(model) if q):
-                    continue
-            return True
-    return False
+        for c in res.changes:
+            changes.setdefault(pre + c.site, Change(pre + c.site, c.action, c.detail))
+        for sk in res.skips:
+            skips.setdefault(pre + sk.site, Skip(pre + sk.site, sk.reason, sk.detail))
+    if outside is not None:
+        res = outside(model, outside_modules(model))
+        for c in res.changes:
+            if c.site not in changes and c.site not in skips:
+                changes[c.site] = c
+        for sk in res.skips:
+            if sk.site not in changes and sk.site not in skips:
+                skips[sk.site] = sk
+    result = PassResult(name, tuple(changes.values()), tuple(skips.values()))
+    return result, Report((result,), untraceable_modules(model))
 
 
 def convbn(model: nn.Module, mode: ConvBNMode = "tune", *, inplace: bool = False) -> nn.Module:
@@ -130,7 +136,6 @@ def convbn(model: nn.Module, mode: ConvBNMode = "tune", *, inplace: bool = False
 
     Raises:
         TrainingModeError: ``mode="deploy"`` on a BatchNorm in training mode.
-        TraceFailure: nothing in the model can be traced.
 
     Example:
         >>> m = normfx.convbn(torchvision.models.resnet18().eval(), mode="deploy")
@@ -140,7 +145,8 @@ def convbn(model: nn.Module, mode: ConvBNMode = "tune", *, inplace: bool = False
     if mode not in ("tune", "deploy"):
         raise ValueError(f"mode must be 'tune' or 'deploy', got {mode!r}")
     out = _prepare(model, inplace)
-    _, report = run(out, "fold_convbn", lambda gm: fold_convbn(gm, mode=mode), bn_sites)
+    _, report = run(out, "fold_convbn", lambda gm: fold_convbn(gm, mode=mode),
+                    lambda m, o: fold_convbn_outside(m, o, mode=mode))
     attach_report(out, report)
     return _finish(out)
 
@@ -148,7 +154,7 @@ def convbn(model: nn.Module, mode: ConvBNMode = "tune", *, inplace: bool = False
 def deploy(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """Finalize every normfx construct for inference and fold what can be folded.
 
-    Runs the registered deploy steps (``normfx.passes.deploy_steps()``) over every traced region:
+    Runs ``normfx.passes.DEPLOY_STEPS`` in order over every traced region and the modules outside them:
     Tune-mode ConvBN blocks and plain eval-mode BatchNorms fold into their convs/linears; later
     passes add their own steps. Exact: the result equals the eval-mode input model. It contains no
     normfx training-time construct (a Tune block that cannot fold goes back to conv -> BN, reported).
@@ -168,8 +174,8 @@ def deploy(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """
     out = _prepare(model, inplace)
     results, untraceable = [], ()
-    for name, step, sites in deploy_steps():
-        res, rep = run(out, name, step, sites)
+    for name, step, outside in DEPLOY_STEPS:
+        res, rep = run(out, name, step, outside)
         results.append(res)
         untraceable = rep.untraceable
     attach_report(out, Report(tuple(results), untraceable))
@@ -199,7 +205,8 @@ def repbn(model: nn.Module, *, total_steps: int, eta_init: float = 1.0, inplace:
         raise ValueError(f"total_steps must be positive, got {total_steps}")
     out = _prepare(model, inplace)
     _, report = run(out, "swap_layernorm",
-                    lambda gm: swap_layernorm(gm, total_steps=total_steps, eta_init=eta_init), layernorm_sites)
+                    lambda gm: swap_layernorm(gm, total_steps=total_steps, eta_init=eta_init),
+                    lambda m, o: swap_layernorm_outside(m, o, total_steps=total_steps, eta_init=eta_init))
     attach_report(out, report)
     return _finish(out)
 
@@ -243,10 +250,10 @@ def freeze(model: nn.Module, *, keep: Sequence[str] | str = ("norm",), random: i
     keep_set = _check_keep(keep)
     if not (random == "match" or (isinstance(random, int) and not isinstance(random, bool) and random >= 0)):
         raise ValueError(f"random must be a non-negative int or 'match', got {random!r}")
-    out = _prepare(model, inplace)
-    out = _finish(out)  # flags are set in place: the copy must own its tensors first
+    # Flags only: the model keeps its module tree (no trace of it is returned); the copy owns its tensors.
+    out = model if inplace else _own_copy(model)
     result, notes = freeze_model(out, keep_set, random, seed, freeze_stats)
-    attach_report(out, Report((result,), untraceable_modules(out), notes))
+    attach_report(out, Report((result,), (), notes))
     return out
 
 
@@ -290,7 +297,6 @@ def fixed_point(model: nn.Module, *, bits: int = 8, int_bits: float | None = Non
         >>> normfx.calibrate(q, [torch.randn(8, 3, 64, 64)])
     """
     from normfx.functional import fixed_mode
-    from normfx.passes.fixed_point import TARGETS, fixed_point_sites, insert_fixed_point
 
     unknown = [t for t in targets if t not in TARGETS]
     if unknown:
@@ -302,25 +308,42 @@ def fixed_point(model: nn.Module, *, bits: int = 8, int_bits: float | None = Non
     if k_hot_weights and not k_hot:
         raise ValueError("k_hot_weights=True needs k_hot=K (the number of signed powers of two)")
     rounding, overflow = fixed_mode(rounding, "rounding"), fixed_mode(overflow, "overflow")
+    _refuse_existing_casts(model)
+    folded: tuple[PassResult, ...] = ()
     if fold_bn:
         model = convbn(model, mode="deploy", inplace=inplace)
+        folded = last_report(model).passes
         inplace = True  # already our own copy (or the caller's, as asked)
     out = _finish(_prepare(model, inplace))  # parametrizations own the weights: the copy must own them first
-    _, report = run(out, "fixed_point", lambda gm: insert_fixed_point(
-        gm, bits=int(bits), int_bits=int_bits, rounding=rounding, overflow=overflow, targets=tuple(targets),
-        per_channel=per_channel, k_hot=k_hot, k_hot_weights=k_hot_weights), fixed_point_sites)
-    attach_report(out, report)
+    opts = dict(bits=int(bits), int_bits=int_bits, rounding=rounding, overflow=overflow, targets=tuple(targets),
+                per_channel=per_channel, k_hot=k_hot, k_hot_weights=k_hot_weights)
+    result, report = run(out, "fixed_point", lambda gm: insert_fixed_point(gm, **opts),
+                         lambda m, o: insert_fixed_point_outside(m, o, **opts))
+    attach_report(out, Report(folded + (result,), report.untraceable))
     return out
 
 
-def calibrate(model: nn.Module, batches: Iterable, *, steps: int | None = None) -> nn.Module:
+def _refuse_existing_casts(model: nn.Module) -> None:
+    """A second ``fixed_point`` would wrap calibrated or trained casts in new ones: refuse."""
+    from normfx.nn.fixed_point import FixedPoint
+
+    names = [n for n, m in model.named_modules() if isinstance(m, FixedPoint)]
+    if names:
+        raise AlreadyTransformedError(
+            f"{type(model).__name__} already has fixed-point casts ({len(names)}, e.g. '{names[0]}'): "
+            "normfx.fixed_point applies once. Call it on the float model to change the options."
+        )
+
+
+def calibrate(model: nn.Module, batches: Iterable, *, steps: int | None = None,
+              progress: bool = True) -> nn.Module:
     """Set every trainable fixed-point binary point from the ranges observed on ``batches``.
 
     Each cast records ``max |x|`` while the model runs (in eval mode, casts passing values through),
     then takes the smallest integer width that holds it. Training refines the binary points from
     there; without training this is post-training quantization. Returns ``model`` (modified in place).
+    ``progress=False`` turns off the tqdm progress bar (for libraries that embed normfx).
     """
-    import torch
     from tqdm import tqdm
 
     from normfx.nn.fixed_point import FixedPoint
@@ -336,7 +359,8 @@ def calibrate(model: nn.Module, batches: Iterable, *, steps: int | None = None) 
         q.observing = True
     try:
         with torch.no_grad():
-            for i, batch in enumerate(tqdm(batches, total=steps, desc="calibrate fixed point", unit="batch")):
+            for i, batch in enumerate(tqdm(batches, total=steps, desc="calibrate fixed point", unit="batch",
+                                             disable=not progress)):
                 if steps is not None and i >= steps:
                     break
                 model(*batch) if isinstance(batch, (tuple, list)) else model(batch)

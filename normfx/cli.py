@@ -10,11 +10,17 @@ import importlib
 import json
 import logging
 import sys
+import zipfile
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
+
+from normfx.api import convbn
+from normfx.errors import NormfxError
+from normfx.onnx import export
+from normfx.report import last_report
 
 __all__ = ["main", "load_spec", "SpecError", "inspect_model"]
 
@@ -38,7 +44,7 @@ _NORM_TYPES: tuple[type, ...] = (
 )
 
 
-class SpecError(ValueError):
+class SpecError(NormfxError, ValueError):
     """A model SPEC that cannot be loaded; the message says what to write instead."""
 
 
@@ -88,12 +94,21 @@ def _timm(name: str) -> nn.Module:
 def _load_file(path: Path, trust_pickle: bool) -> nn.Module:
     if not path.is_file():
         raise SpecError(f"no such file: '{path}'")
+    with path.open("rb") as f:
+        magic = f.read(2)
+    if not zipfile.is_zipfile(path) and magic[:1] != b"\x80":  # torch.save's zip, or a legacy pickle
+        raise SpecError(f"cannot read '{path}' as a file saved by torch.save: not a zip archive or a pickle")
     if trust_pickle:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - a corrupt or foreign file
+            raise SpecError(f"cannot read '{path}' as a file saved by torch.save: {_first_line(e)}") from e
     else:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - weights_only refuses pickled classes
+            if "weights_only" not in str(e).lower().replace(" ", "_"):
+                raise SpecError(f"cannot read '{path}' as a file saved by torch.save: {_first_line(e)}") from e
             raise SpecError(
                 f"'{path}' holds a pickled object, and loading a pickle runs code from the file. If you "
                 "trust it, pass --trust-pickle; otherwise save a state_dict and use a package.module:factory "
@@ -118,10 +133,18 @@ def _factory(spec: str) -> nn.Module:
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise SpecError(f"'{module_name}' has no callable '{attr}'")
-    model = fn()
+    try:
+        model = fn()
+    except Exception as e:  # noqa: BLE001 - the user's factory failed: say so in one line
+        raise SpecError(f"'{spec}' raised {type(e).__name__}: {_first_line(e)}") from e
     if not isinstance(model, nn.Module):
         raise SpecError(f"'{spec}' returned a {type(model).__name__}, not an nn.Module")
     return model
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def default_input_shape(model: nn.Module) -> tuple[int, ...]:
@@ -136,12 +159,10 @@ def inspect_model(model: nn.Module) -> dict:
 
     Returns ``{"sites": [{"site", "kind", "shape", "convbn_tune", "convbn_deploy"}], "totals": {...}}``.
     """
-    import normfx
-
     model = model.eval()
     actions: dict[str, dict[str, str]] = {}
     for mode in ("tune", "deploy"):
-        report = normfx.last_report(normfx.convbn(model, mode=mode))
+        report = last_report(convbn(model, mode=mode))
         for c in report.changes:
             actions.setdefault(c.site, {})[f"convbn_{mode}"] = c.action
         for s in report.skips:
@@ -197,6 +218,24 @@ def _parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+def _number(kind: type, ok: Callable[[float], bool], rule: str) -> Callable[[str], float]:
+    """An argparse type: ``kind(text)`` that satisfies ``ok``; otherwise a one-line usage error."""
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"wants {'an integer' if kind is int else 'a number'}, got '{text}'") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"wants {rule}, got '{text}'")
+        return value
+    return parse
+
+
+_tolerance = _number(float, lambda v: 0.0 <= v < float("inf"), "a finite number >= 0")
+_opset = _number(int, lambda v: 7 <= v <= 30, "an ONNX opset between 7 and 30")
+
+
 def _parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(
@@ -233,19 +272,21 @@ def _parser() -> argparse.ArgumentParser:
                    help="example input shape, batch first (default: the model's, else 1,3,224,224)")
     e.add_argument("--convbn", choices=["deploy", "none"], default="deploy",
                    help="fold BatchNorm into convs (deploy, default) or export as is (none)")
-    e.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    e.add_argument("--opset", type=_opset, default=None, help="ONNX opset (default: the exporter's)")
     e.add_argument("--static-batch", action="store_true", help="do not make the batch dimension dynamic")
     e.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime comparison")
-    e.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance (default 1e-4)")
-    e.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance (default 1e-5)")
+    e.add_argument("--rtol", type=_tolerance, default=1e-4, help="relative tolerance (default 1e-4)")
+    e.add_argument("--atol", type=_tolerance, default=1e-5, help="absolute tolerance (default 1e-5)")
     e.add_argument("--trust-pickle", action="store_true", help="allow a .pt file that holds a pickled module")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``normfx`` command; returns the exit code."""
-    import normfx
+    """Entry point of the ``normfx`` command; returns the exit code.
 
+    Every failure ends in one line on stderr (``-v`` adds the traceback): 2 for a bad SPEC or
+    argument, 1 for a model that cannot be inspected or exported.
+    """
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
@@ -253,7 +294,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SpecError as err:
         sys.stderr.write(f"normfx: error: {err}\n")
         return 2
+    try:
+        return _run(args, model)
+    except Exception as err:  # noqa: BLE001 - the command's contract: one line, not a traceback
+        if args.verbose:
+            logger.exception("normfx %s failed", args.command)
+        kind = "export failed" if isinstance(err, NormfxError) and args.command == "export" else "error"
+        detail = (" ".join(str(err).split()) if isinstance(err, NormfxError)
+                  else f"{type(err).__name__}: {_first_line(err)}")
+        sys.stderr.write(f"normfx: {kind}: {detail}" + ("" if args.verbose else " (run with -v for details)") + "\n")
+        return 1
 
+
+def _run(args: argparse.Namespace, model: nn.Module) -> int:
     if args.command == "inspect":
         result = inspect_model(model)
         if args.json:
@@ -267,14 +320,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     shape = args.input_shape or default_input_shape(model)
     x = torch.randn(*shape)
-    try:
-        report = normfx.export(
-            model, (x,), args.output, dynamic_batch=not args.static_batch, opset=args.opset,
-            verify=not args.no_verify, rtol=args.rtol, atol=args.atol, deploy=args.convbn == "deploy",
-        )
-    except normfx.ExportError as err:
-        sys.stderr.write(f"normfx: export failed: {err}\n")
-        return 1
+    report = export(
+        model, (x,), args.output, dynamic_batch=not args.static_batch, opset=args.opset,
+        verify=not args.no_verify, rtol=args.rtol, atol=args.atol, deploy=args.convbn == "deploy",
+    )
     _out(report.summary())
     return 0
 

@@ -21,8 +21,9 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
+from normfx.errors import ExportError
 from normfx.report import Report, last_report
-from normfx.trace import regions
+from normfx.trace import materialize, regions, trace_regions
 
 __all__ = ["export", "ExportError", "ExportReport", "OutputCheck", "Exporter"]
 
@@ -31,10 +32,6 @@ logger = logging.getLogger("normfx")
 Exporter = Literal["auto", "dynamo", "torchscript"]
 
 _TWO_GB = 2**31 - 1
-
-
-class ExportError(RuntimeError):
-    """Export or its verification failed; the message says what, where and by how much."""
 
 
 @dataclass(frozen=True)
@@ -136,7 +133,6 @@ def export(
     """
     from normfx.api import deploy as deploy_model
     from normfx.report import attach_report
-    from normfx.trace import trace
 
     t0 = time.perf_counter()
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
@@ -155,9 +151,10 @@ def export(
             reference = model(*inputs)
         except Exception as e:  # noqa: BLE001 - any failure here means the inputs do not fit
             shapes = ", ".join(str(list(x.shape)) for x in inputs)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise ExportError(
                 f"the example inputs ({shapes}) do not run through {type(model).__name__}: "
-                f"{type(e).__name__}: {e}"
+                f"{type(e).__name__}: {first}"
             ) from e
     ref_flat, _ = tree_flatten(reference)
     if not all(isinstance(r, torch.Tensor) for r in ref_flat):
@@ -168,7 +165,7 @@ def export(
     else:
         import copy
 
-        deployed = trace(copy.deepcopy(model))
+        deployed = materialize(trace_regions(copy.deepcopy(model)))
         attach_report(deployed, Report())
     fixed = _fixed_point_casts(deployed)
     json_path = None
@@ -235,12 +232,19 @@ def _check_writable(target: Path) -> None:
     folder = target.parent
     if target.is_dir():
         raise ExportError(f"'{target}' is a folder; give the path of the .onnx file to write")
+    if folder.exists() and not folder.is_dir():
+        raise ExportError(f"cannot write '{target}': '{folder}' is a file, not a folder")
     if not folder.is_dir():
         raise ExportError(f"cannot write '{target}': folder '{folder}' does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ExportError(f"cannot write '{target}': folder '{folder}' is not writable")
     if target.exists() and not os.access(target, os.W_OK):
         raise ExportError(f"cannot write '{target}': the file exists and is not writable")
+    try:  # permission bits do not tell everything (root, read-only mounts, /proc): try it
+        with tempfile.TemporaryDirectory(prefix=".normfx-probe-", dir=folder):
+            pass
+    except OSError as e:
+        raise ExportError(f"cannot write '{target}': folder '{folder}' is not writable ({e.strerror or e})") from e
 
 
 def _input_names(model: nn.Module, n: int) -> list[str]:

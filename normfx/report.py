@@ -31,6 +31,7 @@ class SkipReason(str, enum.Enum):
     UNSUPPORTED = "unsupported"
     NO_NEIGHBOUR = "no adjacent conv/linear"
     NON_FINITE = "non-finite or overflowing scale"
+    ALREADY_DONE = "already transformed"
 
     def __str__(self) -> str:
         return self.value

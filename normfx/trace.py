@@ -14,46 +14,33 @@ A module *with* parameters that branches on ``self.training`` is traced in the m
 """
 from __future__ import annotations
 
+import ast
+import functools
+import inspect
 import logging
+import textwrap
 import traceback
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["trace", "regions", "TraceFailure", "untraceable_modules"]
+from normfx.errors import SpecializedCallError, TraceFailure
+from normfx.kinds import is_frozen_bn, is_mode_dependent_leaf
+from normfx.nn import LEAF_MODULES
+
+__all__ = ["trace", "trace_regions", "regions", "TraceFailure", "SpecializedCallError", "untraceable_modules", "check_specialized"]
 
 logger = logging.getLogger("normfx")
 
 _UNTRACEABLE_ATTR = "_normfx_untraceable"
 
 
-class TraceFailure(RuntimeError):
-    """Nothing in the model could be traced; the message names the module and the line."""
-
-
-def is_frozen_bn(m: nn.Module) -> bool:
-    """torchvision's / timm's FrozenBatchNorm2d: BatchNorm math with all four tensors as buffers."""
-    return type(m).__name__.startswith("FrozenBatchNorm") and all(
-        hasattr(m, a) for a in ("weight", "bias", "running_mean", "running_var")
-    )
-
-
-def is_mode_dependent_leaf(m: nn.Module) -> bool:
-    """A parameter-free module whose forward branches on ``self.training`` (DropPath, StochasticDepth,
-    DropBlock): tracing through it would freeze the mode it had at trace time into the graph."""
-    from normfx.match import forward_source_has  # match imports this module
-
-    return forward_source_has(type(m), "self.training")[0] and next(m.parameters(), None) is None
-
-
 def _normfx_leaf_types() -> tuple[type, ...]:
-    from normfx import nn as nfnn  # local: nn/ may import trace helpers
-
-    return tuple(getattr(nfnn, "LEAF_MODULES", ()))
+    return LEAF_MODULES
 
 
 @dataclass(frozen=True)
@@ -99,16 +86,127 @@ def _reason(e: BaseException) -> str:
 
 
 def _trace_once(
-    model: nn.Module, leaves: frozenset[str], leaf_types: tuple[type, ...]
+    model: nn.Module, leaves: frozenset[str], leaf_types: tuple[type, ...],
+    concrete: dict[str, object] | None = None,
 ) -> fx.GraphModule:
     tracer = _Tracer(leaves, leaf_types)
-    graph = tracer.trace(model)
+    graph = tracer.trace(model, concrete_args=concrete or None)
+    if concrete:
+        _guard_specialized(graph, type(model).__name__, concrete)
     name = type(model).__name__
     # Lazy code generation: a one-liner rewrites the graph right away, so generating the forward's
     # code here would be thrown away; ``materialize`` generates it once, after the passes.
     gm = _graph_module_cls()(tracer.root, graph, name)
     _restore_order(gm, model)
     return gm
+
+
+@fx.node.has_side_effect
+def check_specialized(value: object, expected: object, name: str, owner: str) -> None:
+    """Graph guard of a traced forward whose ``name`` argument was fixed at its default ``expected``
+    (``None``, a bool, a number or a string): any other value raises instead of silently taking the
+    traced branch."""
+    same = value is expected if expected is None or isinstance(expected, bool) else (
+        type(value) is type(expected) and value == expected)
+    if not same:
+        raise SpecializedCallError(
+            f"{owner}.forward was traced by normfx for {name}={expected!r} (its default) and called with "
+            f"{name}={type(value).__name__ if isinstance(value, torch.Tensor) else repr(value)}. The traced "
+            f"graph takes the branch of the default only; call it with the default, or transform the model "
+            f"with leaf_modules=[...] naming the module whose forward reads '{name}'."
+        )
+
+
+def _guard_specialized(graph: fx.Graph, owner: str, concrete: dict[str, object]) -> None:
+    """Replace torch.fx's own None assertions by ``check_specialized`` guards, one per argument."""
+    for node in list(graph.nodes):
+        if node.op == "call_function" and getattr(node.target, "__name__", "") == "_assert_is_none":
+            graph.erase_node(node)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for name, value in concrete.items():
+        ph = next((n for n in placeholders if n.target == name or str(n.target).startswith(f"{name}_")), None)
+        if ph is None:
+            continue
+        ph.target = name   # torch.fx names it ``name_1``: keep the caller's keyword working
+        with graph.inserting_after(placeholders[-1]):
+            graph.call_function(check_specialized, (ph, value, name, owner))
+
+
+_SIMPLE_DEFAULTS = (type(None), bool, int, float, str)
+
+
+def _region_blocker(model: nn.Module, root: bool) -> tuple[str | None, dict[str, object]]:
+    """Why ``model``'s forward cannot be the boundary of a traced region, or ``(None, concrete)``
+    with the arguments to specialize.
+
+    A region's arguments become graph placeholders: a Python test on one (``x is None``,
+    ``isinstance``) is decided once, at trace time, and the graph silently keeps that branch. So a
+    forward that tests an argument that way, or takes ``*args``/``**kwargs``, is not a region. A
+    forward with defaulted arguments is a region only at the root, traced with every defaulted
+    argument fixed at its default and a guard that raises on any other value: below the root, the
+    caller is untraceable code that may pass anything.
+    """
+    fwd = type(model).forward
+    try:
+        sig = inspect.signature(fwd)
+    except (TypeError, ValueError):
+        return None, {}
+    params = list(sig.parameters.values())[1:]
+    for p in params:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            return f"forward takes {'*' if p.kind is p.VAR_POSITIONAL else '**'}{p.name}: a trace would fix them", {}
+    defaulted = [p for p in params if p.default is not p.empty]
+    identity, branched = _tested_names(fwd)
+    tested = [p.name for p in params if p.name in identity]
+    if tested:
+        return (f"forward tests argument(s) {', '.join(tested)} with is/isinstance: a trace would keep one "
+                "branch"), {}
+    if not defaulted:
+        return None, {}
+    names = ", ".join(f"{p.name}={p.default!r}" for p in defaulted[:3]) + (", ..." if len(defaulted) > 3 else "")
+    if not root:
+        return f"forward has defaulted arguments ({names}) that its untraced caller may set", {}
+    if len(defaulted) == len(params):
+        return f"every argument of forward has a default ({names}): no input to trace", {}
+    steering = [p.name for p in defaulted if p.name in branched]
+    if steering:
+        return (f"forward branches on its defaulted argument(s) {', '.join(steering)}: kept as is, so every "
+                "call takes its own branch"), {}
+    odd = [p.name for p in defaulted if not isinstance(p.default, _SIMPLE_DEFAULTS)]
+    if odd:
+        return f"forward has defaults that cannot be guarded ({', '.join(odd)})", {}
+    return None, {p.name: p.default for p in defaulted}
+
+
+@functools.lru_cache(maxsize=None)
+def _tested_names(fwd: object) -> tuple[frozenset[str], frozenset[str]]:
+    """Names ``fwd``'s own source tests by identity or type (``is``, ``is not``, ``isinstance``,
+    ``type()``: a proxy passes such a test silently), and names it branches on (``if``, ``while``,
+    conditional expressions, ``and``/``or``/``not``, ``assert``). Only the source can tell: the
+    tests happen in Python, before any op reaches the tracer."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fwd)))  # type: ignore[arg-type]
+    except (OSError, TypeError, SyntaxError, IndentationError):
+        return frozenset(), frozenset()
+    identity: set[str] = set()
+    branched: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare) and any(isinstance(op, (ast.Is, ast.IsNot)) for op in node.ops):
+            identity.update(e.id for e in (node.left, *node.comparators) if isinstance(e, ast.Name))
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and \
+                node.func.id in ("isinstance", "type", "callable", "hasattr") and node.args:
+            if isinstance(node.args[0], ast.Name):
+                identity.add(node.args[0].id)
+        if isinstance(node, (ast.If, ast.While, ast.IfExp, ast.Assert)):
+            branched.update(n.id for n in ast.walk(node.test) if isinstance(n, ast.Name))
+        elif isinstance(node, ast.BoolOp) or (isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not)):
+            branched.update(n.id for n in ast.walk(node) if isinstance(n, ast.Name))
+    return frozenset(identity), frozenset(branched)
+
+
+def _is_container(m: nn.Module) -> bool:
+    """A module without a forward of its own (ModuleList, ModuleDict): only its children run."""
+    return type(m).forward is nn.Module.forward
 
 
 def _graph_module_cls() -> type[fx.GraphModule]:
@@ -150,43 +248,54 @@ def _trace_region(
     model: nn.Module, prefix: str, leaf_types: tuple[type, ...], user_leaves: frozenset[str],
     failures: list[_Failure],
 ) -> nn.Module:
-    """Trace ``model``; on failure make the failing submodule a leaf and retry, then recurse into it."""
+    """Trace ``model``; on failure make the failing submodule a leaf and retry, then recurse into it.
+
+    A module whose forward cannot be a region (``_region_blocker``), or that has no forward
+    (containers), is kept as it is, reported, and its children are traced in its place.
+    """
+    if prefix and _is_container(model):
+        failures.append(_Failure(prefix, f"{type(model).__name__} has no forward of its own: its children are traced"))
+        return _trace_children(model, prefix, leaf_types, user_leaves, failures)
     if prefix and _Tracer(frozenset(), leaf_types).is_leaf_module(model, prefix):
         return model  # a leaf is called as is: nothing inside it to transform
+    blocker, concrete = _region_blocker(model, root=not prefix)
+    if blocker is not None:
+        failures.append(_Failure(prefix, blocker))
+        return _trace_children(model, prefix, leaf_types, user_leaves, failures)
     leaves = set(user_leaves)
     local_failures: list[_Failure] = []
     while True:
         try:
-            gm = _trace_once(model, frozenset(leaves), leaf_types)
+            gm = _trace_once(model, frozenset(leaves), leaf_types, concrete)
             break
         except Exception as e:  # noqa: BLE001
             culprit = getattr(e, "_normfx_qualname", "")
             if culprit == "" or culprit in leaves:
                 # The module's own forward cannot be traced: keep it and trace its children.
                 failures.append(_Failure(prefix, _reason(e)))
-                for name, child in list(model.named_children()):
-                    new = _trace_region(
-                        child, f"{prefix}.{name}" if prefix else name, leaf_types,
-                        _sub_leaves(user_leaves, name), failures,
-                    )
-                    if new is not child:
-                        setattr(model, name, new)
-                return model
+                return _trace_children(model, prefix, leaf_types, user_leaves, failures)
             leaves.add(culprit)
             local_failures.append(_Failure(f"{prefix}.{culprit}" if prefix else culprit, _reason(e)))
     failures.extend(local_failures)
     # Untraceable leaves keep running their own forward; their children may still trace.
     for f in local_failures:
         rel = f.qualname[len(prefix) + 1:] if prefix else f.qualname
-        leaf = gm.get_submodule(rel)
-        for name, child in list(leaf.named_children()):
-            new = _trace_region(
-                child, f"{f.qualname}.{name}", leaf_types, _sub_leaves(user_leaves, f"{rel}.{name}"),
-                failures,
-            )
-            if new is not child:
-                setattr(leaf, name, new)
+        _trace_children(gm.get_submodule(rel), f.qualname, leaf_types, _sub_leaves(user_leaves, rel), failures)
     return gm
+
+
+def _trace_children(
+    model: nn.Module, prefix: str, leaf_types: tuple[type, ...], user_leaves: frozenset[str],
+    failures: list[_Failure],
+) -> nn.Module:
+    """Trace each child of a module that is kept as it is, in the child's own slot."""
+    for name, child in list(model.named_children()):
+        new = _trace_region(
+            child, f"{prefix}.{name}" if prefix else name, leaf_types, _sub_leaves(user_leaves, name), failures,
+        )
+        if new is not child:
+            setattr(model, name, new)
+    return model
 
 
 def _sub_leaves(leaves: frozenset[str], prefix: str) -> frozenset[str]:
@@ -194,7 +303,23 @@ def _sub_leaves(leaves: frozenset[str], prefix: str) -> frozenset[str]:
     return frozenset(q[len(p):] for q in leaves if q.startswith(p))
 
 
-def trace(model: nn.Module, *, leaf_modules: Sequence[str | type] = (), _lazy: bool = False) -> nn.Module:
+def trace_regions(model: nn.Module, *, leaf_modules: Sequence[str | type] = ()) -> nn.Module:
+    """``trace`` without its two finishing steps, for the runner: a model with no traceable part is
+    returned as it is (passes still swap its leaves), and code generation is left lazy (the passes
+    rewrite the graphs next; ``materialize`` generates the code once, after them)."""
+    if isinstance(model, fx.GraphModule):
+        return model
+    names = frozenset(x for x in leaf_modules if isinstance(x, str))
+    types = _normfx_leaf_types() + tuple(x for x in leaf_modules if isinstance(x, type))
+    failures: list[_Failure] = []
+    result = _trace_region(model, "", types, names, failures)
+    for f in failures:
+        logger.info("untraceable module '%s' kept as is: %s", f.qualname or "<root>", f.reason)
+    _set_untraceable(result, tuple((f.qualname, f.reason) for f in failures))
+    return result
+
+
+def trace(model: nn.Module, *, leaf_modules: Sequence[str | type] = ()) -> nn.Module:
     """Symbolically trace ``model`` with normfx's leaves; trace what can be traced.
 
     Args:
@@ -218,26 +343,31 @@ def trace(model: nn.Module, *, leaf_modules: Sequence[str | type] = (), _lazy: b
     """
     if isinstance(model, fx.GraphModule):
         return model
-    names = frozenset(x for x in leaf_modules if isinstance(x, str))
-    types = _normfx_leaf_types() + tuple(x for x in leaf_modules if isinstance(x, type))
-    failures: list[_Failure] = []
-    result = _trace_region(model, "", types, names, failures)
+    result = trace_regions(model, leaf_modules=leaf_modules)
     if not any(True for _ in regions(result)):
-        first = failures[0] if failures else _Failure("", "no traceable code")
+        failures = untraceable_modules(result)
+        where, why = failures[0] if failures else ("", "no traceable code")
         raise TraceFailure(
             f"normfx could not trace any part of {type(model).__name__}: module "
-            f"'{first.qualname or '<root>'}' failed with {first.reason}. Mark the module as a leaf "
+            f"'{where or '<root>'}' failed with {why}. Mark the module as a leaf "
             "with leaf_modules=[...] or make its forward free of data-dependent control flow."
         )
-    for f in failures:
-        logger.info("untraceable module '%s' kept as is: %s", f.qualname or "<root>", f.reason)
-    object.__setattr__(result, _UNTRACEABLE_ATTR, tuple((f.qualname, f.reason) for f in failures))
-    return result if _lazy else materialize(result)
+    return materialize(result)
 
 
 def untraceable_modules(model: nn.Module) -> tuple[tuple[str, str], ...]:
     """``(qualified name, tracer's reason)`` for every module ``trace`` had to keep opaque."""
+    if isinstance(model, fx.GraphModule):
+        return tuple(model.meta.get(_UNTRACEABLE_ATTR, ()))
     return tuple(getattr(model, _UNTRACEABLE_ATTR, ()))
+
+
+def _set_untraceable(model: nn.Module, failures: tuple[tuple[str, str], ...]) -> None:
+    # GraphModule.__deepcopy__ keeps ``meta`` and drops other attributes; a plain module keeps both.
+    if isinstance(model, fx.GraphModule):
+        model.meta[_UNTRACEABLE_ATTR] = failures
+    else:
+        object.__setattr__(model, _UNTRACEABLE_ATTR, failures)
 
 
 def regions(model: nn.Module) -> Iterator[tuple[str, fx.GraphModule]]:
@@ -245,3 +375,48 @@ def regions(model: nn.Module) -> Iterator[tuple[str, fx.GraphModule]]:
     for name, m in model.named_modules(remove_duplicate=True):
         if isinstance(m, fx.GraphModule):
             yield name, m
+
+
+class Outside(NamedTuple):
+    """A module no traced region calls: a pass can still swap it as a leaf, never rewrite around it."""
+
+    qualname: str
+    module: nn.Module
+    why: str
+    """The innermost untraceable ancestor's reason (or why no graph calls it)."""
+
+
+def outside_modules(model: nn.Module) -> list[Outside]:
+    """Every module of ``model`` that no traced region calls, outermost first, with the reason.
+
+    A module a region's graph calls (a ``call_module`` or ``get_attr`` target) is the region's to
+    transform, and so is everything inside it (a ProgressiveRepBN's LayerNorm, a parametrization's
+    cast): those are not listed, unless the module is itself untraceable (the graph calls it as an
+    opaque leaf; what is inside it is listed). What is left lives in forwards that could not be
+    traced. Containers are listed too; passes look only at the module types they rewrite.
+    """
+    region_names = {p for p, _ in regions(model)}
+    failures = untraceable_modules(model)
+    leaf = _Tracer(frozenset(), _normfx_leaf_types())
+    visible: set[str] = set()
+    for prefix, gm in regions(model):
+        pre = f"{prefix}." if prefix else ""
+        for node in gm.graph.nodes:
+            if node.op in ("call_module", "get_attr") and isinstance(node.target, str):
+                visible.add(pre + node.target)
+    innermost_first = sorted(failures, key=lambda f: -len(f[0]))
+    out: list[Outside] = []
+    captured: list[str] = []
+    for name, m in model.named_modules(remove_duplicate=True):
+        if any(name.startswith(c + ".") for c in captured) or name in region_names:
+            continue
+        if name in visible:
+            # A leaf (by type) is the graph's, inside and out; any other module a graph calls is
+            # one whose forward could not be traced: what is inside it is outside every region.
+            if leaf.is_leaf_module(m, name):
+                captured.append(name)
+            continue
+        why = next((w for q, w in innermost_first if q == "" or name == q or name.startswith(q + ".")),
+                   "inside a module whose forward was not traced")
+        out.append(Outside(name, m, why))
+    return out

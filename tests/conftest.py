@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from normfx.trace import is_frozen_bn
+from normfx.kinds import is_frozen_bn
 
 # Named tolerances (relative, ||a - b|| / ||b||), as the issues set them.
 DEPLOY_RTOL = 1e-4

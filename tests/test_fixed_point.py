@@ -198,7 +198,6 @@ def test_k_hot_projection_is_the_nearest_csd_value(k):
 
 # --- the pass -------------------------------------------------------------------------------------
 
-import copy  # noqa: E402
 
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

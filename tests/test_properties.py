@@ -89,3 +89,47 @@ def test_bn_before_conv_folds_only_where_exact(case):
     assert len(report.changes) == (1 if exact else 0)
     x = torch.randn(shape, dtype=torch.float64)
     assert rel_err(d(x), model(x)) < DEPLOY_RTOL
+
+
+def _signed_digit_terms(value: float, lsb_exp: int) -> int:
+    """The fewest signed powers of two summing to ``value`` (its non-adjacent form's weight)."""
+    n = round(value / 2.0 ** lsb_exp)
+    assert n * 2.0 ** lsb_exp == value, "value is off the grid"
+    terms = 0
+    while n:
+        if n % 2:
+            n -= 2 - (n % 4)  # digit ±1 chosen so the next digit is 0
+            terms += 1
+        n //= 2
+    return terms
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(per_channel=st.booleans(), k=st.integers(1, 3), bits=st.integers(3, 8),
+       rounding=st.sampled_from(["nearest_even", "half_up", "floor", "trunc", "half_away"]),
+       overflow=st.sampled_from(["saturate", "saturate_sym", "wrap", "saturate_zero"]),
+       int_bits=st.lists(st.integers(-2, 3), min_size=4, max_size=4), seed=st.integers(0, 2**16))
+def test_k_hot_weights_deploy_bit_for_bit(per_channel, k, bits, rounding, overflow, int_bits, seed):
+    """Issue 11.2: deploy bakes exactly the K-hot weights the trained model computed with, each a
+    sum of at most K signed powers of two on its own channel's grid."""
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 4))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(4, 6, generator=g) * 0.7)
+    q = normfx.fixed_point(model, bits=bits, per_channel=per_channel, k_hot=k, k_hot_weights=True,
+                           rounding=rounding, overflow=overflow, targets=("weight",))
+    cast = q.get_submodule("0").parametrizations.weight[0]
+    with torch.no_grad():  # binary points as training may leave them, different per channel
+        cast.int_bits.copy_(torch.tensor(int_bits[: cast.int_bits.numel()], dtype=torch.float32))
+    q.eval()
+    x = torch.randn(3, 6, generator=g)
+    trained_w = q.get_submodule("0").weight.detach().clone()
+    d = normfx.deploy(q)
+    deployed_w = d.get_submodule("0").weight.detach()
+    assert torch.equal(deployed_w, trained_w)
+    assert torch.equal(d(x), q(x))
+    ib = cast.integer_bits().reshape(-1)
+    for row, w_row in enumerate(deployed_w):
+        lsb = int(ib[row if ib.numel() > 1 else 0]) - bits
+        for v in w_row.tolist():
+            assert _signed_digit_terms(v, lsb) <= k, (v, lsb)

@@ -1,7 +1,6 @@
 """PRepBN: LayerNorm -> progressive RepBN, its scheduler, recalibration, and the deploy fold."""
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -10,7 +9,6 @@ import torch.nn.functional as F
 
 import normfx
 from normfx.nn import ChannelAffine, ProgressiveRepBN, RepBN
-from normfx.trace import regions
 from tests.conftest import DEPLOY_RTOL, rel_err
 
 slow = pytest.mark.slow
@@ -160,14 +158,60 @@ def test_scheduler_needs_prepbn():
 
 def test_recalibrate_bn_is_the_cumulative_average():
     m = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6)).eval()
-    batches = [torch.randn(8, 4) for _ in range(3)]
-    normfx.recalibrate_bn(m, batches)
+    batches = [torch.randn(8, 4) * 2 + 1 for _ in range(3)]
+    normfx.recalibrate_bn(m, batches, progress=False)
     with torch.no_grad():
-        h = torch.cat([m[0](b) for b in batches])
-        means = torch.stack([m[0](b).mean(0) for b in batches]).mean(0)
+        hs = [m[0](b) for b in batches]
+    means = torch.stack([h.mean(0) for h in hs]).mean(0)
+    variances = torch.stack([h.var(0, unbiased=True) for h in hs]).mean(0)
     assert torch.allclose(m[1].running_mean, means, atol=1e-6)
+    assert torch.allclose(m[1].running_var, variances, rtol=1e-5)
     assert not m.training and m[1].momentum == 0.1
-    assert h.shape[0] == 24
+
+
+def test_recalibrate_bn_runs_dropout_in_eval_mode():
+    """Issue 11.1: on a constant input the eval-mode model feeds the BN variance 0; with Dropout
+    active while measuring, running_var would be about 1."""
+    m = nn.Sequential(nn.Dropout(0.5), nn.BatchNorm1d(4)).train()
+    normfx.recalibrate_bn(m, [torch.ones(64, 4)], progress=False)
+    assert torch.allclose(m[1].running_var, torch.zeros(4))
+    assert torch.allclose(m[1].running_mean, torch.ones(4))
+    assert m.training and m[0].training  # modes restored
+
+
+class _DropPathBlock(nn.Module):
+    """A pre-norm residual block with stochastic depth and dropout before a LayerNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torchvision.ops import StochasticDepth
+
+        self.fc = nn.Linear(8, 8)
+        self.drop = nn.Dropout(0.3)
+        self.drop_path = StochasticDepth(0.5, "row")
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = x + self.drop_path(self.drop(self.fc(x)))
+        return self.head(self.norm(x))
+
+
+@pytest.mark.parametrize("lam", [1.0, 0.0])
+def test_recalibrate_prepbn_after_stochastic_depth(lam):
+    """The statistics a RepBN gets are those of the eval-mode activations it will normalize."""
+    model = normfx.repbn(_DropPathBlock(), total_steps=10)
+    prep = next(m for m in model.modules() if isinstance(m, ProgressiveRepBN))
+    prep.lam.fill_(lam)
+    model.train()
+    x = torch.randn(16, 10, 8)
+    normfx.recalibrate_bn(model, [x], progress=False)
+    with torch.no_grad():
+        block = model.eval()
+        h = (x + block.get_submodule("fc")(x)).reshape(-1, 8)   # eval: dropout and drop-path are identities
+    bn = prep.repbn.bn
+    assert torch.allclose(bn.running_mean, h.mean(0), atol=1e-5)
+    assert torch.allclose(bn.running_var, h.var(0, unbiased=True), rtol=1e-4)
 
 
 def test_recalibrate_needs_batchnorm():

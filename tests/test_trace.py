@@ -107,3 +107,156 @@ def test_graphmodule_is_returned_as_is():
 def test_last_report_requires_normfx_model():
     with pytest.raises(LookupError, match="carries no normfx report"):
         normfx.last_report(nn.Conv2d(1, 1, 1))
+
+
+# --- regions keep every call correct (issue 11.7, 11.8) --------------------------------------------------
+
+def _block(c: int = 4) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU())
+
+
+class Encoder(nn.Module):
+    """Branches on a Python argument and keeps its blocks in a ModuleList (Hugging Face's shape)."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([_block(), _block()])
+
+    def forward(self, x, flag=False):
+        outs = () if flag else None
+        for blk in self.blocks:
+            x = blk(x)
+            if flag:
+                outs = outs + (x,)
+        return x, outs
+
+
+class HFRoot(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = _block()
+        self.encoder = Encoder()
+
+    def forward(self, x, return_dict=False):
+        h, outs = self.encoder(self.stem(x), flag=return_dict)
+        if not return_dict:
+            return h
+        return {"last": h, "hidden": outs}
+
+
+def test_partial_tracing_descends_through_branches_and_module_lists():
+    m = randomize_bn(HFRoot(), torch.randn(4, 4, 6, 6)).eval()
+    d = normfx.convbn(m, mode="deploy")
+    report = normfx.last_report(d)
+    assert len(report.changes) == 3 and not report.skips   # stem and both blocks, found below the branches
+    assert {name for name, _ in report.untraceable} == {"", "encoder", "encoder.blocks"}
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        assert rel_err(d(x), m(x)) < 1e-5
+        out, ref = d(x, return_dict=True), m(x, return_dict=True)   # the other branch still works
+        assert rel_err(out["last"], ref["last"]) < 1e-5 and len(out["hidden"]) == 2
+    assert type(d) is HFRoot and isinstance(d.encoder.blocks, nn.ModuleList)
+
+
+class Embeds(nn.Module):
+    """BERT's embeddings: a default-None argument decides which branch runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.word = nn.Embedding(10, 4)
+        self.norm = nn.LayerNorm(4)
+
+    def forward(self, ids=None, embeds=None):
+        if embeds is None:
+            embeds = self.word(ids)
+        return self.norm(embeds)
+
+
+class EmbedsParent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = Embeds()
+
+    def forward(self, ids, use_ids=True):
+        if use_ids:
+            return self.emb(ids=ids)
+        return self.emb(embeds=self.emb.word(ids) * 2)
+
+
+@pytest.mark.parametrize("one_liner", ["repbn", "freeze", "fixed_point", "convbn"])
+def test_region_with_default_arguments_is_not_specialized(one_liner):
+    """A traced ``Embeds`` would turn ``embeds`` into a proxy and drop the ``is None`` branch."""
+    m = EmbedsParent().eval()
+    kw = {"total_steps": 10} if one_liner == "repbn" else {}
+    out = getattr(normfx, one_liner)(m, **kw).eval()
+    ids = torch.randint(0, 10, (2, 5))
+    with torch.no_grad():
+        y1, y2 = out(ids), out(ids, use_ids=False)
+        if one_liner != "fixed_point":
+            assert torch.equal(y1, m(ids)) and torch.equal(y2, m(ids, use_ids=False))
+    if one_liner == "repbn":
+        assert normfx.last_report(out).changes[0].site == "emb.norm"   # swapped in its slot all the same
+
+
+class Gate(nn.Module):
+    """A required argument tested with ``is``: a proxy is never None, so a trace would keep one branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x, skip):
+        y = self.bn(self.conv(x))
+        if skip is not None:
+            y = y + skip
+        return y
+
+
+class GateParent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate = Gate()
+
+    def forward(self, x):
+        if x.sum() > 0:                 # untraceable: the gate becomes its own region candidate
+            return self.gate(x, None)
+        return self.gate(x, x)
+
+
+def test_identity_tested_argument_blocks_a_region():
+    m = randomize_bn(GateParent(), torch.randn(4, 3, 5, 5)).eval()
+    d = normfx.convbn(m, mode="deploy")
+    reasons = dict(normfx.last_report(d).untraceable)
+    assert "is/isinstance" in reasons["gate"]
+    x = torch.randn(2, 3, 5, 5)
+    with torch.no_grad():
+        assert torch.equal(d(x.abs()), m(x.abs())) and torch.equal(d(-x.abs()), m(-x.abs()))
+
+
+class DefaultsRoot(nn.Module):
+    """timm's shape: defaults at the root that only callees read."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = _block(3)
+
+    def forward(self, x, attn_mask=None, scale=1.0):
+        return self.helper(x, attn_mask) * scale
+
+    def helper(self, x, attn_mask):
+        return self.body(x) if attn_mask is None else self.body(x) + attn_mask
+
+
+def test_root_defaults_are_specialized_with_a_guard():
+    m = randomize_bn(DefaultsRoot(), torch.randn(4, 3, 5, 5)).eval()
+    d = normfx.convbn(m, mode="deploy")
+    assert isinstance(d, fx.GraphModule) and len(normfx.last_report(d).changes) == 1
+    x = torch.randn(2, 3, 5, 5)
+    with torch.no_grad():
+        assert rel_err(d(x), m(x)) < 1e-5
+        assert rel_err(d(x, None, 1.0), m(x)) < 1e-5
+        with pytest.raises(normfx.SpecializedCallError, match="attn_mask=None"):
+            d(x, attn_mask=torch.zeros(1))
+        with pytest.raises(normfx.SpecializedCallError, match="scale=1.0"):
+            d(x, scale=2.0)

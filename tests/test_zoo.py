@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 import normfx
+from normfx.kinds import is_frozen_bn
 from normfx.nn import tune_convbn
 from normfx.trace import regions
 from tests.conftest import DEPLOY_RTOL, GRAD_RTOL, randomize_bn, rel_err
@@ -113,14 +114,18 @@ def _check(m: nn.Module) -> None:
         if p.grad is not None and p.grad.norm() > 0:
             assert rel_err(tp[name].grad, p.grad) < GRAD_RTOL, name
 
-    # Tune in train mode is Train mode, running statistics included.
+    # Tune in train mode is Train mode, running statistics included. FrozenBatchNorm has no train
+    # mode: its blocks fold in both modes (equal up to rounding, not bit for bit).
     m2, t2 = copy.deepcopy(m).train(), copy.deepcopy(t).train()
     xb = torch.randn(4, 3, SIZE, SIZE)
     torch.manual_seed(1)
     ym = m2(xb)
     torch.manual_seed(1)
     yt = t2(xb)
-    assert torch.equal(ym, yt)
+    if any(is_frozen_bn(mod) for mod in m.modules()):
+        assert rel_err(yt, ym) < DEPLOY_RTOL
+    else:
+        assert torch.equal(ym, yt)
     sm, st = m2.state_dict(), t2.state_dict()
     for k in sm:
         assert torch.equal(sm[k], st[k]), k

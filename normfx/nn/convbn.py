@@ -5,7 +5,7 @@ original modules, left where they were in the module tree, so ``state_dict`` key
 
 * While ``bn.training``: ``bn(conv(x))`` — plain Train mode, batch statistics, identical running-stat
   updates.
-* Otherwise (Eval BN, or FrozenBatchNorm): with ``c = γ/sqrt(σ̂² + ε)`` it runs one conv with
+* Otherwise (Eval BN, or FrozenBatchNorm in either mode): with ``c = γ/sqrt(σ̂² + ε)`` it runs one conv with
   ``ω' = ω·c`` and ``b' = (b − μ̂)·c + β`` built inside autograd, so the gradients for ω, b, γ, β are
   Eval mode's and the BN input is never stored. Unlike the paper's version, ``ω'`` is not stored
   either: backward recomputes it from ω (a few elementwise ops over the weights), so the memory kept
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from normfx.functional import BNStats, out_channel_view
-from normfx.match import bn_kind, is_plain_conv
+from normfx.kinds import bn_kind, is_frozen_bn, is_plain_conv
 
 __all__ = ["tune_convbn", "tune_convbn_functional", "bn_stats"]
 
@@ -47,9 +47,18 @@ class _TuneConv(torch.autograd.Function):
         bf = -mean * c if b is None else (b - mean) * c
         if beta is not None:
             bf = bf + beta
-        y = _run(x, wf, bf, spec)
-        ctx.save_for_backward(x, w, b, gamma, mean, var)
-        ctx.eps, ctx.spec = eps, spec
+        # Under autocast the folded weights are built in their own precision and the conv runs in
+        # the autocast dtype, as Eval mode's conv does; backward then uses the same dtypes.
+        dev = x.device.type
+        cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        if cdt is None:
+            xc, y = x, _run(x, wf, bf, spec)
+        else:
+            xc = x.to(cdt)
+            with torch.autocast(dev, enabled=False):
+                y = _run(xc, wf.to(cdt), bf.to(cdt), spec)
+        ctx.save_for_backward(xc, w, b, gamma, mean, var)
+        ctx.eps, ctx.spec, ctx.x_dtype = eps, spec, x.dtype
         return y
 
     @staticmethod
@@ -61,16 +70,21 @@ class _TuneConv(torch.autograd.Function):
         c = inv if gamma is None else gamma * inv
         cv = out_channel_view(c, w, tr, groups)
         wf = w * cv
+        wc = wf.to(x.dtype)   # the weights the forward's conv ran with
+        gy = gy.to(x.dtype)
         need_x = ctx.needs_input_grad[0]
         if spec["kind"] == "linear":
-            gx = gy @ wf if need_x else None
+            gx = gy @ wc if need_x else None
             g2, x2 = gy.reshape(-1, gy.shape[-1]), x.reshape(-1, x.shape[-1])
             gwf, gbf = g2.t() @ x2, g2.sum(0)
         else:
             gx, gwf, gbf = torch.ops.aten.convolution_backward(
-                gy, x, wf, [wf.shape[1] * groups if tr else wf.shape[0]], spec["stride"], spec["padding"],
+                gy, x, wc, [wc.shape[1] * groups if tr else wc.shape[0]], spec["stride"], spec["padding"],
                 spec["dilation"], tr, spec["output_padding"], groups, [need_x, True, True],
             )
+        gwf, gbf = gwf.to(w.dtype), gbf.to(w.dtype)
+        if gx is not None:
+            gx = gx.to(ctx.x_dtype)
         gw = gwf * cv
         centred = -mean if b is None else b - mean
         gc = _per_out_sum(gwf * w, tr, groups) + gbf * centred
@@ -134,7 +148,9 @@ def tune_convbn(x: torch.Tensor, conv: nn.Module, bn: nn.Module) -> torch.Tensor
         >>> y = tune_convbn(torch.randn(2, 3, 8, 8), conv, bn)  # == bn(conv(x)), Eval gradients
     """
     linear_not_2d = isinstance(conv, nn.Linear) and x.dim() != 2
-    if getattr(bn, "training", False) or bn.running_mean is None or linear_not_2d:
+    # FrozenBatchNorm has no training behaviour: it folds in model.train() too.
+    batch_stats = getattr(bn, "training", False) and not is_frozen_bn(bn)
+    if batch_stats or bn.running_mean is None or linear_not_2d:
         return bn(conv(x))
     return _bn_tail(bn, _folded_forward(x, conv, bn_stats(bn)))
 

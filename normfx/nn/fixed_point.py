@@ -203,9 +203,7 @@ class FixedPoint(nn.Module):
                 cur = x.detach().abs().amax(dim=dims) if dims else x.detach().abs()
                 self.observed_max.copy_(torch.maximum(self.observed_max, cur.float().reshape(-1)))
             return x
-        lo, hi = integer_range(self.bits, self.signed)
-        if self.overflow == "saturate_sym" and self.signed:
-            lo = -hi
+        lo, hi = self._range()
         if self.export_form:
             step = torch.exp2(self.integer_bits() - self.bits).to(x.dtype)
             step = step.reshape(()) if step.numel() == 1 else step
@@ -214,27 +212,45 @@ class FixedPoint(nn.Module):
                                  self.axis % x.dim())
         return self._k_hot(y) if self.k_hot else y
 
-    def k_hot_table(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        """Every value with at most ``k_hot`` signed powers of two ``2^e`` on this cast's grid
-        (``e ≥ −F``) and within its range (per-channel casts: the union of their formats)."""
-        ib = self.integer_bits()
-        f, top = int(self.bits - ib.min()), int(ib.max())
-        key = (self.k_hot, f, top, ib.numel() == 1, self.bits, self.signed, dtype, self.int_bits.device)
-        cached = self.__dict__.get("_k_hot_cache")
-        if cached is not None and cached[0] == key:   # the binary point moves rarely: reuse the table
-            return cached[1]
-        table = k_hot_table(self.k_hot, range(-f, top), dtype=torch.float64)
+    def _range(self) -> tuple[int, int]:
+        """The integer range ``[lo, hi]`` of the word (``saturate_sym`` drops the most negative)."""
         lo, hi = integer_range(self.bits, self.signed)
-        if ib.numel() == 1:
-            step = 2.0 ** (top - self.bits)
+        return (-hi, hi) if self.overflow == "saturate_sym" and self.signed else (lo, hi)
+
+    def k_hot_table(self, dtype: torch.dtype = torch.float64, int_bits: int | None = None) -> torch.Tensor:
+        """Every value with at most ``k_hot`` signed powers of two ``2^e`` on the grid of the format
+        with ``int_bits`` integer bits (``e ≥ I − W``) and within its range, sorted. ``int_bits``
+        defaults to the cast's own (a per-tensor cast's only one)."""
+        ib = int(self.integer_bits().reshape(-1)[0]) if int_bits is None else int(int_bits)
+        key = (self.k_hot, ib, self.bits, self.signed, self.overflow, dtype, self.int_bits.device)
+        cache = self.__dict__.setdefault("_k_hot_cache", {})
+        if key not in cache:   # the binary point moves rarely: reuse the table
+            lo, hi = self._range()
+            step = 2.0 ** (ib - self.bits)
+            table = k_hot_table(self.k_hot or 1, range(ib - self.bits, ib), dtype=torch.float64)
             table = table[(table >= lo * step) & (table <= hi * step)]
-        table = table.to(device=self.int_bits.device, dtype=dtype)
-        self.__dict__["_k_hot_cache"] = (key, table)
-        return table
+            cache[key] = table.to(device=self.int_bits.device, dtype=dtype)
+        return cache[key]
 
     def _k_hot(self, y: torch.Tensor) -> torch.Tensor:
-        """Nearest K-hot value, straight-through in backward."""
-        return y + (k_hot_project(y.detach(), self.k_hot_table(y.dtype)) - y).detach()
+        """Nearest K-hot value on each channel's own grid and range, straight-through in backward.
+
+        Per-channel casts project each channel with its own format's table: a union of the
+        formats would hand a channel values its word cannot hold (the deployed cast would then
+        saturate them into a different, many-term value)."""
+        yd = y.detach()
+        ib = self.integer_bits().reshape(-1)
+        if ib.numel() == 1:
+            proj = k_hot_project(yd, self.k_hot_table(y.dtype))
+        else:
+            axis = self.axis % y.dim()
+            moved = yd.movedim(axis, 0)
+            out = torch.empty_like(moved)
+            for value in torch.unique(ib).tolist():
+                idx = (ib == value).nonzero().reshape(-1).to(y.device)
+                out[idx] = k_hot_project(moved[idx], self.k_hot_table(y.dtype, int(value)))
+            proj = out.movedim(0, axis)
+        return y + (proj - y).detach()
 
     @torch.no_grad()
     def calibrate_from_observed(self, margin: float = 0.0) -> None:

@@ -13,6 +13,7 @@ from typing import Iterable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from tqdm import tqdm
 
 __all__ = ["RepBN", "ProgressiveRepBN", "ChannelAffine", "RepBNScheduler", "recalibrate_bn"]
@@ -29,6 +30,18 @@ class RepBN(nn.Module):
         self.channels_last = channels_last
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dev = x.device.type
+        if not torch.is_autocast_enabled(dev):
+            return self._forward(x)
+        # Under autocast: statistics in the parameters' precision (float32, as BatchNorm's running
+        # statistics are), output in the dtype the replaced LayerNorm gives under the same autocast
+        # (float32 on CUDA, which autocasts layer_norm to float32; the input's dtype on CPU).
+        c = x.shape[-1] if self.channels_last else x.shape[1]
+        out_dtype = F.layer_norm(x.new_empty((0, c)), (c,)).dtype
+        with torch.autocast(dev, enabled=False):
+            return self._forward(x.to(torch.promote_types(x.dtype, self.eta.dtype))).to(out_dtype)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             y = self.bn(x.reshape(-1, x.shape[-1])).reshape(x.shape)
         else:
@@ -137,12 +150,18 @@ class RepBNScheduler:
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, batches: Iterable, *, steps: int | None = None) -> nn.Module:
+def recalibrate_bn(model: nn.Module, batches: Iterable, *, steps: int | None = None,
+                   progress: bool = True) -> nn.Module:
     """Re-estimate every BatchNorm's running statistics from ``batches`` (SLAB does this after training).
 
-    Statistics are reset and accumulated as a cumulative average (``momentum=None``) over the
-    batches, in train mode, without gradients; the model's modes and momenta are restored after.
-    A batch may be a tensor, or a tuple/list whose first element is the input.
+    The model runs in eval mode — Dropout, DropPath and stochastic depth off, as at inference — with
+    only its normalization layers in training mode (BatchNorms, and the RepBN/PRepBN modules that
+    hold them), so the statistics describe the activations the eval-mode model will see.
+    (``torch.optim.swa_utils.update_bn`` runs the whole model in train mode instead, dropout
+    included.) Statistics are reset and accumulated as a cumulative average (``momentum=None``)
+    over the batches, without gradients; the model's modes and momenta are restored after. A batch
+    may be a tensor, or a tuple/list whose first element is the input. ``progress=False`` turns
+    off the tqdm progress bar.
 
     Example:
         >>> normfx.recalibrate_bn(model, (x for x, _ in loader), steps=100)
@@ -156,8 +175,16 @@ def recalibrate_bn(model: nn.Module, batches: Iterable, *, steps: int | None = N
         for m in bns:
             m.reset_running_stats()
             m.momentum = None
-        model.train()
-        for i, batch in enumerate(tqdm(batches, total=steps, desc="recalibrating BatchNorm", leave=False)):
+        model.eval()
+        for m in model.modules():
+            # A PRepBN at λ = 1 in eval mode skips its RepBN: in training mode it runs it (and its
+            # output is still exactly the LayerNorm's).
+            if isinstance(m, (RepBN, ProgressiveRepBN)):
+                m.training = True
+        for m in bns:
+            m.training = True
+        it = tqdm(batches, total=steps, desc="recalibrating BatchNorm", leave=False, disable=not progress)
+        for i, batch in enumerate(it):
             if steps is not None and i >= steps:
                 break
             model(batch[0] if isinstance(batch, (tuple, list)) else batch)
@@ -167,4 +194,3 @@ def recalibrate_bn(model: nn.Module, batches: Iterable, *, steps: int | None = N
         for m, mom in momenta.items():
             m.momentum = mom
     return model
-

@@ -1,58 +1,49 @@
-"""One file per pass: ``fn(gm, *, options) -> PassResult``; each mutates ``gm`` in place.
+"""One file per pass: ``fn(gm, **options) -> PassResult``, mutating ``gm`` in place, and its
+``fn_outside(model, outside, **options) -> PassResult`` for the modules no traced region calls
+(leaf swaps in place, or skips that say why).
 
-``normfx.deploy`` runs the *deploy steps* registered here, in order. A pass that inserts a
-training-time construct registers the step that finalizes it, so ``deploy`` never needs to know
-any pass's internals.
+``DEPLOY_STEPS`` is what ``normfx.deploy`` runs, in this order: finalize what training left
+(random-control entries, trainable binary points), then fold (RepBN into Linears, BatchNorm into
+convs). A pass that inserts a training-time construct adds the step that finalizes it here.
 """
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch.fx as fx
 import torch.nn as nn
 
-from normfx.passes.fold_affine import fold_repbn
-from normfx.passes.fold_convbn import bn_sites, fold_convbn
-from normfx.passes.fixed_point import fixed_point_sites, freeze_binary_points, insert_fixed_point
-from normfx.passes.freeze import bake_random_entries, freeze_model, random_entry_sites
-from normfx.passes.swap_layernorm import layernorm_sites, swap_layernorm
+from normfx.passes.fixed_point import (freeze_binary_points, freeze_binary_points_outside, insert_fixed_point,
+                                       insert_fixed_point_outside)
+from normfx.passes.fold_affine import fold_repbn, fold_repbn_outside
+from normfx.passes.fold_convbn import fold_convbn, fold_convbn_outside
+from normfx.passes.freeze import bake_random_entries, bake_random_entries_outside, freeze_model
+from normfx.passes.swap_layernorm import swap_layernorm, swap_layernorm_outside
 from normfx.report import PassResult
+from normfx.trace import Outside
 
-__all__ = ["fold_convbn", "fold_repbn", "swap_layernorm", "freeze_model", "bake_random_entries",
-           "insert_fixed_point", "freeze_binary_points", "DeployStep", "deploy_steps", "register_deploy_step"]
+__all__ = ["fold_convbn", "fold_convbn_outside", "fold_repbn", "fold_repbn_outside", "swap_layernorm",
+           "swap_layernorm_outside", "freeze_model", "bake_random_entries", "bake_random_entries_outside",
+           "insert_fixed_point", "insert_fixed_point_outside", "freeze_binary_points",
+           "freeze_binary_points_outside", "DeployStep", "DEPLOY_STEPS"]
 
-DeployStep = Callable[[fx.GraphModule], PassResult]
-SiteLister = Callable[[nn.Module], list[str]]
-
-_DEPLOY_STEPS: list[tuple[float, str, DeployStep, SiteLister | None]] = []
-
-
-def register_deploy_step(
-    name: str, step: DeployStep, *, order: float, untraced_sites: SiteLister | None = None
-) -> None:
-    """Add ``step`` to what ``normfx.deploy`` runs; lower ``order`` runs first. Re-registering a
-    name replaces it. ``untraced_sites(module)`` lists the step's sites inside a module that could
-    not be traced, so the report can name them."""
-    _DEPLOY_STEPS[:] = [s for s in _DEPLOY_STEPS if s[1] != name]
-    _DEPLOY_STEPS.append((order, name, step, untraced_sites))
-    _DEPLOY_STEPS.sort(key=lambda s: s[0])
+GraphPass = Callable[[fx.GraphModule], PassResult]
+OutsidePass = Callable[[nn.Module, list[Outside]], PassResult]
 
 
-def deploy_steps() -> list[tuple[str, DeployStep, SiteLister | None]]:
-    """The registered deploy steps ``(name, step, untraced_sites)``, in the order they run."""
-    return [(name, step, sites) for _, name, step, sites in _DEPLOY_STEPS]
+class DeployStep(NamedTuple):
+    """One step of ``normfx.deploy``: its report name, its pass over a traced region, and its pass
+    over the modules outside regions."""
+
+    name: str
+    graph_pass: GraphPass
+    outside_pass: OutsidePass
 
 
-# Later passes (RepBN, fixed point, EvoNorm) finalize their modules before BN folding (order < 100)
-# or fold what they leave afterwards (order > 100).
-def _prepbn_sites(module: nn.Module) -> list[str]:
-    from normfx.nn.repbn import ProgressiveRepBN
-
-    return [n for n, m in module.named_modules() if isinstance(m, ProgressiveRepBN)]
-
-
-register_deploy_step("bake_random_entries", bake_random_entries, order=10, untraced_sites=random_entry_sites)
-register_deploy_step("freeze_binary_points", freeze_binary_points, order=20, untraced_sites=fixed_point_sites)
-register_deploy_step("fold_repbn", fold_repbn, order=50, untraced_sites=_prepbn_sites)
-register_deploy_step("fold_convbn", partial(fold_convbn, mode="deploy"), order=100, untraced_sites=bn_sites)
+DEPLOY_STEPS: tuple[DeployStep, ...] = (
+    DeployStep("bake_random_entries", bake_random_entries, bake_random_entries_outside),
+    DeployStep("freeze_binary_points", freeze_binary_points, freeze_binary_points_outside),
+    DeployStep("fold_repbn", fold_repbn, fold_repbn_outside),
+    DeployStep("fold_convbn", partial(fold_convbn, mode="deploy"), partial(fold_convbn_outside, mode="deploy")),
+)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import operator
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.fx as fx
@@ -27,13 +27,16 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
-from normfx.match import bn_kind, is_conv_like
+from normfx.kinds import bn_kind, is_conv_like
+from normfx.match import set_module
 from normfx.match import get_attr as getattr_path
 from normfx.nn.fixed_point import FixedPoint
 from normfx.nn.param_keys import keep_state_dict_keys
 from normfx.report import Change, PassResult, Skip, SkipReason
+from normfx.trace import Outside, regions, untraceable_modules
 
-__all__ = ["TARGETS", "FixedPointBatchNorm", "insert_fixed_point", "freeze_binary_points"]
+__all__ = ["TARGETS", "FixedPointBatchNorm", "insert_fixed_point", "insert_fixed_point_outside", "freeze_binary_points",
+           "freeze_binary_points_outside"]
 
 TARGETS = ("weight", "bias", "activation", "norm", "add")
 
@@ -191,6 +194,25 @@ def _is_unsigned(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_method" and node.target in ("relu", "relu_", "sigmoid")
 
 
+def _integer_indices(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether every use of ``node`` is as the indices of an embedding lookup (an integer tensor,
+    such as a language model's ``input_ids``: a fixed-point cast would refuse it)."""
+    def index_use(u: fx.Node) -> bool:
+        if not u.args or u.args[0] is not node:
+            return False
+        if u.op == "call_module":
+            return isinstance(gm.get_submodule(str(u.target)), (nn.Embedding, nn.EmbeddingBag))
+        return u.op == "call_function" and u.target in (F.embedding, F.embedding_bag, F.one_hot)
+    return bool(node.users) and all(index_use(u) for u in node.users)
+
+
+def _free_name(gm: fx.GraphModule, base: str) -> str:
+    name, i = base, 1
+    while hasattr(gm, name):
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
 def _tensor_nodes(gm: fx.GraphModule) -> set[fx.Node]:
     """Nodes that produce tensors (not sizes, dims or other Python values), by a forward dataflow
     pass: inputs, modules and tensor attributes do; ``size()``/``.shape`` and what is computed only
@@ -224,7 +246,7 @@ def insert_fixed_point(gm: fx.GraphModule, *, bits: int = 8, int_bits: float | N
 
     def add_cast(after: fx.Node, signed: bool, name: str) -> None:
         q = _q(bits, int_bits, rounding, overflow, signed=signed)
-        qname = f"fxq_{after.name}"
+        qname = _free_name(gm, f"fxq_{after.name}")
         gm.add_submodule(qname, q)
         users = list(after.users)
         with gm.graph.inserting_after(after):
@@ -234,44 +256,26 @@ def insert_fixed_point(gm: fx.GraphModule, *, bits: int = 8, int_bits: float | N
             u.replace_input_with(after, new)
         changes.append(Change(name, "cast", q.extra_repr()))
 
+    opts = _Options(bits, int_bits, rounding, overflow, set(targets), per_channel, k_hot, k_hot_weights)
     for node in list(gm.graph.nodes):
         if node.op == "call_module":
             m = mods[node.target]
             if isinstance(m, FixedPoint):
                 continue
-            if is_conv_like(m) and not parametrize.is_parametrized(m):
-                transposed = bool(getattr(m, "transposed", False))
-                for t in ("weight", "bias"):
-                    if t not in targets or getattr(m, t, None) is None:
-                        continue
-                    per = per_channel and t == "weight" and not transposed
-                    out = m.weight.shape[0]
-                    q = _q(bits, int_bits, rounding, overflow, channels=out if per else 1, axis=0)
-                    _init_from(q, getattr(m, t), per)
-                    if k_hot_weights and t == "weight":
-                        q.k_hot = k_hot
-                    keep_state_dict_keys(m)
-                    parametrize.register_parametrization(m, t, q, unsafe=True)
-                    changes.append(Change(f"{node.target}.{t}", "cast", q.extra_repr()))
+            site = str(node.target)
+            if is_conv_like(m):
+                changes += _cast_weights(m, site, opts)
             elif isinstance(m, _BatchNorm) and "norm" in targets:
-                if bn_kind(m) != "plain" or type(m) not in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
-                    skips.append(Skip(str(node.target), SkipReason.UNSUPPORTED,
-                                      f"{type(m).__name__} is not a plain BatchNorm"))
-                else:
-                    fq = FixedPointBatchNorm.from_bn(m, scale_q=_q(bits, int_bits, rounding, overflow),
-                                                     shift_q=_q(bits, int_bits, rounding, overflow), k_hot=k_hot)
-                    parent, _, leaf = node.target.rpartition(".")
-                    setattr(gm.get_submodule(parent) if parent else gm, leaf, fq)
-                    mods[node.target] = fq
-                    changes.append(Change(str(node.target), "fixed-point multiply-add",
-                                          f"k_hot={k_hot}" if k_hot else ""))
+                result = _quantize_bn(gm, site, m, opts)
+                (changes if isinstance(result, Change) else skips).append(result)
+                mods[site] = gm.get_submodule(site)
         if node.op in ("call_function", "call_method") and "add" in targets and (
             node.target in _ADDS or node.target == "add"
         ):
             ins = [a for a in node.args[:2] if isinstance(a, fx.Node) and a in tensors]
             if len(ins) == 2 and ins[0] is not ins[1]:
                 q = _q(bits, int_bits, rounding, overflow)
-                qname = f"fxq_{node.name}_in"
+                qname = _free_name(gm, f"fxq_{node.name}_in")
                 gm.add_submodule(qname, q)
                 with gm.graph.inserting_before(node):
                     qa = gm.graph.call_module(qname, (ins[0],))
@@ -283,9 +287,83 @@ def insert_fixed_point(gm: fx.GraphModule, *, bits: int = 8, int_bits: float | N
             if node.op == "call_module" and isinstance(mods.get(node.target), FixedPoint):
                 continue
             if node in tensors and not _is_same_values(gm, node) and node.users:
-                add_cast(node, not _is_unsigned(gm, node), f"{node.name} (output)")
+                if _integer_indices(gm, node):
+                    skips.append(Skip(f"{node.name} (output)", SkipReason.UNSUPPORTED,
+                                      "integer tensor: every use is an embedding's indices"))
+                else:
+                    add_cast(node, not _is_unsigned(gm, node), f"{node.name} (output)")
     gm.graph.lint()
     gm.recompile()
+    return PassResult("fixed_point", tuple(changes), tuple(skips))
+
+
+class _Options(NamedTuple):
+    bits: int
+    int_bits: float | None
+    rounding: str
+    overflow: str
+    targets: set[str]
+    per_channel: bool
+    k_hot: int | None
+    k_hot_weights: bool
+
+
+def _cast_weights(m: nn.Module, site: str, o: _Options) -> list[Change]:
+    """A Conv/Linear's weight and bias get a FixedPoint parametrization each (a leaf change: the
+    layer's forward is untouched, so it needs no graph)."""
+    if parametrize.is_parametrized(m):
+        return []
+    changes = []
+    transposed = bool(getattr(m, "transposed", False))
+    for t in ("weight", "bias"):
+        if t not in o.targets or getattr(m, t, None) is None:
+            continue
+        per = o.per_channel and t == "weight" and not transposed
+        out = m.weight.shape[0]
+        q = _q(o.bits, o.int_bits, o.rounding, o.overflow, channels=out if per else 1, axis=0)
+        _init_from(q, getattr(m, t), per)
+        if o.k_hot_weights and t == "weight":
+            q.k_hot = o.k_hot
+        keep_state_dict_keys(m)
+        parametrize.register_parametrization(m, t, q, unsafe=True)
+        changes.append(Change(f"{site}.{t}", "cast", q.extra_repr()))
+    return changes
+
+
+def _quantize_bn(root: nn.Module, site: str, m: _BatchNorm, o: _Options) -> Change | Skip:
+    """A plain BatchNorm becomes a FixedPointBatchNorm in its slot (same parameters and keys)."""
+    if isinstance(m, FixedPointBatchNorm):
+        return Skip(site, SkipReason.ALREADY_DONE, "already a FixedPointBatchNorm")
+    if bn_kind(m) != "plain" or type(m) not in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
+        return Skip(site, SkipReason.UNSUPPORTED, f"{type(m).__name__} is not a plain BatchNorm")
+    fq = FixedPointBatchNorm.from_bn(m, scale_q=_q(o.bits, o.int_bits, o.rounding, o.overflow),
+                                     shift_q=_q(o.bits, o.int_bits, o.rounding, o.overflow), k_hot=o.k_hot)
+    set_module(root, site, fq)
+    return Change(site, "fixed-point multiply-add", f"k_hot={o.k_hot}" if o.k_hot else "")
+
+
+def insert_fixed_point_outside(model: nn.Module, outside: list[Outside], *, bits: int = 8,
+                               int_bits: float | None = None, rounding: str = "nearest_even",
+                               overflow: str = "saturate", targets: Sequence[str] = TARGETS,
+                               per_channel: bool = False, k_hot: int | None = None,
+                               k_hot_weights: bool = False) -> PassResult:
+    """The casts that need no graph, on modules no traced region calls: weights and biases, and
+    BatchNorms (leaf changes). Activations and residual adds inside an untraceable forward cannot
+    be found without its graph: one skip per untraceable module says so."""
+    o = _Options(bits, int_bits, rounding, overflow, set(targets), per_channel, k_hot, k_hot_weights)
+    changes: list[Change] = []
+    skips: list[Skip] = []
+    for site, m, _ in outside:
+        if is_conv_like(m):
+            changes += _cast_weights(m, site, o)
+        elif isinstance(m, _BatchNorm) and "norm" in o.targets:
+            result = _quantize_bn(model, site, m, o)
+            (changes if isinstance(result, Change) else skips).append(result)
+    if o.targets & {"activation", "add"}:
+        for qualname, why in untraceable_modules(model):
+            if qualname not in {r for r, _ in regions(model)}:
+                skips.append(Skip(qualname or "<root>", SkipReason.UNTRACEABLE,
+                                  f"activations and residual adds in its forward are not cast: {why}"))
     return PassResult("fixed_point", tuple(changes), tuple(skips))
 
 
@@ -299,16 +377,26 @@ def _init_from(q: FixedPoint, t: torch.Tensor, per_channel: bool) -> None:
 
 
 def freeze_binary_points(gm: fx.GraphModule) -> PassResult:
-    """Deploy step: every trainable binary point becomes a fixed integer (a buffer), and every
-    ``FixedPointBatchNorm`` keeps its fixed-point scale and shift as constants."""
+    """Deploy step: every trainable binary point becomes a fixed integer (a buffer), K-hot weights
+    are baked, and every ``FixedPointBatchNorm`` keeps its fixed-point scale and shift as constants.
+    Leaf changes only: the same step serves modules outside traced regions."""
+    return PassResult("freeze_binary_points", tuple(_freeze_modules(list(gm.named_modules()))))
+
+
+def freeze_binary_points_outside(model: nn.Module, outside: list[Outside]) -> PassResult:
+    """``freeze_binary_points`` on the modules no traced region calls."""
+    return PassResult("freeze_binary_points", tuple(_freeze_modules([(o.qualname, o.module) for o in outside])))
+
+
+def _freeze_modules(named: list[tuple[str, nn.Module]]) -> list[Change]:
     changes = []
-    for name, m in gm.named_modules():
+    for name, m in named:
         if isinstance(m, FixedPoint) and m.trainable:
             value = m.integer_bits().clone()
             del m.int_bits
             m.register_buffer("int_bits", value)
             changes.append(Change(name, "freeze", m.hls_type()))
-    for name, m in list(gm.named_modules()):
+    for name, m in named:
         for t, plist in (list(m.parametrizations.items()) if parametrize.is_parametrized(m) else []):
             q = plist[0]
             if len(plist) == 1 and isinstance(q, FixedPoint) and q.k_hot:
@@ -321,13 +409,8 @@ def freeze_binary_points(gm: fx.GraphModule) -> PassResult:
                 plain.k_hot = None
                 parametrize.register_parametrization(m, t, plain, unsafe=True)
                 changes.append(Change(f"{name}.{t}", "bake", f"{q.k_hot}-hot weights"))
-    for name, m in gm.named_modules():
+    for name, m in named:
         if isinstance(m, FixedPointBatchNorm) and m.deployed_scale is None and m.track_running_stats:
             m.bake()
             changes.append(Change(name, "bake", "fixed-point scale and shift from running statistics"))
-    return PassResult("freeze_binary_points", tuple(changes))
-
-
-def fixed_point_sites(module: nn.Module) -> list[str]:
-    return [n for n, m in module.named_modules() if (isinstance(m, FixedPoint) and m.trainable)
-            or (isinstance(m, FixedPointBatchNorm) and m.deployed_scale is None)]
+    return changes

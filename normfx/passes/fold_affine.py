@@ -19,14 +19,11 @@ import torch.nn as nn
 from normfx.functional import fold_bn_after, fold_bn_before
 from normfx.match import module_uses, set_module, set_param
 from normfx.nn.repbn import ChannelAffine, ProgressiveRepBN
-from normfx.passes.fold_convbn import TrainingModeError
+from normfx.errors import RepBNNotFinishedError, TrainingModeError
 from normfx.report import Change, PassResult
+from normfx.trace import Outside
 
-__all__ = ["fold_repbn", "RepBNNotFinishedError"]
-
-
-class RepBNNotFinishedError(RuntimeError):
-    """Deploy was asked of a ProgressiveRepBN whose λ has not reached 0."""
+__all__ = ["fold_repbn", "fold_repbn_outside", "RepBNNotFinishedError"]
 
 
 _DROPOUTS = (nn.Dropout, nn.Identity)
@@ -42,16 +39,7 @@ def fold_repbn(gm: fx.GraphModule) -> PassResult:
     mods = dict(gm.named_modules())
     nodes = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(mods.get(n.target), ProgressiveRepBN)]
     for n in nodes:
-        m = mods[n.target]
-        lam = float(m.lam)
-        if lam > 0:
-            left = round(lam * m.total_steps)
-            raise RepBNNotFinishedError(
-                f"ProgressiveRepBN '{n.target}' has λ = {lam:.4g}: about {left} of {m.total_steps} scheduler "
-                "steps remain. Train until RepBNScheduler reaches λ = 0 before deploy"
-            )
-        if m.training:
-            raise TrainingModeError(f"ProgressiveRepBN '{n.target}' is in training mode; call model.eval() before deploy")
+        _check_finished(str(n.target), mods[n.target])
     uses = module_uses(gm)
     changes = []
     for n in nodes:
@@ -63,6 +51,41 @@ def fold_repbn(gm: fx.GraphModule) -> PassResult:
         gm.graph.lint()
         gm.recompile()
     return PassResult("fold_repbn", tuple(changes), ())
+
+
+def _check_finished(site: str, m: ProgressiveRepBN) -> None:
+    lam = float(m.lam)
+    if lam > 0:
+        left = round(lam * m.total_steps)
+        raise RepBNNotFinishedError(
+            f"ProgressiveRepBN '{site}' has λ = {lam:.4g}: about {left} of {m.total_steps} scheduler "
+            "steps remain. Train until RepBNScheduler reaches λ = 0 before deploy"
+        )
+    if m.training:
+        raise TrainingModeError(f"ProgressiveRepBN '{site}' is in training mode; call model.eval() before deploy")
+
+
+def fold_repbn_outside(model: nn.Module, outside: list[Outside]) -> PassResult:
+    """A ProgressiveRepBN no traced region calls cannot fold into a neighbour (only a graph shows
+    which Linear it feeds): it becomes its per-channel affine in its slot, one multiply-add, and
+    the report says why it was not folded."""
+    found = [(o.qualname, o.module, o.why) for o in outside if isinstance(o.module, ProgressiveRepBN)]
+    for site, m, _ in found:
+        _check_finished(site, m)
+    changes = []
+    for site, m, why in found:
+        set_module(model, site, _affine_of(m))
+        changes.append(Change(site, "affine", f"kept as one multiply-add, not folded (untraceable: {why})"))
+    return PassResult("fold_repbn", tuple(changes), ())
+
+
+def _affine_of(m: ProgressiveRepBN) -> ChannelAffine:
+    rep = m.repbn
+    a, b = rep.affine()
+    ref = next(iter(rep.parameters()))
+    affine = ChannelAffine(a.to(ref.dtype), b.to(ref.dtype), channels_last=rep.channels_last)
+    affine.train(m.training)  # a new module must not come back in training mode
+    return affine
 
 
 def _fold_one(gm: fx.GraphModule, mods: dict, uses, node: fx.Node) -> Change:
@@ -82,10 +105,7 @@ def _fold_one(gm: fx.GraphModule, mods: dict, uses, node: fx.Node) -> Change:
         node.replace_all_uses_with(x)
         gm.graph.erase_node(node)
         return Change(site, "fold", "into following " + ", ".join(f"'{t}'" for t in _names(mods, targets)))
-    ref = next(iter(rep.parameters()))
-    affine = ChannelAffine(a.to(ref.dtype), b.to(ref.dtype), channels_last=rep.channels_last)
-    affine.train(mods[node.target].training)  # a new module must not come back in training mode
-    set_module(gm, site, affine)
+    set_module(gm, site, _affine_of(mods[node.target]))
     return Change(site, "affine", "no Linear/Conv to fold into: kept as one multiply-add")
 
 

@@ -8,8 +8,8 @@ where that is exact: the conv must not zero-pad (zeros would no longer pass thro
 
 Sites are BatchNorm calls: BatchNorm{1,2,3}d modules and subclasses, SyncBatchNorm, FrozenBatchNorm,
 timm's BatchNormAct (the activation stays after the folded conv), functional ``F.batch_norm`` with
-running statistics, and — in Deploy mode — existing Tune blocks. Every site is transformed or skipped
-with a ``SkipReason``.
+running statistics, and existing Tune blocks (Deploy folds them; Tune reports them as already done).
+Every site is transformed or skipped with a ``SkipReason``.
 """
 from __future__ import annotations
 
@@ -21,22 +21,23 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
+from normfx.errors import TrainingModeError
 from normfx.functional import BNStats, bn_scale_shift, fold_bn_after, fold_bn_before, scale_is_safe
-from normfx.match import bn_kind, get_attr, is_conv_like, is_functional_bn, module_uses, set_module, set_param
+from normfx.kinds import bn_kind, is_conv_like
+from normfx.match import get_attr, is_functional_bn, module_uses, set_module, set_param
 from normfx.nn.convbn import bn_stats, tune_convbn, tune_convbn_functional
+from normfx.nn.fixed_point import FixedPoint
 from normfx.report import Change, PassResult, Skip, SkipReason
+from normfx.trace import Outside
 
-__all__ = ["fold_convbn", "bn_sites", "ConvBNMode", "TrainingModeError"]
+__all__ = ["fold_convbn", "fold_convbn_outside", "ConvBNMode", "TrainingModeError"]
 
 ConvBNMode = Literal["tune", "deploy"]
 
 _BN_PARAMS = list(inspect.signature(F.batch_norm).parameters)  # input, running_mean, ... eps
-
-
-class TrainingModeError(RuntimeError):
-    """Deploy mode was asked of a BatchNorm that is still in training mode."""
 
 
 def _fn_args(node: fx.Node) -> dict:
@@ -171,7 +172,7 @@ def fold_convbn(gm: fx.GraphModule, *, mode: ConvBNMode) -> PassResult:
         m = ctx.module(node) if node.op == "call_module" else None
         if m is not None and (bn_kind(m) is not None or _looks_like_bn(m)):
             sites.append(node)
-        elif is_functional_bn(node) or (mode == "deploy" and _is_tune_node(node)):
+        elif is_functional_bn(node) or _is_tune_node(node):
             sites.append(node)
     changes: list[Change] = []
     skips: list[Skip] = []
@@ -196,20 +197,25 @@ def fold_convbn(gm: fx.GraphModule, *, mode: ConvBNMode) -> PassResult:
     return PassResult("fold_convbn", tuple(changes), tuple(skips))
 
 
-def bn_sites(module: nn.Module) -> list[str]:
-    """Qualified names of every BatchNorm-like module below ``module`` (sites a trace could not reach)."""
-    return [n for n, sub in module.named_modules() if bn_kind(sub) is not None or _looks_like_bn(sub)]
+def fold_convbn_outside(model: nn.Module, outside: list[Outside], *, mode: ConvBNMode) -> PassResult:
+    """BatchNorms no traced region calls: a fold needs the conv that feeds them, which only a graph
+    shows, so each is reported with the reason its forward was not traced."""
+    skips = [Skip(o.qualname, SkipReason.UNTRACEABLE, o.why) for o in outside
+             if bn_kind(o.module) is not None or _looks_like_bn(o.module)]
+    return PassResult("fold_convbn", (), tuple(skips))
 
 
 def _looks_like_bn(m: nn.Module | None) -> bool:
     """A BatchNorm subclass we cannot interpret: still a site, reported as unsupported."""
-    from torch.nn.modules.batchnorm import _BatchNorm
-
     return isinstance(m, _BatchNorm)
 
 
 def _visit(ctx: _Ctx, node: fx.Node, mode: ConvBNMode) -> Change | Skip:
     gm, uses = ctx.gm, ctx.uses
+    if mode == "tune" and _is_tune_node(node):
+        name = str(node.args[2].target) if node.target is tune_convbn else _functional_name(
+            node, {"running_mean": node.args[2]})
+        return Skip(name, SkipReason.ALREADY_DONE, "already a Tune block")
     try:
         site = _Site(ctx, node)
     except _Unsupported as e:
@@ -291,8 +297,6 @@ def _make_tune_block(gm: fx.GraphModule, site: _Site, producer: fx.Node) -> Chan
 
 
 def _fixed_point_weights(site: _Site, conv: nn.Module) -> Skip | None:
-    from normfx.nn.fixed_point import FixedPoint
-
     plists = conv.parametrizations.values() if parametrize.is_parametrized(conv) else ()
     if any(isinstance(p, FixedPoint) for plist in plists for p in plist):
         return Skip(site.name, SkipReason.UNSUPPORTED, "the conv's weights are cast to fixed point: folding would "

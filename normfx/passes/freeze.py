@@ -25,15 +25,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
-from normfx.match import is_conv_like, module_tensors, set_param
+from normfx.errors import AlreadyTransformedError
+from normfx.kinds import is_conv_like
+from normfx.match import module_tensors, set_param
 from normfx.nn.freeze import RandomEntries, add_random_entries, keep_eval, random_entries
 from normfx.nn.repbn import ProgressiveRepBN, RepBN
 from normfx.report import Change, PassResult, Skip, SkipReason
-from normfx.trace import is_frozen_bn, regions, trace, untraceable_modules
+from normfx.kinds import is_frozen_bn
+from normfx.trace import Outside, trace_regions, untraceable_modules
 
 __all__ = [
     "ROLES", "is_norm_layer", "param_roles", "head_layers", "TrainableSummary", "trainable_summary",
-    "freeze_model", "bake_random_entries",
+    "freeze_model", "bake_random_entries", "bake_random_entries_outside",
 ]
 
 logger = logging.getLogger("normfx")
@@ -206,15 +209,17 @@ def trainable_summary(model: nn.Module) -> TrainableSummary:
         >>> s.by_role["norm"], s.trainable
         (9600, 9600)
     """
-    traced = model if _is_traced(model) else trace(copy.deepcopy(model, {id(t): t for t in module_tensors(model)}))
-    heads, _ = head_layers(traced)
-    roles = param_roles(traced, heads)
-    # Names are the same in the copy; requires_grad is read from the model itself.
-    return _summarize(model, roles, heads)
+    heads, _ = find_heads(model)
+    return _summarize(model, param_roles(model, heads), heads)
 
 
-def _is_traced(model: nn.Module) -> bool:
-    return isinstance(model, fx.GraphModule) or bool(untraceable_modules(model))
+def find_heads(model: nn.Module) -> tuple[list[str], list[Skip]]:
+    """``head_layers`` of ``model`` found on a traced twin that shares its tensors: the graph is
+    only read, and ``model`` (whose module tree the result names) is left as it is."""
+    if isinstance(model, fx.GraphModule):
+        return head_layers(model)
+    twin = copy.deepcopy(model, {id(t): t for t in module_tensors(model)})
+    return head_layers(trace_regions(twin))
 
 
 def frozen_entries(model: nn.Module, roles: dict[str, frozenset[str]], keep: set[str]) -> list[tuple[str, nn.Parameter]]:
@@ -274,10 +279,11 @@ def freeze_model(model: nn.Module, keep: set[str], random: int | str, seed: int,
                  stats: bool) -> tuple[PassResult, tuple[str, ...]]:
     """Set every parameter's ``requires_grad`` from its roles; add the random control; report.
 
-    ``model`` is traced (``normfx.trace``) and owns its tensors. Sites are the layers that own
+    ``model`` owns its tensors and keeps its module tree: only flags change, and the random control
+    adds parametrizations. The graph is read from a traced twin. Sites are the layers that own
     parameters: each is reported with its trainable count.
     """
-    heads, skips = head_layers(model)
+    heads, skips = find_heads(model)
     roles = param_roles(model, heads)
     _check_selects(model, keep, roles, heads, skips)
     for name, p in model.named_parameters():
@@ -289,7 +295,19 @@ def freeze_model(model: nn.Module, keep: set[str], random: int | str, seed: int,
             "For the paper's control pass the count: random=normfx.trainable_summary(normfx.freeze(model)).trainable"
         )
     count = selected if random == "match" else int(random)
-    if count:
+    existing = {f"{n}.{t}" if n else t: e for n, m in model.named_modules() for t, e in random_entries(m).items()}
+    have = sum(e.index.numel() for e in existing.values())
+    if existing and count and count != have:
+        raise AlreadyTransformedError(
+            f"{type(model).__name__} already has a random control of {have:,} entries (normfx.freeze(random=...)); "
+            f"asked for {count:,}. Freeze the original model instead, or normfx.deploy(model) to bake the control first."
+        )
+    if existing and count:
+        # Applied to its own output: the control in place is the one asked for; keep it training.
+        for site, e in existing.items():
+            e.values.requires_grad_(True)
+            skips.append(Skip(site, SkipReason.ALREADY_DONE, f"random control already in place ({e.index.numel():,} entries)"))
+    elif count:
         skips += _add_random(model, roles, keep, count, seed)
     notes = []
     if stats:
@@ -357,16 +375,22 @@ def _add_random(model: nn.Module, roles: dict[str, frozenset[str]], keep: set[st
 
 def bake_random_entries(gm: fx.GraphModule) -> PassResult:
     """Deploy step: write each random control's trainable entries into its weight (a plain Parameter
-    again, requiring grad since some of its entries did)."""
+    again, requiring grad since some of its entries did). A leaf change: the same step serves
+    modules outside traced regions (``bake_random_entries_outside``)."""
+    return PassResult("bake_random_entries", tuple(_bake(list(gm.named_modules()))))
+
+
+def bake_random_entries_outside(model: nn.Module, outside: list[Outside]) -> PassResult:
+    """``bake_random_entries`` on the modules no traced region calls."""
+    return PassResult("bake_random_entries", tuple(_bake([(o.qualname, o.module) for o in outside])))
+
+
+def _bake(named: list[tuple[str, nn.Module]]) -> list[Change]:
     changes = []
-    for name, m in gm.named_modules():
+    for name, m in named:
         for tensor, entries in random_entries(m).items():
             value = getattr(m, tensor).detach().clone()
             set_param(m, tensor, value, requires_grad=True)
             changes.append(Change(f"{name}.{tensor}" if name else tensor, "bake",
                                   f"{entries.index.numel():,} random entries written into the weight"))
-    return PassResult("bake_random_entries", tuple(changes))
-
-
-def random_entry_sites(module: nn.Module) -> list[str]:
-    return [f"{n}.{t}" if n else t for n, m in module.named_modules() for t in random_entries(m)]
+    return changes

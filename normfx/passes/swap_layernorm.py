@@ -15,11 +15,13 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from normfx.match import forward_source_has, get_attr, set_module
+from normfx.kinds import forward_source_has
+from normfx.match import get_attr, set_module
 from normfx.nn.repbn import ProgressiveRepBN, RepBN
 from normfx.report import Change, PassResult, Skip, SkipReason
+from normfx.trace import Outside
 
-__all__ = ["swap_layernorm", "layernorm_sites", "is_channels_first_ln"]
+__all__ = ["swap_layernorm", "swap_layernorm_outside", "is_channels_first_ln"]
 
 
 def is_channels_first_ln(m: nn.Module) -> bool:
@@ -28,14 +30,27 @@ def is_channels_first_ln(m: nn.Module) -> bool:
         forward_source_has(type(m), "permute(0, 2, 3, 1)")[0]
 
 
-def layernorm_sites(module: nn.Module) -> list[str]:
-    """Qualified names of every LayerNorm module below ``module``."""
-    return [n for n, m in module.named_modules() if isinstance(m, nn.LayerNorm)]
+def _qk_norm(target: str) -> bool:
+    # q/k norms are told apart from token norms by where they sit; their attribute names are the
+    # only structural mark timm and torchvision give them.
+    return target.rpartition(".")[2] in ("q_norm", "k_norm", "norm_q", "norm_k", "q_ln", "k_ln")
 
 
-def _qk_norm(gm: fx.GraphModule, target: str) -> bool:
-    parent, _, name = target.rpartition(".")
-    return name in ("q_norm", "k_norm", "norm_q", "norm_k", "q_ln", "k_ln")
+def _swap_module(root: nn.Module, site: str, m: nn.Module, total_steps: int, eta_init: float) -> Change | Skip | None:
+    """The decision for one LayerNorm module (a leaf change: it needs no graph). None: not a site."""
+    if isinstance(m, ProgressiveRepBN):
+        return Skip(site, SkipReason.ALREADY_DONE, "already a ProgressiveRepBN")
+    if not isinstance(m, nn.LayerNorm):
+        return None
+    if len(m.normalized_shape) != 1:
+        return Skip(site, SkipReason.UNSUPPORTED, f"normalizes over {len(m.normalized_shape)} dims")
+    if _qk_norm(site):
+        return Skip(site, SkipReason.UNSUPPORTED, "q/k norm inside attention")
+    channels_first = is_channels_first_ln(m)
+    if type(m).forward is not nn.LayerNorm.forward and not channels_first and not _is_last_dim_subclass(type(m)):
+        return Skip(site, SkipReason.UNSUPPORTED, f"{type(m).__name__} has its own forward")
+    set_module(root, site, _progressive(m, m.normalized_shape[0], m.eps, channels_first, total_steps, eta_init))
+    return Change(site, "prepbn", "channels-first" if channels_first else "tokens")
 
 
 def swap_layernorm(gm: fx.GraphModule, *, total_steps: int, eta_init: float = 1.0) -> PassResult:
@@ -47,32 +62,33 @@ def swap_layernorm(gm: fx.GraphModule, *, total_steps: int, eta_init: float = 1.
     changes: list[Change] = []
     skips: list[Skip] = []
     mods = dict(gm.named_modules())
+    seen: set[str] = set()
     for node in list(gm.graph.nodes):
-        if node.op == "call_module" and isinstance(mods.get(node.target), ProgressiveRepBN):
-            continue
-        if node.op == "call_module" and isinstance(mods.get(node.target), nn.LayerNorm):
-            ln = mods[node.target]
-            site = str(node.target)
-            if len(ln.normalized_shape) != 1:
-                skips.append(Skip(site, SkipReason.UNSUPPORTED, f"normalizes over {len(ln.normalized_shape)} dims"))
-                continue
-            if _qk_norm(gm, site):
-                skips.append(Skip(site, SkipReason.UNSUPPORTED, "q/k norm inside attention"))
-                continue
-            channels_first = is_channels_first_ln(ln)
-            if type(ln).forward is not nn.LayerNorm.forward and not channels_first and \
-                    not _is_last_dim_subclass(type(ln)):
-                skips.append(Skip(site, SkipReason.UNSUPPORTED, f"{type(ln).__name__} has its own forward"))
-                continue
-            new = _progressive(ln, ln.normalized_shape[0], ln.eps, channels_first, total_steps, eta_init)
-            set_module(gm, site, new)
-            changes.append(Change(site, "prepbn", "channels-first" if channels_first else "tokens"))
+        if node.op == "call_module" and isinstance(node.target, str) and node.target not in seen:
+            seen.add(node.target)  # a module called twice is one site
+            result = _swap_module(gm, node.target, mods[node.target], total_steps, eta_init)
+            if result is not None:
+                (changes if isinstance(result, Change) else skips).append(result)
         elif node.op == "call_function" and node.target is F.layer_norm:
             change = _swap_functional(gm, node, total_steps, eta_init)
             (changes if isinstance(change, Change) else skips).append(change)
-    if changes:
+    if any(c.detail.startswith("functional") for c in changes):
         gm.graph.lint()
         gm.recompile()
+    return PassResult("swap_layernorm", tuple(changes), tuple(skips))
+
+
+def swap_layernorm_outside(model: nn.Module, outside: list[Outside], *, total_steps: int,
+                           eta_init: float = 1.0) -> PassResult:
+    """LayerNorm modules no traced region calls are swapped in their slot all the same: the
+    untraced forward calls ``self.<name>(x)``, whatever module is there. Only a functional
+    ``F.layer_norm`` inside such a forward stays out of reach."""
+    changes: list[Change] = []
+    skips: list[Skip] = []
+    for site, m, _ in outside:
+        result = _swap_module(model, site, m, total_steps, eta_init)
+        if result is not None:
+            (changes if isinstance(result, Change) else skips).append(result)
     return PassResult("swap_layernorm", tuple(changes), tuple(skips))
 
 
