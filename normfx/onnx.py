@@ -408,6 +408,10 @@ def _verify(model, inputs, ref_flat, tmp: Path, names: list[str], dynamic_batch:
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    # A one-shot check, not a benchmark: as many threads as torch uses, and none left spinning
+    # after the run to slow the caller's own work down.
+    opts.intra_op_num_threads = torch.get_num_threads()
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if keep_qdq:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     session = ort.InferenceSession(str(tmp), opts, providers=["CPUExecutionProvider"])

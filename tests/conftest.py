@@ -1,12 +1,22 @@
 """Shared test helpers: randomized BatchNorm statistics and relative error."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normfx.kinds import is_frozen_bn
+
+# pytest-xdist runs one process per core: each gets its share of the cores, and so do the example
+# scripts and ONNX Runtime sessions they start. Oversubscribed OpenMP threads spin against each
+# other and made single tests 10-100x slower than alone.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    torch.set_num_threads(_threads)
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
 
 # Named tolerances (relative, ||a - b|| / ||b||), as the issues set them.
 DEPLOY_RTOL = 1e-4
