@@ -257,8 +257,7 @@ left than `fuse`.
 
 ### GPU
 
-Peak CUDA memory at batch 32×224² (Eval vs Tune) has not been measured: this task was not lent a
-GPU machine.
+Peak CUDA memory at batch 32×224² (Eval vs Tune) is not yet measured on a GPU.
 """
 
 

@@ -201,8 +201,7 @@ not normalization ops).
 
 {md}
 
-GPU (batch 64, where the paper reports its 2.4 ms / 16.2 ms saving) has not been measured: this task
-was not lent a GPU machine.
+GPU (batch 64, where the paper reports its 2.4 ms / 16.2 ms saving) is not yet measured.
 """
     write_section("repbn", body)
     print(body)

@@ -1,129 +1,41 @@
-"""The one-liners: copy -> trace -> run passes on every traced region -> attach report -> return."""
+"""The one-liners: argument checks, then one ``normfx.runner.transform`` call each."""
 from __future__ import annotations
 
-import copy
-from typing import Callable, Iterable, Literal, Sequence
+from typing import Iterable, Literal, Sequence
 
 import torch
-
-import torch.fx as fx
 import torch.nn as nn
+from torch.nn.utils import parametrize
+from tqdm import tqdm
 
 from normfx.errors import AlreadyTransformedError
-from normfx.match import module_tensors
-from normfx.passes import DEPLOY_STEPS
+from normfx.functional import fixed_mode
+from normfx.nn.fixed_point import FixedPoint
+from normfx.passes import DEPLOY_STEPS, Step
 from normfx.passes.fixed_point import TARGETS, insert_fixed_point, insert_fixed_point_outside
 from normfx.passes.fold_convbn import ConvBNMode, fold_convbn, fold_convbn_outside
+from normfx.passes.freeze import ROLES, freeze_model
 from normfx.passes.swap_layernorm import swap_layernorm, swap_layernorm_outside
-from normfx.report import Change, PassResult, Report, Skip, attach_report, last_report
-from normfx.trace import Outside, materialize, outside_modules, regions, trace_regions, untraceable_modules
+from normfx.report import Report, attach_report
+from normfx.runner import copy_model, transform
 
-__all__ = ["convbn", "deploy", "repbn", "freeze", "fixed_point", "calibrate", "run"]
-
-
-def _prepare(model: nn.Module, inplace: bool) -> nn.Module:
-    """Trace ``model`` (or a copy of it) for a transform; pair with :func:`_finish`.
-
-    The copy shares the caller's parameter and buffer tensors: a pass replaces the tensors it
-    changes (it never writes into one), and ``_finish`` clones those still shared afterwards. A fold
-    therefore never copies a weight it is about to replace (the copy is half of ``deploy``'s time on
-    a ResNet-152), and the result still shares no storage with the caller's model.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"normfx expects an nn.Module, got {type(model).__name__}")
-    if inplace:
-        # Tracing builds a new GraphModule around the same submodules: parameters are shared, so
-        # the caller's modules are the ones transformed; the returned GraphModule is the model to use.
-        return trace_regions(model)
-    memo: dict[int, object] = {id(t): t for t in module_tensors(model)}
-    twin = copy.deepcopy(model, memo)
-    _own_parametrized_classes(twin)
-    out = trace_regions(twin)
-    out.__dict__["_normfx_shared"] = frozenset(id(t) for t in module_tensors(model))
-    return out
+__all__ = ["convbn", "deploy", "repbn", "freeze", "fixed_point", "calibrate"]
 
 
-def _own_copy(model: nn.Module) -> nn.Module:
-    """A deep copy that owns its tensors and its parametrized classes (see below)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"normfx expects an nn.Module, got {type(model).__name__}")
-    twin = copy.deepcopy(model)
-    _own_parametrized_classes(twin)
-    return twin
-
-
-def _own_parametrized_classes(model: nn.Module) -> None:
-    """Give each parametrized module of a deep copy its own class. ``torch.nn.utils.parametrize``
-    keeps the parametrized properties on a per-module class that ``deepcopy`` shares between the
-    copy and the original, so removing a parametrization from the copy (a fold, a deploy step)
-    would delete the original's property too."""
-    from torch.nn.utils import parametrize
-
-    for m in model.modules():
-        if parametrize.is_parametrized(m):
-            cls = type(m)
-            ns = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
-            m.__class__ = type(cls.__name__, cls.__bases__, ns)
-
-
-def _finish(out: nn.Module) -> nn.Module:
-    """Clone every parameter/buffer ``out`` still shares with the caller's model (see ``_prepare``)."""
-    materialize(out)
-    shared = out.__dict__.pop("_normfx_shared", None)
-    if not shared:
-        return out
-    clones: dict[int, object] = {}  # keeps tied tensors tied
-    for m in out.modules():
-        for slots in (m._parameters, m._buffers):
-            for k, t in slots.items():
-                if t is not None and id(t) in shared:
-                    slots[k] = copy.deepcopy(t, clones)
-    return out
-
-
-OutsideFn = Callable[[nn.Module, list[Outside]], PassResult]
-"""A pass's second half: what it does with modules no traced region calls (leaf swaps in place,
-or a skip that names why the module was not traced)."""
-
-
-def run(model: nn.Module, name: str, fn: Callable[[fx.GraphModule], PassResult],
-        outside: OutsideFn | None = None) -> tuple[PassResult, Report]:
-    """Run a pass over every traced region of ``model``, then over the modules outside them, and
-    merge the results into one PassResult with qualified site names, each site once.
-
-    Example:
-        >>> gm = normfx.trace(model)
-        >>> result, report = run(gm, "fold_convbn", lambda g: fold_convbn(g, mode="deploy"), fold_convbn_outside)
-    """
-    changes: dict[str, Change] = {}
-    skips: dict[str, Skip] = {}
-    for prefix, gm in list(regions(model)):
-        res = fn(gm)
-        pre = f"{prefix}." if prefix else ""
-        for c in res.changes:
-            changes.setdefault(pre + c.site, Change(pre + c.site, c.action, c.detail))
-        for sk in res.skips:
-            skips.setdefault(pre + sk.site, Skip(pre + sk.site, sk.reason, sk.detail))
-    if outside is not None:
-        res = outside(model, outside_modules(model))
-        for c in res.changes:
-            if c.site not in changes and c.site not in skips:
-                changes[c.site] = c
-        for sk in res.skips:
-            if sk.site not in changes and sk.site not in skips:
-                skips[sk.site] = sk
-    result = PassResult(name, tuple(changes.values()), tuple(skips.values()))
-    return result, Report((result,), untraceable_modules(model))
+def _convbn_step(mode: ConvBNMode) -> Step:
+    return Step("fold_convbn", lambda gm: fold_convbn(gm, mode=mode), lambda m, o: fold_convbn_outside(m, o, mode=mode))
 
 
 def convbn(model: nn.Module, mode: ConvBNMode = "tune", *, inplace: bool = False) -> nn.Module:
     """Turn every Conv/Linear + BatchNorm block into Tune mode or fold it (Deploy mode).
 
-    * ``mode="tune"``: each block becomes ``normfx.nn.tune_convbn``: Train mode while the BN is in
-      training mode; otherwise one conv on BN-folded weights built inside autograd, so gradients are
-      Eval mode's and neither the BN input nor the folded weights are kept for backward.
+    * ``mode="tune"``: each block's conv and BN become ``normfx.nn.TuneConv``/``TuneBN`` (their
+      classes swapped for subclasses, the objects and their slots kept): Train mode while the BN is
+      in training mode; otherwise one conv on BN-folded weights built inside autograd, so gradients
+      are Eval mode's and neither the BN input nor the folded weights are kept for backward.
       ``state_dict`` keys are unchanged.
-    * ``mode="deploy"``: folds permanently (in float64, cast back). Needs the model in eval mode.
+    * ``mode="deploy"``: folds permanently (in float64, cast back) into the conv's weights; the BN's
+      slot holds ``nn.Identity`` (a norm-act layer's activation). Needs the model in eval mode.
 
     Args:
         model: an ``nn.Module`` or ``GraphModule``; never modified unless ``inplace=True``.
@@ -131,8 +43,10 @@ def convbn(model: nn.Module, mode: ConvBNMode = "tune", *, inplace: bool = False
         inplace: transform the caller's modules instead of a deep copy.
 
     Returns:
-        The transformed model (a ``GraphModule`` when the model traces whole). ``normfx.last_report(m)``
-        says, site by site, what was transformed and what was skipped and why.
+        The caller's module tree, changed where it had to be (same class, submodules, hooks; a
+        GraphModule only in the slot of a module whose forward had to change: a functional
+        ``F.batch_norm``). ``normfx.last_report(m)`` says, site by site, what was transformed and
+        what was skipped and why.
 
     Raises:
         TrainingModeError: ``mode="deploy"`` on a BatchNorm in training mode.
@@ -144,11 +58,7 @@ def convbn(model: nn.Module, mode: ConvBNMode = "tune", *, inplace: bool = False
     """
     if mode not in ("tune", "deploy"):
         raise ValueError(f"mode must be 'tune' or 'deploy', got {mode!r}")
-    out = _prepare(model, inplace)
-    _, report = run(out, "fold_convbn", lambda gm: fold_convbn(gm, mode=mode),
-                    lambda m, o: fold_convbn_outside(m, o, mode=mode))
-    attach_report(out, report)
-    return _finish(out)
+    return transform(model, [_convbn_step(mode)], inplace=inplace)
 
 
 def deploy(model: nn.Module, *, inplace: bool = False) -> nn.Module:
@@ -172,14 +82,7 @@ def deploy(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         >>> normfx.last_report(m).summary()
         'fold_convbn: 20 sites, 20 transformed, 0 skipped'
     """
-    out = _prepare(model, inplace)
-    results, untraceable = [], ()
-    for name, step, outside in DEPLOY_STEPS:
-        res, rep = run(out, name, step, outside)
-        results.append(res)
-        untraceable = rep.untraceable
-    attach_report(out, Report(tuple(results), untraceable))
-    return _finish(out)
+    return transform(model, DEPLOY_STEPS, inplace=inplace)
 
 
 def repbn(model: nn.Module, *, total_steps: int, eta_init: float = 1.0, inplace: bool = False) -> nn.Module:
@@ -203,12 +106,9 @@ def repbn(model: nn.Module, *, total_steps: int, eta_init: float = 1.0, inplace:
     """
     if total_steps <= 0:
         raise ValueError(f"total_steps must be positive, got {total_steps}")
-    out = _prepare(model, inplace)
-    _, report = run(out, "swap_layernorm",
-                    lambda gm: swap_layernorm(gm, total_steps=total_steps, eta_init=eta_init),
-                    lambda m, o: swap_layernorm_outside(m, o, total_steps=total_steps, eta_init=eta_init))
-    attach_report(out, report)
-    return _finish(out)
+    return transform(model, [Step(
+        "swap_layernorm", lambda gm: swap_layernorm(gm, total_steps=total_steps, eta_init=eta_init),
+        lambda m, o: swap_layernorm_outside(m, o, total_steps=total_steps, eta_init=eta_init))], inplace=inplace)
 
 
 def freeze(model: nn.Module, *, keep: Sequence[str] | str = ("norm",), random: int | Literal["match"] = 0,
@@ -245,21 +145,17 @@ def freeze(model: nn.Module, *, keep: Sequence[str] | str = ("norm",), random: i
         >>> normfx.trainable_summary(m).trainable
         9600
     """
-    from normfx.passes.freeze import freeze_model
-
     keep_set = _check_keep(keep)
     if not (random == "match" or (isinstance(random, int) and not isinstance(random, bool) and random >= 0)):
         raise ValueError(f"random must be a non-negative int or 'match', got {random!r}")
     # Flags only: the model keeps its module tree (no trace of it is returned); the copy owns its tensors.
-    out = model if inplace else _own_copy(model)
+    out = model if inplace else copy_model(model, share_tensors=False)[0]
     result, notes = freeze_model(out, keep_set, random, seed, freeze_stats)
     attach_report(out, Report((result,), (), notes))
     return out
 
 
 def _check_keep(keep: Sequence[str] | str) -> set[str]:
-    from normfx.passes.freeze import ROLES
-
     roles = (keep,) if isinstance(keep, str) else tuple(keep)
     unknown = [r for r in roles if r not in ROLES]
     if unknown:
@@ -296,8 +192,6 @@ def fixed_point(model: nn.Module, *, bits: int = 8, int_bits: float | None = Non
         >>> q = normfx.fixed_point(torchvision.models.resnet18(), bits=8)
         >>> normfx.calibrate(q, [torch.randn(8, 3, 64, 64)])
     """
-    from normfx.functional import fixed_mode
-
     unknown = [t for t in targets if t not in TARGETS]
     if unknown:
         raise ValueError(f"unknown target(s) {unknown}; the targets are {list(TARGETS)}")
@@ -309,24 +203,17 @@ def fixed_point(model: nn.Module, *, bits: int = 8, int_bits: float | None = Non
         raise ValueError("k_hot_weights=True needs k_hot=K (the number of signed powers of two)")
     rounding, overflow = fixed_mode(rounding, "rounding"), fixed_mode(overflow, "overflow")
     _refuse_existing_casts(model)
-    folded: tuple[PassResult, ...] = ()
-    if fold_bn:
-        model = convbn(model, mode="deploy", inplace=inplace)
-        folded = last_report(model).passes
-        inplace = True  # already our own copy (or the caller's, as asked)
-    out = _finish(_prepare(model, inplace))  # parametrizations own the weights: the copy must own them first
     opts = dict(bits=int(bits), int_bits=int_bits, rounding=rounding, overflow=overflow, targets=tuple(targets),
                 per_channel=per_channel, k_hot=k_hot, k_hot_weights=k_hot_weights)
-    result, report = run(out, "fixed_point", lambda gm: insert_fixed_point(gm, **opts),
-                         lambda m, o: insert_fixed_point_outside(m, o, **opts))
-    attach_report(out, Report(folded + (result,), report.untraceable))
-    return out
+    steps = [_convbn_step("deploy")] if fold_bn else []
+    steps.append(Step("fixed_point", lambda gm: insert_fixed_point(gm, **opts),
+                      lambda m, o: insert_fixed_point_outside(m, o, **opts)))
+    # Parametrizations hold the weights they cast: the copy must own its tensors first.
+    return transform(model, steps, inplace=inplace, tensors="own")
 
 
 def _refuse_existing_casts(model: nn.Module) -> None:
     """A second ``fixed_point`` would wrap calibrated or trained casts in new ones: refuse."""
-    from normfx.nn.fixed_point import FixedPoint
-
     names = [n for n, m in model.named_modules() if isinstance(m, FixedPoint)]
     if names:
         raise AlreadyTransformedError(
@@ -344,10 +231,6 @@ def calibrate(model: nn.Module, batches: Iterable, *, steps: int | None = None,
     there; without training this is post-training quantization. Returns ``model`` (modified in place).
     ``progress=False`` turns off the tqdm progress bar (for libraries that embed normfx).
     """
-    from tqdm import tqdm
-
-    from normfx.nn.fixed_point import FixedPoint
-
     casts = [m for m in model.modules() if isinstance(m, FixedPoint) and m.trainable
              and not _is_weight_cast(model, m)]
     if not casts:
@@ -374,7 +257,5 @@ def calibrate(model: nn.Module, batches: Iterable, *, steps: int | None = None,
 
 
 def _is_weight_cast(model: nn.Module, q: nn.Module) -> bool:
-    from torch.nn.utils import parametrize
-
     return any(parametrize.is_parametrized(m) and any(q is p for plist in m.parametrizations.values() for p in plist)
                for m in model.modules())

@@ -17,8 +17,9 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
-from normfx.api import convbn
+from normfx.api import convbn, fixed_point, freeze, repbn
 from normfx.errors import NormfxError
+from normfx.kinds import is_norm_layer
 from normfx.onnx import export
 from normfx.report import last_report
 
@@ -38,10 +39,6 @@ architecture with random weights. For a trained model, save it with torch.save a
 or pass a factory that loads your weights.
 """
 
-_NORM_TYPES: tuple[type, ...] = (
-    nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm,
-    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
-)
 
 
 class SpecError(NormfxError, ValueError):
@@ -154,36 +151,60 @@ def default_input_shape(model: nn.Module) -> tuple[int, ...]:
     return (1, *size) if size else (1, 3, 224, 224)
 
 
-def inspect_model(model: nn.Module) -> dict:
-    """Every normalization site of ``model`` and what each pass would do there (a dry run on copies).
+COLUMNS = ("convbn_tune", "convbn_deploy", "repbn", "freeze", "fixed_point")
+"""What ``inspect`` shows per site: each pass's action there, or ``skip: <reason>``."""
 
-    Returns ``{"sites": [{"site", "kind", "shape", "convbn_tune", "convbn_deploy"}], "totals": {...}}``.
+
+def inspect_model(model: nn.Module) -> dict:
+    """Every normalization site of ``model`` and what each pass would do there (dry runs on copies).
+
+    Per site: ``convbn_tune`` / ``convbn_deploy`` (Tune block, fold, or why not), ``repbn``
+    (LayerNorm → PRepBN), ``freeze`` (whether ``normfx.freeze``'s default, BN-only training, trains
+    the layer) and ``fixed_point`` (the BatchNorm's fixed-point multiply-add). Returns
+    ``{"sites": [{"site", "kind", "shape", *COLUMNS}], "totals": {...}}``.
+
+    Example:
+        >>> table = inspect_model(torchvision.models.resnet18())
+        >>> table["totals"]["convbn_deploy"]
+        '20 transformed'
     """
     model = model.eval()
+    runs = {
+        "convbn_tune": lambda: convbn(model, mode="tune"),
+        "convbn_deploy": lambda: convbn(model, mode="deploy"),
+        "repbn": lambda: repbn(model, total_steps=1),
+        "freeze": lambda: freeze(model, keep=("norm",)),
+        "fixed_point": lambda: fixed_point(model, targets=("norm",)),
+    }
     actions: dict[str, dict[str, str]] = {}
-    for mode in ("tune", "deploy"):
-        report = last_report(convbn(model, mode=mode))
+    for column, run in runs.items():
+        try:
+            report = last_report(run())
+        except (NormfxError, ValueError) as e:   # e.g. freeze on a model without normalization parameters
+            logger.info("inspect: %s does not apply: %s", column, e)
+            continue
         for c in report.changes:
-            actions.setdefault(c.site, {})[f"convbn_{mode}"] = c.action
-        for s in report.skips:
-            actions.setdefault(s.site, {})[f"convbn_{mode}"] = f"skip: {s.reason.value}"
+            actions.setdefault(c.site, {})[column] = c.action
+        for sk in report.skips:
+            actions.setdefault(sk.site, {})[column] = f"skip: {sk.reason.value}"
     rows = []
     modules = dict(model.named_modules())
     for name, m in modules.items():
-        if isinstance(m, _NORM_TYPES) or type(m).__name__.startswith("FrozenBatchNorm"):
+        if is_norm_layer(m):
             rows.append({"site": name, "kind": type(m).__name__, "shape": _shape(m), **_acts(actions.get(name))})
-    for site in sorted(set(actions) - set(modules)):  # functional sites (F.batch_norm)
+    functional = {s for s, a in actions.items() if s not in modules and ("convbn_tune" in a or "convbn_deploy" in a)}
+    for site in sorted(functional):  # F.batch_norm sites
         rows.append({"site": site, "kind": "F.batch_norm", "shape": "", **_acts(actions[site])})
-    totals = {"sites": len(rows)}
-    for key in ("convbn_tune", "convbn_deploy"):
-        done = sum(1 for r in rows if r[key] and not r[key].startswith("skip") and r[key] != "—")
+    totals: dict[str, object] = {"sites": len(rows)}
+    for key in COLUMNS:
+        done = sum(1 for r in rows if r[key] != "—" and not r[key].startswith("skip"))
         totals[key] = f"{done} transformed"
     return {"sites": rows, "totals": totals}
 
 
 def _acts(a: dict[str, str] | None) -> dict[str, str]:
     a = a or {}
-    return {"convbn_tune": a.get("convbn_tune", "—"), "convbn_deploy": a.get("convbn_deploy", "—")}
+    return {key: a.get(key, "—") for key in COLUMNS}
 
 
 def _shape(m: nn.Module) -> str:
@@ -312,10 +333,10 @@ def _run(args: argparse.Namespace, model: nn.Module) -> int:
         if args.json:
             _out(json.dumps(result, indent=2))
         else:
-            _print_table(result["sites"], ["site", "kind", "shape", "convbn_tune", "convbn_deploy"])
+            _print_table(result["sites"], ["site", "kind", "shape", *COLUMNS])
             t = result["totals"]
-            _out(f"\n{t['sites']} normalization sites; convbn tune: {t['convbn_tune']}; "
-                 f"convbn deploy: {t['convbn_deploy']}")
+            _out(f"\n{t['sites']} normalization sites; " + "; ".join(
+                f"{key.replace('_', ' ')}: {t[key]}" for key in COLUMNS))
         return 0
 
     shape = args.input_shape or default_input_shape(model)

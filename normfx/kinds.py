@@ -10,10 +10,10 @@ import inspect
 from typing import Literal
 
 import torch.nn as nn
-from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from torch.nn.modules.conv import _ConvNd
 
-__all__ = ["BNKind", "bn_kind", "is_frozen_bn", "is_conv_like", "is_plain_conv", "is_mode_dependent_leaf",
+__all__ = ["BNKind", "original_class", "bn_kind", "is_frozen_bn", "is_norm_layer", "is_conv_like", "is_plain_conv", "is_mode_dependent_leaf",
            "forward_source_has"]
 
 BNKind = Literal["plain", "norm_act"]
@@ -22,9 +22,15 @@ BNKind = Literal["plain", "norm_act"]
 _PLAIN_BN_FORWARDS = {_BatchNorm.forward, nn.SyncBatchNorm.forward}
 
 
+def original_class(m: nn.Module) -> type:
+    """The class ``m`` had before normfx swapped it for a subclass (a Tune block's conv or BN); the
+    module's own class otherwise. Kinds are decided on it, so a swapped module stays what it was."""
+    return getattr(type(m), "_normfx_base", type(m))
+
+
 def is_frozen_bn(m: nn.Module) -> bool:
     """torchvision's / timm's FrozenBatchNorm2d: BatchNorm math with all four tensors as buffers."""
-    return type(m).__name__.startswith("FrozenBatchNorm") and all(
+    return original_class(m).__name__.startswith("FrozenBatchNorm") and all(
         hasattr(m, a) for a in ("weight", "bias", "running_mean", "running_var")
     )
 
@@ -36,6 +42,23 @@ def is_mode_dependent_leaf(m: nn.Module) -> bool:
     return forward_source_has(type(m), "self.training")[0] and next(m.parameters(), None) is None
 
 
+_NORM_TYPES: tuple[type, ...] = (_NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm) + (
+    (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
+)
+# timm keeps its normalization layers (and norm-act layers, EvoNorm) in these modules.
+_NORM_MODULES = ("timm.layers.norm", "timm.layers.norm_act", "timm.layers.evo_norm",
+                 "timm.models.layers.norm", "timm.models.layers.norm_act", "timm.models.layers.evo_norm")
+
+
+def is_norm_layer(m: nn.Module) -> bool:
+    """Whether ``m`` is a normalization layer: torch's (BatchNorm/InstanceNorm of any kind,
+    LayerNorm, GroupNorm, LocalResponseNorm, RMSNorm), FrozenBatchNorm, timm's norm and norm-act
+    layers, and normfx's own (classes that set ``normfx_norm_layer = True``: RepBN, PRepBN)."""
+    cls = original_class(m)
+    return (isinstance(m, _NORM_TYPES) or is_frozen_bn(m) or cls.__module__ in _NORM_MODULES
+            or bool(getattr(cls, "normfx_norm_layer", False)))
+
+
 def bn_kind(m: nn.Module) -> BNKind | None:
     """``"plain"`` for BatchNorm whose eval forward is plain BN (incl. Sync and Frozen BN),
     ``"norm_act"`` for timm-style BN followed by its own ``drop`` and ``act``, else None."""
@@ -45,7 +68,7 @@ def bn_kind(m: nn.Module) -> BNKind | None:
         return "plain"
     if not isinstance(m, _BatchNorm):
         return None
-    fwd = type(m).forward
+    fwd = original_class(m).forward
     if fwd in _PLAIN_BN_FORWARDS:
         return "plain"
     if isinstance(getattr(m, "act", None), nn.Module) and isinstance(getattr(m, "drop", None), nn.Module):
@@ -60,7 +83,7 @@ def is_conv_like(m: nn.Module | None) -> bool:
 
 def is_plain_conv(m: nn.Module) -> bool:
     """A conv/linear whose forward is torch's own, so we may call the op directly on new weights."""
-    cls = type(m)
+    cls = original_class(m)
     if isinstance(m, nn.Linear):
         return cls.forward is nn.Linear.forward
     for base in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):

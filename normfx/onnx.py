@@ -5,6 +5,7 @@ and moved into place only after ``onnx.checker`` and the ONNX Runtime comparison
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import re
@@ -23,7 +24,7 @@ from torch.utils._pytree import tree_flatten
 
 from normfx.errors import ExportError
 from normfx.report import Report, last_report
-from normfx.trace import materialize, regions, trace_regions
+from normfx.trace import analyze, materialize, regions, trace_regions
 
 __all__ = ["export", "ExportError", "ExportReport", "OutputCheck", "Exporter"]
 
@@ -248,10 +249,17 @@ def _check_writable(target: Path) -> None:
 
 
 def _input_names(model: nn.Module, n: int) -> list[str]:
+    """The forward's own argument names for the graph inputs (``x``), where they can be told."""
     if isinstance(model, fx.GraphModule):
         names = [p.name for p in model.graph.nodes if p.op == "placeholder"]
-        if len(names) == n:
-            return names
+    else:
+        try:
+            params = list(inspect.signature(type(model).forward).parameters.values())[1:]
+        except (TypeError, ValueError):
+            params = []
+        names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][:n]
+    if len(names) == n:
+        return names
     return ["input"] if n == 1 else [f"input_{i}" for i in range(n)]
 
 
@@ -341,7 +349,8 @@ def _export_torchscript(model, inputs, tmp, opset, dynamic_batch, input_names, o
 def _culprit(model: nn.Module, message: str) -> str:
     """' (op X, produced by module Y)' for the first graph node whose op the error message names."""
     ops = set(re.findall(r"(?:aten|prim|torch\.ops\.\w+|[A-Za-z_]\w*)(?:::|\.)([A-Za-z_]\w*)", message))
-    for prefix, gm in regions(model):
+    traced = list(regions(model)) or analyze(model).regions   # a model kept as a tree: read its graphs
+    for prefix, gm in traced:
         for node in gm.graph.nodes:
             if node.op not in ("call_function", "call_method", "call_module"):
                 continue

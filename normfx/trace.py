@@ -32,7 +32,8 @@ from normfx.errors import SpecializedCallError, TraceFailure
 from normfx.kinds import is_frozen_bn, is_mode_dependent_leaf
 from normfx.nn import LEAF_MODULES
 
-__all__ = ["trace", "trace_regions", "regions", "TraceFailure", "SpecializedCallError", "untraceable_modules", "check_specialized"]
+__all__ = ["trace", "trace_regions", "analyze", "Analysis", "install", "regions", "outside_modules", "Outside",
+           "TraceFailure", "SpecializedCallError", "untraceable_modules", "check_specialized"]
 
 logger = logging.getLogger("normfx")
 
@@ -87,7 +88,7 @@ def _reason(e: BaseException) -> str:
 
 def _trace_once(
     model: nn.Module, leaves: frozenset[str], leaf_types: tuple[type, ...],
-    concrete: dict[str, object] | None = None,
+    concrete: dict[str, object] | None = None, share: bool = False,
 ) -> fx.GraphModule:
     tracer = _Tracer(leaves, leaf_types)
     graph = tracer.trace(model, concrete_args=concrete or None)
@@ -97,8 +98,27 @@ def _trace_once(
     # Lazy code generation: a one-liner rewrites the graph right away, so generating the forward's
     # code here would be thrown away; ``materialize`` generates it once, after the passes.
     gm = _graph_module_cls()(tracer.root, graph, name)
-    _restore_order(gm, model)
+    if share:
+        _share_state(gm, model)
+    else:
+        _restore_order(gm, model)
     return gm
+
+
+_SHARED = ("_modules", "_parameters", "_buffers", "_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+           "_backward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
+           "_forward_hooks_always_called", "_state_dict_hooks", "_state_dict_pre_hooks",
+           "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
+def _share_state(gm: fx.GraphModule, model: nn.Module) -> None:
+    """Make ``gm`` read and write ``model``'s own children, tensors and hooks (the same dicts): a
+    pass that swaps a leaf through the graph's module paths swaps it in the model, and a region
+    installed in the model's place keeps every key and hook it had."""
+    for attr in _SHARED:
+        if attr in model.__dict__:
+            gm.__dict__[attr] = model.__dict__[attr]
+    gm.training = model.training
 
 
 @fx.node.has_side_effect
@@ -244,55 +264,61 @@ def _restore_order(gm: nn.Module, original: nn.Module) -> None:
                 setattr(mod, attr, {k: mine[k] for k in order})
 
 
-def _trace_region(
-    model: nn.Module, prefix: str, leaf_types: tuple[type, ...], user_leaves: frozenset[str],
-    failures: list[_Failure],
-) -> nn.Module:
+@dataclass
+class _Walk:
+    """One tracing walk: the leaf types, what failed and why, and the regions found. ``share``:
+    regions are recorded (each sharing its module's state) and not installed in the model."""
+
+    leaf_types: tuple[type, ...]
+    failures: list[_Failure]
+    found: list[tuple[str, fx.GraphModule]]
+    share: bool = False
+
+
+def _trace_region(model: nn.Module, prefix: str, user_leaves: frozenset[str], walk: _Walk) -> nn.Module:
     """Trace ``model``; on failure make the failing submodule a leaf and retry, then recurse into it.
 
     A module whose forward cannot be a region (``_region_blocker``), or that has no forward
-    (containers), is kept as it is, reported, and its children are traced in its place.
+    (containers), is kept as it is, reported, and its children are traced in its place. Returns
+    what belongs in ``model``'s slot: the GraphModule, unless the walk only records regions.
     """
+    failures = walk.failures
     if prefix and _is_container(model):
         failures.append(_Failure(prefix, f"{type(model).__name__} has no forward of its own: its children are traced"))
-        return _trace_children(model, prefix, leaf_types, user_leaves, failures)
-    if prefix and _Tracer(frozenset(), leaf_types).is_leaf_module(model, prefix):
+        return _trace_children(model, prefix, user_leaves, walk)
+    if prefix and _Tracer(frozenset(), walk.leaf_types).is_leaf_module(model, prefix):
         return model  # a leaf is called as is: nothing inside it to transform
     blocker, concrete = _region_blocker(model, root=not prefix)
     if blocker is not None:
         failures.append(_Failure(prefix, blocker))
-        return _trace_children(model, prefix, leaf_types, user_leaves, failures)
+        return _trace_children(model, prefix, user_leaves, walk)
     leaves = set(user_leaves)
     local_failures: list[_Failure] = []
     while True:
         try:
-            gm = _trace_once(model, frozenset(leaves), leaf_types, concrete)
+            gm = _trace_once(model, frozenset(leaves), walk.leaf_types, concrete, walk.share)
             break
         except Exception as e:  # noqa: BLE001
             culprit = getattr(e, "_normfx_qualname", "")
             if culprit == "" or culprit in leaves:
                 # The module's own forward cannot be traced: keep it and trace its children.
                 failures.append(_Failure(prefix, _reason(e)))
-                return _trace_children(model, prefix, leaf_types, user_leaves, failures)
+                return _trace_children(model, prefix, user_leaves, walk)
             leaves.add(culprit)
             local_failures.append(_Failure(f"{prefix}.{culprit}" if prefix else culprit, _reason(e)))
     failures.extend(local_failures)
+    walk.found.append((prefix, gm))
     # Untraceable leaves keep running their own forward; their children may still trace.
     for f in local_failures:
         rel = f.qualname[len(prefix) + 1:] if prefix else f.qualname
-        _trace_children(gm.get_submodule(rel), f.qualname, leaf_types, _sub_leaves(user_leaves, rel), failures)
-    return gm
+        _trace_children(gm.get_submodule(rel), f.qualname, _sub_leaves(user_leaves, rel), walk)
+    return model if walk.share else gm
 
 
-def _trace_children(
-    model: nn.Module, prefix: str, leaf_types: tuple[type, ...], user_leaves: frozenset[str],
-    failures: list[_Failure],
-) -> nn.Module:
+def _trace_children(model: nn.Module, prefix: str, user_leaves: frozenset[str], walk: _Walk) -> nn.Module:
     """Trace each child of a module that is kept as it is, in the child's own slot."""
     for name, child in list(model.named_children()):
-        new = _trace_region(
-            child, f"{prefix}.{name}" if prefix else name, leaf_types, _sub_leaves(user_leaves, name), failures,
-        )
+        new = _trace_region(child, f"{prefix}.{name}" if prefix else name, _sub_leaves(user_leaves, name), walk)
         if new is not child:
             setattr(model, name, new)
     return model
@@ -311,12 +337,70 @@ def trace_regions(model: nn.Module, *, leaf_modules: Sequence[str | type] = ()) 
         return model
     names = frozenset(x for x in leaf_modules if isinstance(x, str))
     types = _normfx_leaf_types() + tuple(x for x in leaf_modules if isinstance(x, type))
-    failures: list[_Failure] = []
-    result = _trace_region(model, "", types, names, failures)
+    walk = _Walk(types, [], [])
+    result = _trace_region(model, "", names, walk)
+    failures = walk.failures
     for f in failures:
         logger.info("untraceable module '%s' kept as is: %s", f.qualname or "<root>", f.reason)
     _set_untraceable(result, tuple((f.qualname, f.reason) for f in failures))
     return result
+
+
+@dataclass
+class Analysis:
+    """The traced regions of a model that stays as it is (``analyze``).
+
+    Each region's GraphModule shares its module's children, tensors and hooks, so a pass that
+    swaps a leaf through the graph's module paths swaps it in the model; a pass that changes a
+    graph makes that region one ``install`` puts in its module's slot.
+    """
+
+    model: nn.Module
+    regions: list[tuple[str, fx.GraphModule]]
+    untraceable: tuple[tuple[str, str], ...]
+
+    def signatures(self) -> dict[str, tuple]:
+        """A fingerprint of every region's graph: what a pass changed shows as a different one."""
+        return {p: _graph_signature(gm.graph) for p, gm in self.regions}
+
+
+def _graph_signature(graph: fx.Graph) -> tuple:
+    return tuple((n.name, n.op, n.target if isinstance(n.target, str) else id(n.target), str(n.args),
+                  str(n.kwargs)) for n in graph.nodes)
+
+
+def analyze(model: nn.Module, *, leaf_modules: Sequence[str | type] = ()) -> Analysis:
+    """Trace every region of ``model`` without changing it (see ``trace`` for what a region is)."""
+    names = frozenset(x for x in leaf_modules if isinstance(x, str))
+    types = _normfx_leaf_types() + tuple(x for x in leaf_modules if isinstance(x, type))
+    if isinstance(model, fx.GraphModule):
+        # A GraphModule (a normfx result or the caller's trace) is its own region, as it stands.
+        regions_ = list(regions(model))
+        return Analysis(model, regions_, untraceable_modules(model))
+    walk = _Walk(types, [], [], share=True)
+    _trace_region(model, "", names, walk)
+    for f in walk.failures:
+        logger.info("untraceable module '%s' kept as is: %s", f.qualname or "<root>", f.reason)
+    return Analysis(model, walk.found, tuple((f.qualname, f.reason) for f in walk.failures))
+
+
+def install(analysis: Analysis, changed: set[str]) -> nn.Module:
+    """Put each region whose graph a pass changed in its module's slot (the root's: returned), with
+    its code generated; every other module stays the caller's own object."""
+    root = analysis.model
+    for prefix, gm in analysis.regions:   # outermost first
+        if prefix not in changed or gm is root:
+            continue
+        real = getattr(gm, "real_recompile", None)
+        if real is not None:
+            real()
+        if prefix == "":
+            root = gm
+        else:
+            parent, _, name = prefix.rpartition(".")
+            setattr(root.get_submodule(parent) if parent else root, name, gm)
+    _set_untraceable(root, analysis.untraceable)
+    return root
 
 
 def trace(model: nn.Module, *, leaf_modules: Sequence[str | type] = ()) -> nn.Module:
@@ -384,10 +468,13 @@ class Outside(NamedTuple):
     module: nn.Module
     why: str
     """The innermost untraceable ancestor's reason (or why no graph calls it)."""
+    owner: str | None = None
+    """That untraceable module's qualified name (the module itself, if it is one), if any."""
 
 
-def outside_modules(model: nn.Module) -> list[Outside]:
-    """Every module of ``model`` that no traced region calls, outermost first, with the reason.
+def outside_modules(analysis: Analysis) -> list[Outside]:
+    """Every module of the analysed model that no traced region calls, outermost first, with the
+    reason.
 
     A module a region's graph calls (a ``call_module`` or ``get_attr`` target) is the region's to
     transform, and so is everything inside it (a ProgressiveRepBN's LayerNorm, a parametrization's
@@ -395,11 +482,12 @@ def outside_modules(model: nn.Module) -> list[Outside]:
     opaque leaf; what is inside it is listed). What is left lives in forwards that could not be
     traced. Containers are listed too; passes look only at the module types they rewrite.
     """
-    region_names = {p for p, _ in regions(model)}
-    failures = untraceable_modules(model)
+    model = analysis.model
+    region_names = {p for p, _ in analysis.regions}
+    failures = analysis.untraceable
     leaf = _Tracer(frozenset(), _normfx_leaf_types())
     visible: set[str] = set()
-    for prefix, gm in regions(model):
+    for prefix, gm in analysis.regions:
         pre = f"{prefix}." if prefix else ""
         for node in gm.graph.nodes:
             if node.op in ("call_module", "get_attr") and isinstance(node.target, str):
@@ -416,7 +504,7 @@ def outside_modules(model: nn.Module) -> list[Outside]:
             if leaf.is_leaf_module(m, name):
                 captured.append(name)
             continue
-        why = next((w for q, w in innermost_first if q == "" or name == q or name.startswith(q + ".")),
-                   "inside a module whose forward was not traced")
-        out.append(Outside(name, m, why))
+        owner, why = next(((q, w) for q, w in innermost_first if q == "" or name == q or name.startswith(q + ".")),
+                          (None, "not called by any traced forward"))
+        out.append(Outside(name, m, why, owner))
     return out

@@ -68,3 +68,33 @@ def randomize_bn(model: nn.Module, example: torch.Tensor | None = None, seed: in
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def bn_calls(model: nn.Module) -> int:
+    """BatchNorm computations left in ``model``'s forward: calls of BatchNorm modules (not Tune
+    blocks' BNs, which pass their conv's folded output through) and functional ``batch_norm``, over
+    the graphs of every traced region (read without changing the model)."""
+    import torch.nn.functional as F
+
+    from normfx.nn import TuneBN
+    from normfx.trace import analyze
+
+    n = 0
+    for _, gm in analyze(model).regions:
+        for node in gm.graph.nodes:
+            if node.op == "call_module":
+                m = gm.get_submodule(node.target)
+                n += isinstance(m, _BatchNorm) and not isinstance(m, TuneBN)
+            n += node.op == "call_function" and node.target is F.batch_norm
+    return n
+
+
+def tune_blocks(model: nn.Module) -> int:
+    """Tune blocks in ``model``: BatchNorms whose conv folds them (and functional Tune nodes)."""
+    from normfx.nn import TuneBN, tune_convbn_functional
+    from normfx.trace import analyze
+
+    n = sum(isinstance(m, TuneBN) for m in model.modules())
+    for _, gm in analyze(model).regions:
+        n += sum(node.target is tune_convbn_functional for node in gm.graph.nodes)
+    return n

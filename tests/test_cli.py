@@ -88,8 +88,20 @@ def test_inspect_table(capsys):
     assert main(["inspect", "torchvision:resnet18"]) == 0
     out = capsys.readouterr().out
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("layer1.0.bn1 ")}
-    assert rows["layer1.0.bn1"][1:] == ["BatchNorm2d", "64", "tune", "fold"]
-    assert "20 normalization sites; convbn tune: 20 transformed; convbn deploy: 20 transformed" in out
+    assert rows["layer1.0.bn1"][1:] == ["BatchNorm2d", "64", "tune", "fold", "—", "train", "fixed-point",
+                                        "multiply-add"]
+    assert ("20 normalization sites; convbn tune: 20 transformed; convbn deploy: 20 transformed; repbn: 0 "
+            "transformed; freeze: 20 transformed; fixed point: 20 transformed") in out
+
+
+def test_inspect_shows_every_pass(capsys):
+    """A transformer's LayerNorms: what repbn and freeze would do, and that convbn finds nothing."""
+    assert main(["inspect", "torchvision:vit_b_16", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    rows = {r["site"]: r for r in data["sites"]}
+    assert data["totals"] == {"sites": 25, "convbn_tune": "0 transformed", "convbn_deploy": "0 transformed",
+                              "repbn": "25 transformed", "freeze": "25 transformed", "fixed_point": "0 transformed"}
+    assert rows["encoder.ln"]["repbn"] == "prepbn" and rows["encoder.ln"]["freeze"] == "train"
 
 
 def test_inspect_json_reports_skips(capsys):

@@ -7,7 +7,7 @@ import torch.nn as nn
 
 import normfx
 import pytest
-from normfx.trace import regions
+from normfx.trace import analyze, regions
 from tests.conftest import randomize_bn, rel_err
 
 
@@ -74,7 +74,8 @@ def test_untraceable_root_traces_children():
     x = torch.randn(2, 3, 4, 4).abs()
     out = normfx.convbn(m, mode="deploy")
     assert isinstance(out, UntraceableRoot)
-    assert {n for n, _ in regions(out)} == {"a", "b"}
+    assert {n for n, _ in analyze(out).regions} == {"a", "b"}   # the regions traced
+    assert not list(regions(out))          # leaf changes only: no GraphModule put in the model
     assert [c.site for c in normfx.last_report(out).changes] == ["a.1", "b.1"]
     assert normfx.last_report(out).untraceable[0][0] == ""
     assert rel_err(out(x), m(x)) < 1e-4
@@ -250,13 +251,19 @@ class DefaultsRoot(nn.Module):
 
 def test_root_defaults_are_specialized_with_a_guard():
     m = randomize_bn(DefaultsRoot(), torch.randn(4, 3, 5, 5)).eval()
-    d = normfx.convbn(m, mode="deploy")
-    assert isinstance(d, fx.GraphModule) and len(normfx.last_report(d).changes) == 1
     x = torch.randn(2, 3, 5, 5)
+    # A fold is a leaf change: the model keeps its own forward, every argument still works.
+    d = normfx.convbn(m, mode="deploy")
+    assert type(d) is DefaultsRoot and len(normfx.last_report(d).changes) == 1
     with torch.no_grad():
-        assert rel_err(d(x), m(x)) < 1e-5
-        assert rel_err(d(x, None, 1.0), m(x)) < 1e-5
+        assert rel_err(d(x, attn_mask=torch.ones(1), scale=2.0), m(x, attn_mask=torch.ones(1), scale=2.0)) < 1e-5
+    # Activation casts change the root's forward: the traced one is fixed at the defaults, guarded.
+    q = normfx.fixed_point(m, bits=8)
+    assert isinstance(q, fx.GraphModule)
+    with torch.no_grad():
+        q(x)
+        q(x, None, 1.0)
         with pytest.raises(normfx.SpecializedCallError, match="attn_mask=None"):
-            d(x, attn_mask=torch.zeros(1))
+            q(x, attn_mask=torch.zeros(1))
         with pytest.raises(normfx.SpecializedCallError, match="scale=1.0"):
-            d(x, scale=2.0)
+            q(x, scale=2.0)

@@ -14,9 +14,7 @@ import torch.nn as nn
 
 import normfx
 from normfx.kinds import is_frozen_bn
-from normfx.nn import tune_convbn
-from normfx.trace import regions
-from tests.conftest import DEPLOY_RTOL, GRAD_RTOL, randomize_bn, rel_err
+from tests.conftest import DEPLOY_RTOL, GRAD_RTOL, bn_calls, randomize_bn, rel_err, tune_blocks
 
 SIZE = 64
 slow = pytest.mark.slow
@@ -73,15 +71,8 @@ def _model(src: str, name: str) -> nn.Module:
 
 
 def _graph_counts(model: nn.Module) -> tuple[int, int]:
-    """(BatchNorm calls, Tune blocks) over every traced region of ``model``."""
-    bn = tune = 0
-    for _, gm in regions(model):
-        mods = dict(gm.named_modules())
-        for n in gm.graph.nodes:
-            if n.op == "call_module" and isinstance(mods[n.target], nn.modules.batchnorm._BatchNorm):
-                bn += 1
-            tune += n.op == "call_function" and n.target is tune_convbn
-    return bn, tune
+    """(BatchNorm calls, Tune blocks) of ``model``."""
+    return bn_calls(model), tune_blocks(model)
 
 
 def _check(m: nn.Module) -> None:

@@ -1,15 +1,15 @@
 """What normfx's passes put into a model. Every module here is a leaf for ``normfx.trace``."""
 from __future__ import annotations
 
-from normfx.nn.convbn import bn_stats, tune_convbn, tune_convbn_functional
+from normfx.nn.convbn import TuneBN, TuneConv, bn_stats, tune, tune_convbn, tune_convbn_functional, untune
 from normfx.nn.fixed_point import FixedPoint
 from normfx.nn.repbn import ChannelAffine, ProgressiveRepBN, RepBN, RepBNScheduler, recalibrate_bn
 
 __all__ = [
-    "tune_convbn", "tune_convbn_functional", "bn_stats",
+    "tune_convbn", "tune_convbn_functional", "bn_stats", "TuneConv", "TuneBN", "tune", "untune",
     "RepBN", "ProgressiveRepBN", "ChannelAffine", "RepBNScheduler", "recalibrate_bn",
     "FixedPoint",
     "LEAF_MODULES",
 ]
 
-LEAF_MODULES: tuple[type, ...] = (RepBN, ProgressiveRepBN, ChannelAffine, FixedPoint)
+LEAF_MODULES: tuple[type, ...] = (RepBN, ProgressiveRepBN, ChannelAffine, FixedPoint, TuneConv, TuneBN)

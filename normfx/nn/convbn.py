@@ -1,7 +1,11 @@
 """Tune-mode ConvBN blocks (You et al., "Efficient ConvBN Blocks for Transfer Learning and Beyond").
 
-A Tune block is a graph node ``tune_convbn(x, conv, bn)`` whose ``conv`` and ``bn`` arguments are the
-original modules, left where they were in the module tree, so ``state_dict`` keys do not change.
+A Tune block is the user's own conv and BN objects, left where they were in the module tree, with
+their classes swapped for normfx subclasses (``tune(conv, bn)``): ``isinstance``, ``state_dict``
+keys, hooks and the parent's forward all stay. The conv (a ``TuneConv``) computes the block; the BN
+(a ``TuneBN``) passes the conv's folded output through (applying a norm-act's activation), and runs
+as a plain BN on any other input. ``tune_convbn(x, conv, bn)`` is the same block as a function, and
+a functional ``F.batch_norm`` after a conv becomes a ``tune_convbn_functional`` graph node.
 
 * While ``bn.training``: ``bn(conv(x))`` — plain Train mode, batch statistics, identical running-stat
   updates.
@@ -13,15 +17,18 @@ original modules, left where they were in the module tree, so ``state_dict`` key
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
 from normfx.functional import BNStats, out_channel_view
-from normfx.kinds import bn_kind, is_frozen_bn, is_plain_conv
+from normfx.kinds import bn_kind, is_frozen_bn, is_plain_conv, original_class
 
-__all__ = ["tune_convbn", "tune_convbn_functional", "bn_stats"]
+__all__ = ["tune_convbn", "tune_convbn_functional", "bn_stats", "TuneConv", "TuneBN", "tune", "untune",
+           "tuned_pair"]
 
 
 def bn_stats(bn: nn.Module) -> BNStats:
@@ -131,13 +138,25 @@ def _folded_forward(x: torch.Tensor, conv: nn.Module, s: BNStats) -> torch.Tenso
     bf = -s.mean * c if conv.bias is None else (conv.bias - s.mean) * c
     if s.bias is not None:
         bf = bf + s.bias
-    return functional_call(conv, {"weight": wf, "bias": bf}, (x,))
+    conv.__dict__["_normfx_bypass"] = True   # a TuneConv's own forward must not fold again
+    try:
+        return functional_call(conv, {"weight": wf, "bias": bf}, (x,))
+    finally:
+        conv.__dict__.pop("_normfx_bypass", None)
 
 
 def _bn_tail(bn: nn.Module, y: torch.Tensor) -> torch.Tensor:
     if bn_kind(bn) == "norm_act":
         return bn.act(bn.drop(y))
     return y
+
+
+def _folds(conv: nn.Module, bn: nn.Module, x: torch.Tensor) -> bool:
+    """Whether the block computes the folded conv for this call (else plain ``bn(conv(x))``)."""
+    linear_not_2d = isinstance(conv, nn.Linear) and x.dim() != 2
+    # FrozenBatchNorm has no training behaviour: it folds in model.train() too.
+    batch_stats = getattr(bn, "training", False) and not is_frozen_bn(bn)
+    return not (batch_stats or bn.running_mean is None or linear_not_2d)
 
 
 def tune_convbn(x: torch.Tensor, conv: nn.Module, bn: nn.Module) -> torch.Tensor:
@@ -147,12 +166,88 @@ def tune_convbn(x: torch.Tensor, conv: nn.Module, bn: nn.Module) -> torch.Tensor
         >>> conv, bn = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8).eval()
         >>> y = tune_convbn(torch.randn(2, 3, 8, 8), conv, bn)  # == bn(conv(x)), Eval gradients
     """
-    linear_not_2d = isinstance(conv, nn.Linear) and x.dim() != 2
-    # FrozenBatchNorm has no training behaviour: it folds in model.train() too.
-    batch_stats = getattr(bn, "training", False) and not is_frozen_bn(bn)
-    if batch_stats or bn.running_mean is None or linear_not_2d:
+    if not _folds(conv, bn, x):
         return bn(conv(x))
     return _bn_tail(bn, _folded_forward(x, conv, bn_stats(bn)))
+
+
+class TuneConv(nn.Module):
+    """Mixin of a Tune block's conv (``tune(conv, bn)`` puts it in the conv's class): while its BN
+    folds (eval mode, or FrozenBatchNorm) the conv computes ``BN(conv(x))`` as one conv on folded
+    weights built inside autograd, and hands the output to its BN to pass through."""
+
+    _normfx_base: type
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        bn = self.__dict__.get("_normfx_bn")
+        if bn is None or self.__dict__.get("_normfx_bypass") or not _folds(self, bn, x):
+            return self._normfx_base.forward(self, x)
+        y = _folded_forward(x, self, bn_stats(bn))
+        bn.__dict__["_normfx_folded"] = weakref.ref(y)
+        return y
+
+    def __reduce_ex__(self, protocol):  # type: ignore[override]
+        return _rebuild, (self._normfx_base, TuneConv), self.__dict__
+
+
+class TuneBN(nn.Module):
+    """Mixin of a Tune block's BatchNorm: the output its conv folded passes through (a norm-act
+    layer's activation still runs); any other input is normalized as the BatchNorm always did."""
+
+    _normfx_base: type
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ref = self.__dict__.pop("_normfx_folded", None)
+        if ref is not None and ref() is x:
+            return _bn_tail(self, x)
+        return self._normfx_base.forward(self, x)
+
+    def __reduce_ex__(self, protocol):  # type: ignore[override]
+        return _rebuild, (self._normfx_base, TuneBN), self.__dict__
+
+
+_CLASSES: dict[tuple[type, type], type] = {}
+
+
+def _tuned_class(base: type, mixin: type) -> type:
+    """``mixin`` over ``base`` (one class per pair, so ``isinstance`` and ``type(m).__name__`` read
+    ``TuneConv2d``, ``TuneBatchNorm2d``)."""
+    key = (base, mixin)
+    if key not in _CLASSES:
+        name = "Tune" + base.__name__
+        _CLASSES[key] = type(name, (mixin, base), {"_normfx_base": base, "__module__": __name__})
+    return _CLASSES[key]
+
+
+def _rebuild(base: type, mixin: type) -> nn.Module:
+    """Unpickle/deep-copy target of a Tune module: the state is set on it afterwards."""
+    obj = base.__new__(base)
+    obj.__class__ = _tuned_class(base, mixin)
+    return obj
+
+
+def tune(conv: nn.Module, bn: nn.Module) -> None:
+    """Make ``conv`` → ``bn`` a Tune block in place: their classes become ``TuneConv``/``TuneBN``
+    subclasses of their own; nothing else about them changes (parameters, keys, hooks, slot).
+
+    The caller has checked that ``conv``'s output feeds ``bn`` alone and that each is used once.
+    """
+    conv.__class__ = _tuned_class(original_class(conv), TuneConv)
+    conv.__dict__["_normfx_bn"] = bn   # a plain reference: not a child, so no new state_dict key
+    bn.__class__ = _tuned_class(original_class(bn), TuneBN)
+
+
+def untune(conv: nn.Module, bn: nn.Module) -> None:
+    """Give a Tune block's conv and BN their own classes back (Deploy folds them next)."""
+    conv.__class__ = original_class(conv)
+    conv.__dict__.pop("_normfx_bn", None)
+    bn.__class__ = original_class(bn)
+    bn.__dict__.pop("_normfx_folded", None)
+
+
+def tuned_pair(conv: nn.Module | None) -> nn.Module | None:
+    """The BN of a Tune block's conv (None for any other module)."""
+    return conv.__dict__.get("_normfx_bn") if isinstance(conv, TuneConv) else None
 
 
 def tune_convbn_functional(

@@ -22,6 +22,8 @@ __all__ = ["RepBN", "ProgressiveRepBN", "ChannelAffine", "RepBNScheduler", "reca
 class RepBN(nn.Module):
     """``BN(x) + η·x`` over the channel axis: the last one (``channels_last=True``, tokens) or dim 1."""
 
+    normfx_norm_layer = True
+
     def __init__(self, num_features: int, *, eta_init: float = 1.0, eps: float = 1e-5, momentum: float = 0.1,
                  channels_last: bool = True) -> None:
         super().__init__()
@@ -67,6 +69,8 @@ class ProgressiveRepBN(nn.Module):
     training measures the model being trained. At λ = 1 the output is ``norm(x)`` exactly; at λ = 0
     it is ``repbn(x)`` and ``norm`` is not computed. ``total_steps`` is recorded for error messages.
     """
+
+    normfx_norm_layer = True
 
     def __init__(self, norm: nn.Module, repbn: RepBN, *, total_steps: int) -> None:
         super().__init__()

@@ -26,24 +26,24 @@ from normfx.trace import Outside
 __all__ = ["fold_convbn", "fold_convbn_outside", "fold_repbn", "fold_repbn_outside", "swap_layernorm",
            "swap_layernorm_outside", "freeze_model", "bake_random_entries", "bake_random_entries_outside",
            "insert_fixed_point", "insert_fixed_point_outside", "freeze_binary_points",
-           "freeze_binary_points_outside", "DeployStep", "DEPLOY_STEPS"]
+           "freeze_binary_points_outside", "Step", "GraphPass", "OutsidePass", "DEPLOY_STEPS"]
 
 GraphPass = Callable[[fx.GraphModule], PassResult]
 OutsidePass = Callable[[nn.Module, list[Outside]], PassResult]
 
 
-class DeployStep(NamedTuple):
-    """One step of ``normfx.deploy``: its report name, its pass over a traced region, and its pass
-    over the modules outside regions."""
+class Step(NamedTuple):
+    """One pass as the runner runs it: its report name, its pass over a traced region, and its pass
+    over the modules no region calls."""
 
     name: str
     graph_pass: GraphPass
     outside_pass: OutsidePass
 
 
-DEPLOY_STEPS: tuple[DeployStep, ...] = (
-    DeployStep("bake_random_entries", bake_random_entries, bake_random_entries_outside),
-    DeployStep("freeze_binary_points", freeze_binary_points, freeze_binary_points_outside),
-    DeployStep("fold_repbn", fold_repbn, fold_repbn_outside),
-    DeployStep("fold_convbn", partial(fold_convbn, mode="deploy"), partial(fold_convbn_outside, mode="deploy")),
+DEPLOY_STEPS: tuple[Step, ...] = (
+    Step("bake_random_entries", bake_random_entries, bake_random_entries_outside),
+    Step("freeze_binary_points", freeze_binary_points, freeze_binary_points_outside),
+    Step("fold_repbn", fold_repbn, fold_repbn_outside),
+    Step("fold_convbn", partial(fold_convbn, mode="deploy"), partial(fold_convbn_outside, mode="deploy")),
 )

@@ -33,7 +33,7 @@ from normfx.match import get_attr as getattr_path
 from normfx.nn.fixed_point import FixedPoint
 from normfx.nn.param_keys import keep_state_dict_keys
 from normfx.report import Change, PassResult, Skip, SkipReason
-from normfx.trace import Outside, regions, untraceable_modules
+from normfx.trace import Outside
 
 __all__ = ["TARGETS", "FixedPointBatchNorm", "insert_fixed_point", "insert_fixed_point_outside", "freeze_binary_points",
            "freeze_binary_points_outside"]
@@ -219,6 +219,8 @@ def _tensor_nodes(gm: fx.GraphModule) -> set[fx.Node]:
     from them do not."""
     out: set[fx.Node] = set()
     for n in gm.graph.nodes:
+        if n.op == "placeholder" and n.args:
+            continue   # an argument fixed at its default when traced (a Python value, not a tensor)
         if n.op in ("placeholder", "call_module"):
             out.add(n)
         elif n.op == "get_attr":
@@ -353,17 +355,17 @@ def insert_fixed_point_outside(model: nn.Module, outside: list[Outside], *, bits
     o = _Options(bits, int_bits, rounding, overflow, set(targets), per_channel, k_hot, k_hot_weights)
     changes: list[Change] = []
     skips: list[Skip] = []
-    for site, m, _ in outside:
+    for site, m, *_ in outside:
         if is_conv_like(m):
             changes += _cast_weights(m, site, o)
         elif isinstance(m, _BatchNorm) and "norm" in o.targets:
             result = _quantize_bn(model, site, m, o)
             (changes if isinstance(result, Change) else skips).append(result)
     if o.targets & {"activation", "add"}:
-        for qualname, why in untraceable_modules(model):
-            if qualname not in {r for r, _ in regions(model)}:
-                skips.append(Skip(qualname or "<root>", SkipReason.UNTRACEABLE,
-                                  f"activations and residual adds in its forward are not cast: {why}"))
+        owners = {entry.owner: entry.why for entry in outside if entry.owner is not None}
+        for qualname, why in owners.items():
+            skips.append(Skip(qualname or "<root>", SkipReason.UNTRACEABLE,
+                              f"activations and residual adds in its forward are not cast: {why}"))
     return PassResult("fixed_point", tuple(changes), tuple(skips))
 
 

@@ -44,12 +44,6 @@ def fold_repbn(gm: fx.GraphModule) -> PassResult:
     changes = []
     for n in nodes:
         changes.append(_fold_one(gm, mods, uses, n))
-    if changes:
-        for n in nodes:
-            if isinstance(gm.get_submodule(str(n.target)), ProgressiveRepBN):
-                gm.delete_submodule(str(n.target))  # folded away; no node refers to it any more
-        gm.graph.lint()
-        gm.recompile()
     return PassResult("fold_repbn", tuple(changes), ())
 
 
@@ -95,15 +89,13 @@ def _fold_one(gm: fx.GraphModule, mods: dict, uses, node: fx.Node) -> Change:
     x = node.args[0]
     producer = _producer(gm, mods, uses, x, rep.channels_last)
     if producer is not None and _fold_into_producer(producer, a, b):
-        node.replace_all_uses_with(x)
-        gm.graph.erase_node(node)
+        set_module(gm, site, nn.Identity().train(mods[node.target].training))   # a leaf change: the parent's forward is untouched
         return Change(site, "fold", f"into preceding '{_names(mods, [producer])[0]}'")
     targets = _consumers(gm, mods, uses, node, rep.channels_last)
     if targets is not None:
         for target in targets:
             _fold_into_consumer(target, a, b)
-        node.replace_all_uses_with(x)
-        gm.graph.erase_node(node)
+        set_module(gm, site, nn.Identity().train(mods[node.target].training))
         return Change(site, "fold", "into following " + ", ".join(f"'{t}'" for t in _names(mods, targets)))
     set_module(gm, site, _affine_of(mods[node.target]))
     return Change(site, "affine", "no Linear/Conv to fold into: kept as one multiply-add")

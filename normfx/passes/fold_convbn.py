@@ -26,9 +26,9 @@ from torch.nn.utils import parametrize
 
 from normfx.errors import TrainingModeError
 from normfx.functional import BNStats, bn_scale_shift, fold_bn_after, fold_bn_before, scale_is_safe
-from normfx.kinds import bn_kind, is_conv_like
+from normfx.kinds import bn_kind, is_conv_like, original_class
 from normfx.match import get_attr, is_functional_bn, module_uses, set_module, set_param
-from normfx.nn.convbn import bn_stats, tune_convbn, tune_convbn_functional
+from normfx.nn.convbn import TuneBN, bn_stats, tune, tune_convbn, tune_convbn_functional, tuned_pair, untune
 from normfx.nn.fixed_point import FixedPoint
 from normfx.report import Change, PassResult, Skip, SkipReason
 from normfx.trace import Outside
@@ -64,13 +64,12 @@ class _Unsupported(Exception):
 
 
 class _Ctx(NamedTuple):
-    """What every site visit needs: the graph module, a name -> module map built once, how often
-    each module is used, and the BatchNorms to delete once all sites are done."""
+    """What every site visit needs: the graph module, a name -> module map built once, and how
+    often each module is used."""
 
     gm: fx.GraphModule
     mods: dict[str, nn.Module]
     uses: Counter
-    doomed: list[str]
 
     def module(self, node) -> nn.Module | None:
         if not isinstance(node, fx.Node) or node.op not in ("call_module", "get_attr"):
@@ -166,7 +165,7 @@ def fold_convbn(gm: fx.GraphModule, *, mode: ConvBNMode) -> PassResult:
     if mode not in ("tune", "deploy"):
         raise ValueError(f"mode must be 'tune' or 'deploy', got {mode!r}")
     graph = gm.graph
-    ctx = _Ctx(gm, dict(gm.named_modules(remove_duplicate=False)), module_uses(gm), [])
+    ctx = _Ctx(gm, dict(gm.named_modules(remove_duplicate=False)), module_uses(gm))
     sites = []
     for node in list(graph.nodes):
         m = ctx.module(node) if node.op == "call_module" else None
@@ -190,8 +189,6 @@ def fold_convbn(gm: fx.GraphModule, *, mode: ConvBNMode) -> PassResult:
         (changes if isinstance(result, Change) else skips).append(result)
     if changes:
         _drop_dead_attrs(gm)
-        for qualname in ctx.doomed:
-            _delete_module(gm, qualname)
         graph.lint()
         gm.recompile()
     return PassResult("fold_convbn", tuple(changes), tuple(skips))
@@ -216,6 +213,16 @@ def _visit(ctx: _Ctx, node: fx.Node, mode: ConvBNMode) -> Change | Skip:
         name = str(node.args[2].target) if node.target is tune_convbn else _functional_name(
             node, {"running_mean": node.args[2]})
         return Skip(name, SkipReason.ALREADY_DONE, "already a Tune block")
+    bn = ctx.module(node) if node.op == "call_module" else None
+    if isinstance(bn, TuneBN):
+        if mode == "tune":
+            return Skip(str(node.target), SkipReason.ALREADY_DONE, "already a Tune block")
+        _untune_modules(ctx, bn)
+        result = _visit(ctx, node, mode)
+        if isinstance(result, Skip):
+            # Deploy leaves no Tune block behind: an unfoldable one is conv -> BN again.
+            return Change(result.site, "revert", f"Tune block back to conv -> BN: {result.reason.value}: {result.detail}")
+        return Change(result.site, result.action, f"Tune block {result.detail}")
     try:
         site = _Site(ctx, node)
     except _Unsupported as e:
@@ -275,7 +282,19 @@ def _single_conv_user(ctx: _Ctx, node: fx.Node) -> fx.Node | None:
     return None
 
 
+def _untune_modules(ctx: _Ctx, bn: nn.Module) -> None:
+    """Give a Tune block's BN, and the conv that folds it, their own classes back."""
+    for m in ctx.mods.values():
+        if tuned_pair(m) is bn:
+            untune(m, bn)
+    bn.__class__ = original_class(bn)
+
+
 def _make_tune_block(gm: fx.GraphModule, site: _Site, producer: fx.Node) -> Change:
+    if site.module is not None:
+        # A leaf change: the conv and BN keep their slots (the parent's forward is untouched).
+        tune(get_attr(gm, str(producer.target)), site.module)
+        return Change(site.name, "tune", f"{producer.target} + {site.name}")
     graph = gm.graph
     node = site.node
     with graph.inserting_before(node):
@@ -321,19 +340,21 @@ def _checked_fold(site: _Site, conv: nn.Module) -> tuple[torch.Tensor, torch.Ten
 def _replace_bn_by_tail(ctx: _Ctx, site: _Site, result: fx.Node) -> None:
     """Route the BN's users to ``result`` (the folded conv), keeping a norm-act's activation."""
     gm, node = ctx.gm, site.node
-    if site.module is not None and bn_kind(site.module) == "norm_act":
-        tail = site.module.act if isinstance(site.module.drop, nn.Identity) else nn.Sequential(
-            site.module.drop, site.module.act
-        )
-        set_module(gm, site.name, tail)
-        with gm.graph.inserting_after(result):
-            new = gm.graph.call_module(site.name, (result,))
-        node.replace_all_uses_with(new)
-    else:
-        node.replace_all_uses_with(result)
-        if site.module is not None:
-            ctx.doomed.append(site.name)
+    if site.module is not None:
+        # A leaf change: the BN's slot holds what is left of it (nn.Identity, or a norm-act
+        # layer's activation), so the parent's forward needs no rewrite.
+        set_module(gm, site.name, _tail(site.module))
+        return
+    node.replace_all_uses_with(result)
     gm.graph.erase_node(node)
+
+
+def _tail(bn: nn.Module) -> nn.Module:
+    """What a folded BatchNorm leaves in its slot (in the BN's mode: a new module must not come
+    back in training mode)."""
+    if bn_kind(bn) != "norm_act":
+        return nn.Identity().train(bn.training)
+    return bn.act if isinstance(bn.drop, nn.Identity) else nn.Sequential(bn.drop, bn.act).train(bn.training)
 
 
 def _fold_after(ctx: _Ctx, site: _Site, producer: fx.Node, conv: nn.Module) -> Change | Skip:
@@ -405,16 +426,12 @@ def _fold_before(ctx: _Ctx, site: _Site, follower: fx.Node) -> Change | Skip:
         return Skip(site.name, SkipReason.NON_FINITE, why)
     w, b = fold_bn_before(conv.weight, conv.bias, site.stats, groups=getattr(conv, "groups", 1))
     _set_weights(conv, w, b, site, before=True)
-    follower.replace_input_with(site.node, site.input)
-    gm.graph.erase_node(site.node)
     if site.module is not None:
-        ctx.doomed.append(site.name)
+        set_module(gm, site.name, nn.Identity().train(site.module.training))   # a leaf change, as after a conv
+    else:
+        follower.replace_input_with(site.node, site.input)
+        gm.graph.erase_node(site.node)
     return Change(site.name, "fold", f"forward into {follower.target}")
-
-
-def _delete_module(gm: fx.GraphModule, qualname: str) -> None:
-    """Remove a folded BatchNorm from the module tree (only ever one with no node left)."""
-    gm.delete_submodule(qualname)
 
 
 def _drop_dead_attrs(gm: fx.GraphModule) -> None:

@@ -23,15 +23,13 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from normfx.errors import AlreadyTransformedError
-from normfx.kinds import is_conv_like
+from normfx.kinds import is_conv_like, is_norm_layer
 from normfx.match import module_tensors, set_param
 from normfx.nn.freeze import RandomEntries, add_random_entries, keep_eval, random_entries
-from normfx.nn.repbn import ProgressiveRepBN, RepBN
 from normfx.report import Change, PassResult, Skip, SkipReason
-from normfx.kinds import is_frozen_bn
 from normfx.trace import Outside, trace_regions, untraceable_modules
 
 __all__ = [
@@ -44,18 +42,8 @@ logger = logging.getLogger("normfx")
 ROLES = ("norm", "head", "bias")
 """The roles ``normfx.freeze(keep=...)`` accepts."""
 
-_NORM_TYPES: tuple[type, ...] = (_NormBase, nn.LayerNorm, nn.GroupNorm, RepBN, ProgressiveRepBN) + (
-    (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
-)
-_NORM_MODULES = ("timm.layers.norm", "timm.layers.norm_act", "timm.layers.evo_norm",
-                 "timm.models.layers.norm", "timm.models.layers.norm_act", "timm.models.layers.evo_norm")
 _FUNCTIONAL_HEADS = {F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d,
                      F.conv_transpose3d}
-
-
-def is_norm_layer(m: nn.Module) -> bool:
-    """Whether ``m`` is a normalization layer normfx knows (by type; see the module docstring)."""
-    return isinstance(m, _NORM_TYPES) or is_frozen_bn(m) or type(m).__module__ in _NORM_MODULES
 
 
 def _owner(param_name: str) -> str:

@@ -85,7 +85,7 @@ def swap_layernorm_outside(model: nn.Module, outside: list[Outside], *, total_st
     ``F.layer_norm`` inside such a forward stays out of reach."""
     changes: list[Change] = []
     skips: list[Skip] = []
-    for site, m, _ in outside:
+    for site, m, *_ in outside:
         result = _swap_module(model, site, m, total_steps, eta_init)
         if result is not None:
             (changes if isinstance(result, Change) else skips).append(result)

@@ -1,0 +1,115 @@
+"""The one runner every one-liner and ``deploy`` use.
+
+copy (sharing tensors until a pass replaces them) -> analyse (trace every region, the model left as
+it is) -> run each step over every region and over the modules outside them -> install only the
+regions whose graph a step changed, each in its own module's slot -> generate their code once ->
+clone what is still shared with the caller -> attach the report.
+
+A step that only swaps leaves (a folded conv's weights, a BatchNorm replaced by ``nn.Identity``, a
+LayerNorm by a ProgressiveRepBN, a conv's class by ``TuneConv``) changes no graph, so the model
+that comes back is the caller's own module tree: its class, ``model.layer1[0]``, submodule calls and
+hooks keep working. Only a rewrite that needs a different forward (a functional ``F.batch_norm``
+folded, activation casts inserted) puts a GraphModule in the slot of the region that holds it.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Literal, Sequence
+
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+from normfx.match import module_tensors
+from normfx.passes import GraphPass, OutsidePass, Step
+from normfx.report import Change, PassResult, Report, Skip, attach_report
+from normfx.trace import Analysis, analyze, install, materialize, outside_modules
+
+__all__ = ["Step", "GraphPass", "OutsidePass", "transform", "run_step", "copy_model"]
+
+def copy_model(model: nn.Module, *, share_tensors: bool) -> tuple[nn.Module, frozenset[int]]:
+    """A deep copy of ``model`` and the ids of the tensors it still shares with it.
+
+    ``share_tensors=True`` copies the module tree but not the parameters and buffers: a pass
+    replaces the tensors it changes (it never writes into one), and ``transform`` clones those still
+    shared at the end, so a fold never copies a weight it is about to replace (on ResNet-152 the
+    copy was half of ``deploy``'s time). A pass that registers parametrizations or sets flags in
+    place needs a copy that owns its tensors first (``share_tensors=False``).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"normfx expects an nn.Module, got {type(model).__name__}")
+    if share_tensors:
+        tensors = module_tensors(model)
+        twin = copy.deepcopy(model, {id(t): t for t in tensors})
+        shared = frozenset(id(t) for t in tensors)
+    else:
+        twin, shared = copy.deepcopy(model), frozenset()
+    _own_parametrized_classes(twin)
+    return twin, shared
+
+
+def _own_parametrized_classes(model: nn.Module) -> None:
+    """Give each parametrized module of a deep copy its own class. ``torch.nn.utils.parametrize``
+    keeps the parametrized properties on a per-module class that ``deepcopy`` shares between the
+    copy and the original, so removing a parametrization from the copy (a fold, a deploy step)
+    would delete the original's property too."""
+    for m in model.modules():
+        if parametrize.is_parametrized(m):
+            cls = type(m)
+            ns = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+            m.__class__ = type(cls.__name__, cls.__bases__, ns)
+
+
+def _unshare(model: nn.Module, shared: frozenset[int]) -> None:
+    """Clone every parameter/buffer ``model`` still shares with the caller's model."""
+    if not shared:
+        return
+    clones: dict[int, object] = {}  # keeps tied tensors tied
+    for m in model.modules():
+        for slots in (m._parameters, m._buffers):
+            for k, t in slots.items():
+                if t is not None and id(t) in shared:
+                    slots[k] = copy.deepcopy(t, clones)
+
+
+def run_step(analysis: Analysis, step: Step) -> PassResult:
+    """Run one step over every region of ``analysis``, then over the modules outside them, and merge
+    the results into one PassResult with qualified site names, each site once."""
+    changes: dict[str, Change] = {}
+    skips: dict[str, Skip] = {}
+    for prefix, gm in analysis.regions:
+        res = step.graph_pass(gm)
+        pre = f"{prefix}." if prefix else ""
+        for c in res.changes:
+            changes.setdefault(pre + c.site, Change(pre + c.site, c.action, c.detail))
+        for sk in res.skips:
+            skips.setdefault(pre + sk.site, Skip(pre + sk.site, sk.reason, sk.detail))
+    res = step.outside_pass(analysis.model, outside_modules(analysis))
+    for c in res.changes:
+        if c.site not in changes and c.site not in skips:
+            changes[c.site] = c
+    for sk in res.skips:
+        if sk.site not in changes and sk.site not in skips:
+            skips[sk.site] = sk
+    return PassResult(step.name, tuple(changes.values()), tuple(skips.values()))
+
+
+def transform(model: nn.Module, steps: Sequence[Step], *, inplace: bool = False,
+              tensors: Literal["share", "own"] = "share", before: Sequence[PassResult] = ()) -> nn.Module:
+    """Run ``steps`` in order on a copy of ``model`` (the model itself with ``inplace=True``) and
+    return it with its report attached (``before``: results of an earlier call to report first)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"normfx expects an nn.Module, got {type(model).__name__}")
+    out, shared = (model, frozenset()) if inplace else copy_model(model, share_tensors=tensors == "share")
+    analysis = analyze(out)
+    fingerprints = analysis.signatures()
+    results = [run_step(analysis, step) for step in steps]
+    after = analysis.signatures()
+    changed = {prefix for prefix, sig in fingerprints.items() if after[prefix] != sig}
+    result = install(analysis, changed)
+    for prefix, gm in analysis.regions:
+        if prefix in changed:
+            gm.graph.lint()
+    materialize(result)
+    _unshare(result, shared)
+    attach_report(result, Report(tuple(before) + tuple(results), analysis.untraceable))
+    return result

@@ -1,0 +1,165 @@
+"""The model a user gets back is still theirs (issue 12): same class, module tree, state_dict keys
+(where the transform keeps them), submodules callable with the same outputs, forward hooks firing."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+import normfx
+from tests.conftest import randomize_bn, rel_err
+
+tv = pytest.importorskip("torchvision")
+timm = pytest.importorskip("timm")
+
+
+def _resnet() -> nn.Module:
+    torch.manual_seed(0)
+    return randomize_bn(tv.models.resnet18(num_classes=10), torch.randn(4, 3, 32, 32)).eval()
+
+
+def _vit() -> nn.Module:
+    torch.manual_seed(0)
+    return tv.models.VisionTransformer(32, 8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
+                                       num_classes=5).eval()
+
+
+ONE_LINERS = {
+    "convbn_tune": (_resnet, lambda m: normfx.convbn(m, mode="tune"), True, True),
+    "convbn_deploy": (_resnet, lambda m: normfx.convbn(m, mode="deploy"), True, False),
+    "deploy": (_resnet, normfx.deploy, True, False),
+    "freeze": (_resnet, lambda m: normfx.freeze(m, keep=("norm",)), True, True),
+    "fixed_point_weights": (_resnet, lambda m: normfx.fixed_point(m, bits=8, targets=("weight", "bias", "norm")),
+                            False, False),
+    "repbn": (_vit, lambda m: normfx.repbn(m, total_steps=10), True, False),
+}
+X = torch.randn(2, 3, 32, 32)
+
+
+@pytest.mark.parametrize("name", list(ONE_LINERS))
+def test_one_liner_keeps_the_callers_tree(name):
+    build, transform, exact, same_keys = ONE_LINERS[name]
+    model = build()
+    out = transform(model).eval()
+    assert type(out) is type(model)
+    assert not any(isinstance(m, fx.GraphModule) for m in out.modules())   # leaf changes only
+    if same_keys:
+        assert list(out.state_dict()) == list(model.state_dict())
+    elif name.startswith("fixed_point"):
+        assert set(model.state_dict()) <= set(out.state_dict())   # the casts' own state is added
+    # every submodule that was callable still is, with the same outputs where the transform is exact
+    inputs: dict[str, torch.Tensor] = {}
+    def keep(n: str):
+        def hook(mod, args):
+            inputs.setdefault(n, args[0])   # returns None: the call's arguments stay as they are
+        return hook
+
+    handles = [m.register_forward_pre_hook(keep(n))
+               for n, m in model.named_modules() if n and not isinstance(m, (nn.ModuleList, nn.ModuleDict))]
+    with torch.no_grad():
+        ref = model(X)
+    for h in handles:
+        h.remove()
+    outs = dict(out.named_modules())
+    with torch.no_grad():
+        got = out(X)
+        if exact:
+            assert rel_err(got, ref) < 1e-5
+        for n, x in inputs.items():
+            if n in outs and isinstance(x, torch.Tensor) and not isinstance(outs[n], nn.MultiheadAttention):
+                y, y_ref = outs[n](x), dict(model.named_modules())[n](x)
+                # A fold moves the BN into its conv: the pair computes what it did, each of the two
+                # alone does not. Every module that holds whole pairs (blocks, stages) is compared.
+                whole = any(True for _ in outs[n].children())
+                if exact and whole and isinstance(y, torch.Tensor):
+                    assert rel_err(y, y_ref) < 1e-4, n
+
+
+def test_indexing_hooks_and_blocks_on_resnet():
+    model = _resnet()
+    for out in (normfx.convbn(model, mode="tune"), normfx.convbn(model, mode="deploy")):
+        fired = []
+        out.layer2.register_forward_hook(lambda mod, args, res: fired.append(res.shape))
+        out.layer1[0].conv1.register_forward_hook(lambda mod, args, res: fired.append("conv"))
+        with torch.no_grad():
+            out(X)
+            assert fired == ["conv", torch.Size([2, 128, 4, 4])]
+            h = out.maxpool(out.relu(out.bn1(out.conv1(X))))
+            assert rel_err(out.layer1[0](h), model.layer1[0](h)) < 1e-5
+        assert isinstance(out.layer1, nn.Sequential) and isinstance(out.layer1[0], tv.models.resnet.BasicBlock)
+
+
+def test_per_block_learning_rates_survive_tune_mode():
+    """Fine-tuning code builds parameter groups per block: the names and objects are the model's."""
+    out = normfx.convbn(_resnet(), mode="tune").train()
+    groups = [{"params": out.layer4.parameters(), "lr": 1e-2}, {"params": out.fc.parameters(), "lr": 1e-1}]
+    opt = torch.optim.SGD(groups, lr=1e-3)
+    out(X).sum().backward()
+    opt.step()
+    assert isinstance(out.layer4[0].conv1, nn.Conv2d) and isinstance(out.layer4[0].bn1, nn.BatchNorm2d)
+    assert type(out.layer4[0].conv1).__name__ == "TuneConv2d"
+
+
+@pytest.mark.slow
+def test_segmentation_and_detection_backbones_still_run():
+    torch.manual_seed(0)
+    seg = tv.models.segmentation.deeplabv3_resnet50(weights=None, weights_backbone=None, num_classes=3)
+    seg = randomize_bn(seg, torch.randn(2, 3, 64, 64)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    d = normfx.convbn(seg, mode="deploy")
+    assert type(d) is type(seg) and type(d.backbone) is type(seg.backbone)
+    with torch.no_grad():
+        assert rel_err(d.backbone(x)["out"], seg.backbone(x)["out"]) < 1e-4
+        assert rel_err(d(x)["out"], seg(x)["out"]) < 1e-4
+    det = tv.models.detection.fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None,
+                                                                num_classes=3).eval()
+    t = normfx.convbn(det, mode="tune")
+    with torch.no_grad():
+        feats, ref = t.backbone(x), det.backbone(x)
+    assert list(feats) == list(ref) and all(rel_err(feats[k], ref[k]) < 1e-4 for k in ref)
+    assert type(t) is type(det)
+
+
+def test_timm_model_keeps_its_class_and_feature_api():
+    torch.manual_seed(0)
+    m = randomize_bn(timm.create_model("resnet18", num_classes=5), torch.randn(4, 3, 32, 32)).eval()
+    t = normfx.convbn(m, mode="tune")
+    assert type(t) is type(m)
+    with torch.no_grad():
+        assert rel_err(t.forward_features(X), m.forward_features(X)) < 1e-5
+        assert rel_err(t.forward_head(t.forward_features(X)), m(X)) < 1e-5
+
+
+def test_graph_rewrite_lands_in_the_module_that_holds_it():
+    """A functional batch_norm needs its forward rewritten: that region becomes a GraphModule in
+    its slot; the rest of the tree stays the caller's."""
+
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.register_buffer("mean", torch.randn(4))
+            self.register_buffer("var", torch.rand(4) + 0.5)
+
+        def forward(self, x):
+            return nn.functional.batch_norm(self.conv(x), self.mean, self.var, training=False)
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = Functional()
+            self.head = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+
+        def forward(self, x):
+            y = self.body(x)
+            if y.sum() > 0:       # untraceable root: body and head are regions of their own
+                y = y * 2
+            return self.head(y)
+
+    m = randomize_bn(Branchy(), torch.randn(2, 3, 8, 8)).eval()
+    d = normfx.convbn(m, mode="deploy")
+    assert type(d) is Branchy and isinstance(d.body, fx.GraphModule) and isinstance(d.head, nn.Sequential)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert rel_err(d(x), m(x)) < 1e-5
