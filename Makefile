@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.normfx-installed$(subst /,_,$(CURDIR))
 PYTEST_ARGS ?=
 
-.PHONY: demo example examples test test-fast bench clean
+.PHONY: demo example examples lint test test-fast bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -33,7 +33,10 @@ examples: example
 	$(PY) examples/bn_only.py
 	$(PY) examples/fixed_point.py
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check normfx tests benchmarks examples
+
+test: lint
 	$(PY) -m pytest -n 2 -q $(PYTEST_ARGS)
 
 test-fast: $(STAMP)

@@ -1,6 +1,8 @@
 """Shared plumbing for benchmarks: run each variant in its own process, write docs/benchmarks.md."""
 from __future__ import annotations
 
+import argparse
+
 import json
 import os
 import platform
@@ -26,7 +28,7 @@ def run_variant(script: str, *args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def parse_args(doc: str | None, extra=None) -> "argparse.Namespace":
+def parse_args(doc: str | None, extra=None) -> argparse.Namespace:
     """The benchmarks' shared command line: ``--quick`` (one round, a smoke run) and the hidden
     ``--child ARGS`` with which ``run_variant`` starts a variant in its own process; ``extra(parser)``
     adds a script's own options."""
@@ -50,7 +52,8 @@ def machine() -> str:
 def write_section(name: str, body: str) -> None:
     """Replace (or append) the section between ``<!-- name -->`` markers in docs/benchmarks.md."""
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n\nEvery number here was measured by the script named in its section; rerun it to refresh.\n"
+    text = DOC.read_text() if DOC.exists() else (
+        "# Benchmarks\n\nEvery number here was measured by the script named in its section; rerun it to refresh.\n")
     block = f"{start}\n{body.strip()}\n{end}"
     if start in text:
         text = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)

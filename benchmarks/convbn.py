@@ -23,7 +23,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 MEM_MODEL, MEM_BATCH, MEM_SIZE = "resnet50", 8, 160
-OUT = Path(__file__).resolve().parent / "results"  # the memory table and each model's latency row, so one part can be rerun
+# The memory table and each model's latency row, stored apart so one part can be rerun.
+OUT = Path(__file__).resolve().parent / "results"
 TRANSFORMS = 15  # per process; the first few pay the process's first page faults, the median does not
 LAT_MODELS = ["resnet50", "resnet152", "mobilenet_v3_large", "densenet121"]
 
@@ -117,7 +118,8 @@ def child_latency(name: str, variant: str, repeats: int) -> dict:
             t0 = time.perf_counter()
             out(x)
             lat.append(time.perf_counter() - t0)
-    return {"transform_s": statistics.median(t_times), "first_transform_s": t_times[0], "latency_ms": 1e3 * statistics.median(lat), "bn_left": bn_left}
+    return {"transform_s": statistics.median(t_times), "first_transform_s": t_times[0],
+            "latency_ms": 1e3 * statistics.median(lat), "bn_left": bn_left}
 
 
 def child_interleaved(name: str, pairs: int) -> dict:
@@ -211,7 +213,8 @@ def _latency(me: str, rounds: int, reps: int, models: list[str]) -> str:
         tr_ratio = [b["transform_s"] / a["transform_s"] for a, b in zip(runs["fuse"], runs["normfx"])]
         first_ratio = [b["first_transform_s"] / a["first_transform_s"] for a, b in zip(runs["fuse"], runs["normfx"])]
         row = [
-            name, f"{r['eager']['latency_ms']:.1f}", f"{r['fuse']['latency_ms']:.1f}", f"{r['normfx']['latency_ms']:.1f}",
+            name, f"{r['eager']['latency_ms']:.1f}", f"{r['fuse']['latency_ms']:.1f}",
+            f"{r['normfx']['latency_ms']:.1f}",
             ratio_cell(lat_ratio), str(rounds), f"{inter:.3f}", f"{r['fuse']['transform_s'] * 1e3:.0f}",
             f"{r['normfx']['transform_s'] * 1e3:.0f}", ratio_cell(tr_ratio), ratio_cell(first_ratio),
             f"{r['eager']['bn_left']} / {r['fuse']['bn_left']} / {r['normfx']['bn_left']}",

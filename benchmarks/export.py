@@ -141,7 +141,8 @@ rounds (latency: of per-process medians of {reps} runs at batch 1×3×224×224);
 per-round ratios, [range over rounds]. "Same process, interleaved" is a drift-free cross-check: one
 process loads both files and alternates single runs ({4 * reps} pairs, which goes first alternating);
 it is the median of per-pair ratios. Both files have the same operators (normfx's weights come
-from the float64 fold), so the latency ratio measures the machine's noise around 1.0. The dynamo exporter's own optimizer already folds
+from the float64 fold), so the latency ratio measures the machine's noise around 1.0. The dynamo exporter's own
+optimizer already folds
 Conv+BatchNormalization in a bare export, so both files have no BatchNormalization node here; what
 normfx adds is the float64 fold, the sites the exporter's rewrite does not handle (ConvTranspose with
 groups, Linear+BatchNorm1d, BN before a conv, FrozenBatchNorm, Tune blocks) and the verification.

@@ -46,7 +46,6 @@ def build(name: str, variant: str) -> torch.nn.Module:
     for mod in m.modules():
         if isinstance(mod, ProgressiveRepBN):
             mod.lam.zero_()
-            n = mod.repbn.bn.num_features
             mod.repbn.bn.running_var.uniform_(0.5, 2.0, generator=g)
             mod.repbn.bn.running_mean.normal_(0, 0.1, generator=g)
     return normfx.deploy(m.eval())
@@ -69,7 +68,6 @@ def child_latency(name: str, variant: str, engine: str, path: str, reps: int) ->
     torch.set_num_threads(2)
     out: dict = {}
     if engine == "ort":
-        import numpy as np
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -113,7 +111,7 @@ def child_interleaved(name: str, engine: str, path_ln: str, path_dep: str, reps:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads, opts.inter_op_num_threads = ORT_THREADS, 1
         sessions = [ort.InferenceSession(p, opts, providers=["CPUExecutionProvider"]) for p in (path_ln, path_dep)]
-        runs = [(lambda s: lambda x: s.run(None, {s.get_inputs()[0].name: x.numpy()}))(s) for s in sessions]
+        runs = [(lambda s: lambda x: s.run(None, {s.get_inputs()[0].name: x.numpy()}))(s) for s in sessions]  # noqa: B023
     else:
         runs = [(lambda m: lambda x: m(x))(build(name, v)) for v in ("ln", "deployed")]
     out: dict = {}
@@ -121,7 +119,7 @@ def child_interleaved(name: str, engine: str, path_ln: str, path_dep: str, reps:
         for b in BATCHES:
             x = torch.randn(b, 3, 224, 224)
             pairs = reps if b == 1 else max(3, reps // 3)
-            out[f"b{b}_ratio"] = interleaved_ratio(lambda: runs[0](x), lambda: runs[1](x), pairs)
+            out[f"b{b}_ratio"] = interleaved_ratio(lambda: runs[0](x), lambda: runs[1](x), pairs)  # noqa: B023
     return out
 
 

@@ -107,7 +107,8 @@ def main() -> None:
         acc = (b.argmax(1) == y_test).float().mean().item()
         acc_eval = (eval_copy(x_test).argmax(1) == y_test).float().mean().item()
     bn_left = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in deployed.modules())
-    print(f"test accuracy: Deploy (from Tune) {acc:.3f}, Eval-mode run {acc_eval:.3f} (chance 0.25); Deploy vs Tune relative error {err:.2e}; "
+    print(f"test accuracy: Deploy (from Tune) {acc:.3f}, Eval-mode run {acc_eval:.3f} (chance 0.25); "
+          f"Deploy vs Tune relative error {err:.2e}; "
           f"BatchNorm modules left: {bn_left}")
 
 

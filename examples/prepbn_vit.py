@@ -52,7 +52,7 @@ def main() -> None:
     base = make_vit()
     models = {"LayerNorm": copy.deepcopy(base), "PRepBN": normfx.repbn(base, total_steps=ramp)}
     print(normfx.last_report(models["PRepBN"]).summary())
-    sched = normfx.RepBNScheduler(models["PRepBN"], total_steps=ramp)
+    sched = normfx.RepBNScheduler(models["PRepBN"])
     opts = {k: torch.optim.AdamW(m.parameters(), lr=args.lr, weight_decay=0.05) for k, m in models.items()}
     lrs = {k: torch.optim.lr_scheduler.CosineAnnealingLR(o, total) for k, o in opts.items()}
     curves: dict[str, list[float]] = {k: [] for k in models}

@@ -9,10 +9,10 @@ from torch.nn.utils import parametrize
 from tqdm import tqdm
 
 from normfx.errors import AlreadyTransformedError
-from normfx.functional import fixed_mode
+from normfx.functional import Overflow, Rounding, fixed_mode
 from normfx.nn.fixed_point import FixedPoint
 from normfx.passes import DEPLOY_STEPS, Step
-from normfx.passes.fixed_point import TARGETS, insert_fixed_point, insert_fixed_point_outside
+from normfx.passes.fixed_point import TARGETS, Target, insert_fixed_point, insert_fixed_point_outside
 from normfx.passes.fold_convbn import ConvBNMode, fold_convbn, fold_convbn_outside
 from normfx.passes.freeze import ROLES, freeze_model
 from normfx.passes.swap_layernorm import swap_layernorm, swap_layernorm_outside
@@ -90,19 +90,24 @@ def repbn(model: nn.Module, *, total_steps: int, eta_init: float = 1.0, inplace:
 
     Each last-dim LayerNorm (and channels-first LayerNorm2d) becomes ``ProgressiveRepBN``:
     ``λ·LN(x) + (1 − λ)·(BN(x) + η·x)``. λ starts at 1 (the model is unchanged) and is moved to 0 by
-    ``normfx.RepBNScheduler(model, total_steps)``, one ``step()`` per optimizer step. At λ = 0,
+    ``normfx.RepBNScheduler(model)`` over ``total_steps``, one ``step()`` per optimizer step. At λ = 0,
     ``normfx.deploy`` folds each RepBN into a neighbouring Linear, so the deployed model has no
     normalization left. LayerNorms over several dims and q/k norms inside attention are skipped.
 
     Args:
         model: an ``nn.Module`` or ``GraphModule``; never modified unless ``inplace=True``.
-        total_steps: scheduler steps over which λ falls to 0 (recorded for messages).
+        total_steps: scheduler steps over which λ falls to 0; stored on every ProgressiveRepBN,
+            where ``RepBNScheduler`` and error messages read it (given once, here).
         eta_init: initial η of every RepBN.
         inplace: transform the caller's modules instead of a deep copy.
 
     Example:
         >>> m = normfx.repbn(torchvision.models.vit_b_16(), total_steps=10_000)
-        >>> sched = normfx.RepBNScheduler(m, total_steps=10_000)
+        >>> sched = normfx.RepBNScheduler(m)
+        >>> normfx.last_report(m).summary()
+        'swap_layernorm: 25 sites, 25 transformed, 0 skipped'
+        >>> type(m).__name__, type(m.encoder.ln).__name__
+        ('VisionTransformer', 'ProgressiveRepBN')
     """
     if total_steps <= 0:
         raise ValueError(f"total_steps must be positive, got {total_steps}")
@@ -111,7 +116,11 @@ def repbn(model: nn.Module, *, total_steps: int, eta_init: float = 1.0, inplace:
         lambda m, o: swap_layernorm_outside(m, o, total_steps=total_steps, eta_init=eta_init))], inplace=inplace)
 
 
-def freeze(model: nn.Module, *, keep: Sequence[str] | str = ("norm",), random: int | Literal["match"] = 0,
+Role = Literal["norm", "head", "bias"]
+"""A parameter role ``freeze(keep=...)`` can keep trainable (``normfx.passes.freeze.ROLES``)."""
+
+
+def freeze(model: nn.Module, *, keep: Sequence[Role] | Role = ("norm",), random: int | Literal["match"] = 0,
            seed: int = 0, freeze_stats: bool = False, inplace: bool = False) -> nn.Module:
     """Freeze every parameter except the roles in ``keep`` (Frankle et al.'s BatchNorm-only training).
 
@@ -155,7 +164,7 @@ def freeze(model: nn.Module, *, keep: Sequence[str] | str = ("norm",), random: i
     return out
 
 
-def _check_keep(keep: Sequence[str] | str) -> set[str]:
+def _check_keep(keep: Sequence[Role] | Role) -> set[str]:
     roles = (keep,) if isinstance(keep, str) else tuple(keep)
     unknown = [r for r in roles if r not in ROLES]
     if unknown:
@@ -164,8 +173,8 @@ def _check_keep(keep: Sequence[str] | str) -> set[str]:
 
 
 def fixed_point(model: nn.Module, *, bits: int = 8, int_bits: float | None = None,
-                rounding: str = "nearest_even", overflow: str = "saturate",
-                targets: Sequence[str] = ("weight", "bias", "activation", "norm", "add"),
+                rounding: Rounding = "nearest_even", overflow: Overflow = "saturate",
+                targets: Sequence[Target] = TARGETS,
                 per_channel: bool = False, k_hot: int | None = None, k_hot_weights: bool = False,
                 fold_bn: bool = False, inplace: bool = False) -> nn.Module:
     """Insert trainable fixed-point casts (QFX): ``ap_fixed<bits, I, rounding, overflow>`` with a
@@ -190,7 +199,9 @@ def fixed_point(model: nn.Module, *, bits: int = 8, int_bits: float | None = Non
 
     Example:
         >>> q = normfx.fixed_point(torchvision.models.resnet18(), bits=8)
-        >>> normfx.calibrate(q, [torch.randn(8, 3, 64, 64)])
+        >>> q = normfx.calibrate(q, [torch.randn(8, 3, 64, 64)], progress=False)
+        >>> sum(isinstance(m, normfx.nn.FixedPoint) for m in q.modules()) > 0
+        True
     """
     unknown = [t for t in targets if t not in TARGETS]
     if unknown:

@@ -11,13 +11,14 @@ its dtype and loses nothing to the fold itself.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 
 __all__ = [
     "bn_scale_shift", "fold_bn_after", "fold_bn_before", "scale_is_safe", "out_channel_view",
-    "ROUNDING", "OVERFLOW", "fixed_mode", "integer_range", "round_fixed", "overflow_fixed", "fixed_point_cast",
+    "ROUNDING", "OVERFLOW", "Rounding", "Overflow", "fixed_mode", "integer_range", "round_fixed", "overflow_fixed",
+    "fixed_point_cast",
     "k_hot_table", "k_hot_project",
 ]
 
@@ -156,6 +157,13 @@ OVERFLOW = {
     "wrap": "AP_WRAP",               # two's complement wrap-around (HLS's default)
 }
 _ALIASES = {**{v: k for k, v in ROUNDING.items()}, **{v: k for k, v in OVERFLOW.items()}}
+
+Rounding = Literal["nearest_even", "half_up", "half_zero", "half_down", "half_away", "floor", "trunc",
+                   "AP_RND_CONV", "AP_RND", "AP_RND_ZERO", "AP_RND_MIN_INF", "AP_RND_INF", "AP_TRN", "AP_TRN_ZERO"]
+"""A rounding mode, by normfx or Vitis HLS name (``ROUNDING``)."""
+Overflow = Literal["saturate", "saturate_zero", "saturate_sym", "wrap", "AP_SAT", "AP_SAT_ZERO", "AP_SAT_SYM",
+                   "AP_WRAP"]
+"""An overflow mode, by normfx or Vitis HLS name (``OVERFLOW``)."""
 
 
 def fixed_mode(name: str, kind: str) -> str:

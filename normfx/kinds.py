@@ -13,7 +13,8 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from torch.nn.modules.conv import _ConvNd
 
-__all__ = ["BNKind", "original_class", "bn_kind", "is_frozen_bn", "is_norm_layer", "is_conv_like", "is_plain_conv", "is_mode_dependent_leaf",
+__all__ = ["BNKind", "original_class", "bn_kind", "is_frozen_bn", "is_norm_layer", "is_conv_like", "is_plain_conv",
+           "is_mode_dependent_leaf",
            "forward_source_has"]
 
 BNKind = Literal["plain", "norm_act"]

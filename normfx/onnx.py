@@ -128,7 +128,8 @@ def export(
 
     Example:
         >>> model = torchvision.models.resnet18().eval()
-        >>> report = normfx.export(model, torch.randn(1, 3, 224, 224), "resnet18.onnx")
+        >>> path = os.path.join(tempfile.mkdtemp(), "resnet18.onnx")
+        >>> report = normfx.export(model, torch.randn(1, 3, 224, 224), path)
         >>> report.op_counts.get("BatchNormalization", 0)
         0
     """

@@ -263,7 +263,8 @@ def test_freeze_twice_is_stable():
     base = _resnet18()
     a = normfx.freeze(base, keep=("norm",))
     b = normfx.freeze(a, keep=("norm",))
-    assert {n: p.requires_grad for n, p in a.named_parameters()} == {n: p.requires_grad for n, p in b.named_parameters()}
+    flags = {n: p.requires_grad for n, p in b.named_parameters()}
+    assert {n: p.requires_grad for n, p in a.named_parameters()} == flags
 
 
 class _TwoHeads(nn.Module):

@@ -95,7 +95,7 @@ def test_prepbn_bert_trains_and_deploys_outside_traced_regions():
     one multiply-add each (not folded: no graph shows the Linear they feed), reported as such."""
     model = _bert()
     m = normfx.repbn(model, total_steps=2).train()
-    sched = normfx.RepBNScheduler(m, total_steps=2)
+    sched = normfx.RepBNScheduler(m)
     opt = torch.optim.SGD(m.parameters(), lr=1e-3)
     for _ in range(2):
         m(IDS).last_hidden_state.pow(2).mean().backward()

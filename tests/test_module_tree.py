@@ -80,8 +80,8 @@ def test_indexing_hooks_and_blocks_on_resnet():
     model = _resnet()
     for out in (normfx.convbn(model, mode="tune"), normfx.convbn(model, mode="deploy")):
         fired = []
-        out.layer2.register_forward_hook(lambda mod, args, res: fired.append(res.shape))
-        out.layer1[0].conv1.register_forward_hook(lambda mod, args, res: fired.append("conv"))
+        out.layer2.register_forward_hook(lambda mod, args, res: fired.append(res.shape))  # noqa: B023
+        out.layer1[0].conv1.register_forward_hook(lambda mod, args, res: fired.append("conv"))  # noqa: B023
         with torch.no_grad():
             out(X)
             assert fired == ["conv", torch.Size([2, 128, 4, 4])]

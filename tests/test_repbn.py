@@ -113,7 +113,7 @@ def test_run_twice_changes_nothing():
 
 def test_scheduler_sequence_and_state_dict():
     p = normfx.repbn(_deit(), total_steps=4)
-    sched = normfx.RepBNScheduler(p, total_steps=4)
+    sched = normfx.RepBNScheduler(p)
     seen = []
     for _ in range(6):
         seen.append(float(next(m for m in p.modules() if isinstance(m, ProgressiveRepBN)).lam))
@@ -121,8 +121,8 @@ def test_scheduler_sequence_and_state_dict():
     assert seen == [1.0, 0.75, 0.5, 0.25, 0.0, 0.0]
 
     p2 = normfx.repbn(_deit(), total_steps=4)
-    s2 = normfx.RepBNScheduler(p2, total_steps=4)
-    sched = normfx.RepBNScheduler(p, total_steps=4)
+    s2 = normfx.RepBNScheduler(p2)
+    sched = normfx.RepBNScheduler(p)
     sched.step()
     s2.load_state_dict(sched.state_dict())
     assert {float(m.lam) for m in p2.modules() if isinstance(m, ProgressiveRepBN)} == {0.75}
@@ -130,7 +130,7 @@ def test_scheduler_sequence_and_state_dict():
 
 def test_forwards_do_not_move_lambda():
     p = normfx.repbn(_deit(), total_steps=10)
-    sched = normfx.RepBNScheduler(p, total_steps=10)
+    sched = normfx.RepBNScheduler(p)
     sched.step()
     x = torch.randn(2, 3, 32, 32)
     p.train()(x)
@@ -141,7 +141,7 @@ def test_forwards_do_not_move_lambda():
 
 def test_lambda_survives_a_checkpoint():
     p = normfx.repbn(_deit(), total_steps=10)
-    sched = normfx.RepBNScheduler(p, total_steps=10)
+    sched = normfx.RepBNScheduler(p)
     for _ in range(3):
         sched.step()
     q = normfx.repbn(_deit(), total_steps=10)
@@ -151,7 +151,7 @@ def test_lambda_survives_a_checkpoint():
 
 def test_scheduler_needs_prepbn():
     with pytest.raises(ValueError, match="call normfx.repbn"):
-        normfx.RepBNScheduler(nn.Linear(2, 2), total_steps=3)
+        normfx.RepBNScheduler(nn.Linear(2, 2))
 
 
 # --- recalibration ---------------------------------------------------------------------------------
@@ -223,7 +223,7 @@ def test_recalibrate_needs_batchnorm():
 
 def test_deploy_refuses_unfinished_lambda():
     p = normfx.repbn(_deit(), total_steps=1000)
-    sched = normfx.RepBNScheduler(p, total_steps=1000)
+    sched = normfx.RepBNScheduler(p)
     for _ in range(600):
         sched.step()
     with pytest.raises(normfx.RepBNNotFinishedError, match=r"about 400 of 1000 scheduler steps remain"):
@@ -327,3 +327,16 @@ def test_onnx_torchvision_deployed(name, tmp_path):
     assert report.verified and report.outputs[0].max_rel < 1e-4
     kept = sum(c.action == "affine" for c in report.passes.get("fold_repbn").changes)
     assert kept == (13 if name == "swin_t" else 0)  # Swin's norm1 before padded windows, see docs/repbn.md
+
+
+def test_total_steps_is_given_once():
+    """The scheduler reads total_steps from the modules normfx.repbn made; messages read the same."""
+    p = normfx.repbn(_deit(), total_steps=7)
+    sched = normfx.RepBNScheduler(p)
+    assert sched.total_steps == 7
+    for _ in range(3):
+        sched.step()
+    with pytest.raises(normfx.RepBNNotFinishedError, match="about 4 of 7 scheduler steps remain"):
+        normfx.deploy(p.eval())
+    with pytest.raises(TypeError):
+        normfx.RepBNScheduler(p, total_steps=7)   # not a second copy to disagree with the first

@@ -106,7 +106,7 @@ def test_freeze_sites():
 
 def test_deploy_sites():
     tuned = normfx.convbn(normfx.repbn(_model(), total_steps=1), mode="tune")
-    normfx.RepBNScheduler(tuned, total_steps=1).step()
+    normfx.RepBNScheduler(tuned).step()
     d = normfx.deploy(tuned.eval())
     assert set(_sites(d, "fold_convbn")) == BNS
     assert set(_sites(d, "fold_repbn")) == LNS

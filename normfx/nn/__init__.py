@@ -3,12 +3,13 @@ from __future__ import annotations
 
 from normfx.nn.convbn import TuneBN, TuneConv, bn_stats, tune, tune_convbn, tune_convbn_functional, untune
 from normfx.nn.fixed_point import FixedPoint
+from normfx.nn.fixed_point_bn import FixedPointBatchNorm
 from normfx.nn.repbn import ChannelAffine, ProgressiveRepBN, RepBN, RepBNScheduler, recalibrate_bn
 
 __all__ = [
     "tune_convbn", "tune_convbn_functional", "bn_stats", "TuneConv", "TuneBN", "tune", "untune",
     "RepBN", "ProgressiveRepBN", "ChannelAffine", "RepBNScheduler", "recalibrate_bn",
-    "FixedPoint",
+    "FixedPoint", "FixedPointBatchNorm",
     "LEAF_MODULES",
 ]
 

@@ -288,5 +288,6 @@ class FixedPoint(nn.Module):
         ib = self.integer_bits()
         i = int(ib[0]) if ib.numel() == 1 else f"per-channel[{ib.numel()}]"
         return (f"bits={self.bits}, int_bits={i}, signed={self.signed}, rounding={self.rounding}, "
-                f"overflow={self.overflow}, trainable={self.trainable}" + (f", k_hot={self.k_hot}" if self.k_hot else ""))
+                f"overflow={self.overflow}, trainable={self.trainable}"
+                + (f", k_hot={self.k_hot}" if self.k_hot else ""))
 

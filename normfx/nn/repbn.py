@@ -110,25 +110,28 @@ class ChannelAffine(nn.Module):
 
 
 class RepBNScheduler:
-    """Moves λ of every ``ProgressiveRepBN`` in ``model`` linearly from 1 to 0 over ``total_steps``.
+    """Moves λ of every ``ProgressiveRepBN`` in ``model`` linearly from 1 to 0 over the
+    ``total_steps`` they were made with (``normfx.repbn(model, total_steps=...)``: given once).
 
     Call ``step()`` once per optimizer step. Shaped like ``torch.optim.lr_scheduler``: ``state_dict()``
     and ``load_state_dict()`` resume exactly (λ also lives in each module's buffer).
 
     Example:
-        >>> m = normfx.repbn(vit, total_steps=1000)
-        >>> sched = normfx.RepBNScheduler(m, total_steps=1000)
-        >>> for batch in loader:
-        ...     loss(m(batch)).backward(); opt.step(); sched.step()
+        >>> m = normfx.repbn(torchvision.models.vit_b_16(), total_steps=1000)
+        >>> sched = normfx.RepBNScheduler(m)
+        >>> sched.total_steps
+        1000
     """
 
-    def __init__(self, model: nn.Module, total_steps: int) -> None:
-        if total_steps <= 0:
-            raise ValueError(f"total_steps must be positive, got {total_steps}")
+    def __init__(self, model: nn.Module) -> None:
         self.modules = [m for m in model.modules() if isinstance(m, ProgressiveRepBN)]
         if not self.modules:
             raise ValueError(f"{type(model).__name__} has no ProgressiveRepBN; call normfx.repbn(model, ...) first")
-        self.total_steps = int(total_steps)
+        steps = {m.total_steps for m in self.modules}
+        if len(steps) > 1:
+            raise ValueError(f"the ProgressiveRepBNs of {type(model).__name__} were made with different total_steps "
+                             f"{sorted(steps)}; call normfx.repbn once on the whole model")
+        self.total_steps = steps.pop()
         self.last_step = 0
         self._apply()
 
@@ -150,6 +153,8 @@ class RepBNScheduler:
     def load_state_dict(self, state: dict) -> None:
         self.last_step = int(state["last_step"])
         self.total_steps = int(state["total_steps"])
+        for m in self.modules:
+            m.total_steps = self.total_steps
         self._apply()
 
 
@@ -168,7 +173,11 @@ def recalibrate_bn(model: nn.Module, batches: Iterable, *, steps: int | None = N
     off the tqdm progress bar.
 
     Example:
-        >>> normfx.recalibrate_bn(model, (x for x, _ in loader), steps=100)
+        >>> model = nn.Sequential(nn.Linear(4, 6), nn.Dropout(0.5), nn.BatchNorm1d(6))
+        >>> loader = [(torch.randn(8, 4), None) for _ in range(3)]
+        >>> model = normfx.recalibrate_bn(model, (x for x, _ in loader), steps=100, progress=False)
+        >>> model[2].num_batches_tracked.item()
+        3
     """
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not bns:

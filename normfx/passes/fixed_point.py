@@ -1,5 +1,12 @@
 """Insert ``FixedPoint`` casts (QFX): weights and biases, activations, BatchNorm, residual adds.
 
+Math: each cast is ``x̂ = O(Q(x·2^F))·2^−F`` with ``F = W − I`` (Vitis HLS ``ap_fixed<W, I, Q, O>``),
+``I`` trainable (straight-through); K-hot projects a value onto sums of at most K signed powers of two
+within its format. Not exact: the pass changes the function (it quantizes). What it preserves: with
+every value inside its format's range, a cast moves it by at most half a step (round to nearest) or
+one step (truncating modes); ``deploy`` then freezes the binary points and the deployed model equals
+the eval-mode quantized one bit for bit (K-hot weights baked), which the ONNX export reproduces.
+
 Sites and what each becomes:
 
 * ``"weight"`` / ``"bias"``: every Conv/Linear's weight and bias get a ``FixedPoint``
@@ -18,7 +25,7 @@ from __future__ import annotations
 
 import copy
 import operator
-from typing import NamedTuple, Sequence
+from typing import Literal, NamedTuple, Sequence
 
 import torch
 import torch.fx as fx
@@ -31,14 +38,17 @@ from normfx.kinds import bn_kind, is_conv_like
 from normfx.match import set_module
 from normfx.match import get_attr as getattr_path
 from normfx.nn.fixed_point import FixedPoint
+from normfx.nn.fixed_point_bn import FixedPointBatchNorm
 from normfx.nn.param_keys import keep_state_dict_keys
 from normfx.report import Change, PassResult, Skip, SkipReason
 from normfx.trace import Outside
 
-__all__ = ["TARGETS", "FixedPointBatchNorm", "insert_fixed_point", "insert_fixed_point_outside", "freeze_binary_points",
-           "freeze_binary_points_outside"]
+__all__ = ["TARGETS", "Target", "FixedPointBatchNorm", "insert_fixed_point", "insert_fixed_point_outside",
+           "freeze_binary_points", "freeze_binary_points_outside"]
 
-TARGETS = ("weight", "bias", "activation", "norm", "add")
+Target = Literal["weight", "bias", "activation", "norm", "add"]
+"""What ``fixed_point`` casts (``TARGETS``: all of them)."""
+TARGETS: tuple[Target, ...] = ("weight", "bias", "activation", "norm", "add")
 
 _UNSIGNED_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid)
 _UNSIGNED_FUNCS = {F.relu, torch.relu, F.relu6, torch.sigmoid, F.sigmoid, F.hardsigmoid}
@@ -50,124 +60,6 @@ _SAME_VALUES_FUNCS = {torch.flatten, torch.reshape, torch.permute, torch.transpo
 _SAME_VALUES_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze",
                         "unsqueeze", "expand", "size", "dim", "chunk", "split", "unbind"}
 _ADDS = {operator.add, torch.add, operator.iadd}
-
-
-class FixedPointBatchNorm(nn.BatchNorm2d):
-    """BatchNorm as a fixed-point per-channel multiply-add: ``x·ŝ + t̂``.
-
-    ``ŝ = Q_s(γ/√(σ² + ε))`` (K-hot projected when ``k_hot``) and ``t̂ = Q_t(β − μ·γ/√(σ² + ε))`` with
-    batch statistics in training (running statistics updated as BatchNorm does) and running
-    statistics in eval. Subclasses BatchNorm2d so parameters, buffers and state-dict keys are the
-    BatchNorm's; works for 1d/2d/3d inputs (channel axis 1).
-    """
-
-    def __init__(self, num_features: int, *, scale_q: FixedPoint, shift_q: FixedPoint,
-                 k_hot: int | None = None, **kw) -> None:
-        super().__init__(num_features, **kw)
-        self.scale_q, self.shift_q = scale_q, shift_q
-        self.k_hot = k_hot
-        self.scale_q.k_hot = k_hot
-        self.register_buffer("deployed_scale", None)
-        self.register_buffer("deployed_shift", None)
-
-    @classmethod
-    def from_bn(cls, bn: _BatchNorm, *, scale_q: FixedPoint, shift_q: FixedPoint,
-                k_hot: int | None) -> "FixedPointBatchNorm":
-        new = cls(bn.num_features, scale_q=scale_q, shift_q=shift_q, k_hot=k_hot, eps=bn.eps,
-                  momentum=bn.momentum, affine=bn.affine, track_running_stats=bn.track_running_stats)
-        for name in ("weight", "bias"):
-            setattr(new, name, getattr(bn, name))
-        for name in ("running_mean", "running_var", "num_batches_tracked"):
-            setattr(new, name, getattr(bn, name))
-        new.train(bn.training)
-        return new
-
-    def _check_input_dim(self, x: torch.Tensor) -> None:
-        if x.dim() < 2:
-            raise ValueError(f"expected at least 2D input, got {x.dim()}D")
-
-    def scale_shift(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-channel ``(scale, shift)`` of the float BatchNorm (batch statistics in training)."""
-        if self.training or not self.track_running_stats:
-            update = self.training and self.track_running_stats
-            m = 0.0
-            if update:
-                self.num_batches_tracked.add_(1)
-                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-            mean, var = _BatchStats.apply(x, self.running_mean if update else None,
-                                          self.running_var if update else None, m)
-        else:
-            mean, var = self.running_mean, self.running_var
-        scale = torch.rsqrt(var + self.eps)
-        if self.weight is not None:
-            scale = scale * self.weight
-        shift = -mean * scale
-        if self.bias is not None:
-            shift = shift + self.bias
-        return scale, shift
-
-    def quantized_scale_shift(self, scale: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(ŝ, t̂)``: the fixed-point (and K-hot) scale and shift."""
-        return self.scale_q(scale), self.shift_q(shift)   # scale_q.k_hot projects the scale
-
-    @torch.no_grad()
-    def bake(self) -> None:
-        """Deploy: compute ``(ŝ, t̂)`` once from the running statistics and keep them as constants
-        (eval forwards then are one multiply-add; a train-mode forward drops them)."""
-        if not self.track_running_stats:
-            return  # batch statistics at every call: nothing constant to keep
-        was = self.training
-        self.train(False)
-        probe = self.running_mean.new_zeros(1, self.num_features)  # eval reads the running statistics
-        s, t = self.quantized_scale_shift(*self.scale_shift(probe))
-        self.train(was)
-        self.deployed_scale, self.deployed_shift = s.clone(), t.clone()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input_dim(x)
-        if not self.training and self.deployed_scale is not None:
-            s, t = self.deployed_scale, self.deployed_shift
-        else:
-            if self.training:
-                self.deployed_scale = self.deployed_shift = None
-            s, t = self.quantized_scale_shift(*self.scale_shift(x))
-            if self.training and x.dim() <= 5 and s.dtype == x.dtype:
-                # x·ŝ + t̂ through torch's fused BatchNorm kernel with identity statistics (ε = 0):
-                # one pass forward and one backward; values may differ from the separate Mul/Add in
-                # the last bit (a fused multiply-add), which only the eval graph must reproduce.
-                return F.batch_norm(x, s.new_zeros(s.shape), s.new_ones(s.shape), s, t, False, 0.0, 0.0)
-        view = (1, -1) + (1,) * (x.dim() - 2)
-        return x * s.view(view) + t.view(view)
-
-
-class _BatchStats(torch.autograd.Function):
-    """Per-channel batch mean and biased variance over every axis but 1, and, when running
-    statistics are given, their in-place update as BatchNorm does it (unbiased variance, momentum)
-    — one pass through torch's BatchNorm statistics kernel. Backward in one pass:
-    ``∂/∂x = ḡ_μ/n + 2·ḡ_σ²·(x − μ)/n``."""
-
-    @staticmethod
-    def forward(ctx, x, running_mean, running_var, momentum: float):
-        if running_mean is not None and running_mean.dtype != x.dtype:
-            var, mean = torch.var_mean(x, [d for d in range(x.dim()) if d != 1], unbiased=False)
-            with torch.no_grad():
-                n = x.numel() / x.shape[1]
-                running_mean.mul_(1 - momentum).add_(momentum * mean.to(running_mean.dtype))
-                running_var.mul_(1 - momentum).add_(momentum * var.to(running_var.dtype) * n / max(n - 1, 1))
-        else:
-            mean, var = torch.batch_norm_update_stats(x, running_mean, running_var, momentum)
-        ctx.save_for_backward(x, mean)
-        return mean, var
-
-    @staticmethod
-    def backward(ctx, g_mean, g_var):
-        x, mean = ctx.saved_tensors
-        n = x.numel() / x.shape[1]
-        g_mean = torch.zeros_like(mean) if g_mean is None else g_mean
-        a = torch.zeros_like(mean) if g_var is None else g_var * (2.0 / n)
-        b = g_mean / n - a * mean
-        view = (1, -1) + (1,) * (x.dim() - 2)
-        return torch.addcmul(b.view(view), x, a.view(view)), None, None, None
 
 
 def _q(bits: int, int_bits: float | None, rounding: str, overflow: str, *, signed: bool = True,

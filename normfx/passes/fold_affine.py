@@ -89,7 +89,8 @@ def _fold_one(gm: fx.GraphModule, mods: dict, uses, node: fx.Node) -> Change:
     x = node.args[0]
     producer = _producer(gm, mods, uses, x, rep.channels_last)
     if producer is not None and _fold_into_producer(producer, a, b):
-        set_module(gm, site, nn.Identity().train(mods[node.target].training))   # a leaf change: the parent's forward is untouched
+        # A leaf change: the parent's forward is untouched.
+        set_module(gm, site, nn.Identity().train(mods[node.target].training))
         return Change(site, "fold", f"into preceding '{_names(mods, [producer])[0]}'")
     targets = _consumers(gm, mods, uses, node, rep.channels_last)
     if targets is not None:
@@ -232,7 +233,8 @@ def _keeps_channels(user: fx.Node, cur: fx.Node) -> bool:
         idx = user.args[1]
         idx = idx if isinstance(idx, tuple) else (idx,)
         return user.args[0] is cur and len(idx) <= 2 and all(isinstance(i, (int, slice)) for i in idx)
-    if (user.op == "call_method" and user.target == "mean") or (user.op == "call_function" and user.target is torch.mean):
+    if (user.op == "call_method" and user.target == "mean") or (
+            user.op == "call_function" and user.target is torch.mean):
         dims = user.args[1] if len(user.args) > 1 else user.kwargs.get("dim")
         dims = dims if isinstance(dims, (tuple, list)) else (dims,)
         return user.args[0] is cur and all(isinstance(d, int) and d in (0, 1) for d in dims)

@@ -221,7 +221,8 @@ def _visit(ctx: _Ctx, node: fx.Node, mode: ConvBNMode) -> Change | Skip:
         result = _visit(ctx, node, mode)
         if isinstance(result, Skip):
             # Deploy leaves no Tune block behind: an unfoldable one is conv -> BN again.
-            return Change(result.site, "revert", f"Tune block back to conv -> BN: {result.reason.value}: {result.detail}")
+            return Change(result.site, "revert",
+                          f"Tune block back to conv -> BN: {result.reason.value}: {result.detail}")
         return Change(result.site, result.action, f"Tune block {result.detail}")
     try:
         site = _Site(ctx, node)

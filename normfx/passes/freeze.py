@@ -210,7 +210,8 @@ def find_heads(model: nn.Module) -> tuple[list[str], list[Skip]]:
     return head_layers(trace_regions(twin))
 
 
-def frozen_entries(model: nn.Module, roles: dict[str, frozenset[str]], keep: set[str]) -> list[tuple[str, nn.Parameter]]:
+def frozen_entries(model: nn.Module, roles: dict[str, frozenset[str]],
+                   keep: set[str]) -> list[tuple[str, nn.Parameter]]:
     """Parameters ``keep`` does not select, in ``named_parameters`` order (floating point only)."""
     return [(n, p) for n, p in model.named_parameters()
             if p.is_floating_point() and not (roles[n] & keep) and "random" not in roles[n]]
@@ -288,13 +289,15 @@ def freeze_model(model: nn.Module, keep: set[str], random: int | str, seed: int,
     if existing and count and count != have:
         raise AlreadyTransformedError(
             f"{type(model).__name__} already has a random control of {have:,} entries (normfx.freeze(random=...)); "
-            f"asked for {count:,}. Freeze the original model instead, or normfx.deploy(model) to bake the control first."
+            f"asked for {count:,}. Freeze the original model instead, or normfx.deploy(model) to bake the control "
+            "first."
         )
     if existing and count:
         # Applied to its own output: the control in place is the one asked for; keep it training.
         for site, e in existing.items():
             e.values.requires_grad_(True)
-            skips.append(Skip(site, SkipReason.ALREADY_DONE, f"random control already in place ({e.index.numel():,} entries)"))
+            skips.append(Skip(site, SkipReason.ALREADY_DONE,
+                              f"random control already in place ({e.index.numel():,} entries)"))
     elif count:
         skips += _add_random(model, roles, keep, count, seed)
     notes = []
@@ -355,7 +358,7 @@ def _add_random(model: nn.Module, roles: dict[str, frozenset[str]], keep: set[st
     if count > available:
         raise ValueError(f"random={count:,} is more than the {available:,} frozen entries of "
                          f"{type(model).__name__} that can be drawn from")
-    for (name, p), index in zip(pool, choose_entries([p.numel() for _, p in pool], count, seed)):
+    for (name, _), index in zip(pool, choose_entries([p.numel() for _, p in pool], count, seed)):
         if index.numel():
             add_random_entries(model.get_submodule(_owner(name)), _tensor_name(name), index)
     return skips
