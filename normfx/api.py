@@ -113,7 +113,8 @@ def repbn(model: nn.Module, *, total_steps: int, eta_init: float = 1.0, inplace:
         raise ValueError(f"total_steps must be positive, got {total_steps}")
     return transform(model, [Step(
         "swap_layernorm", lambda gm: swap_layernorm(gm, total_steps=total_steps, eta_init=eta_init),
-        lambda m, o: swap_layernorm_outside(m, o, total_steps=total_steps, eta_init=eta_init))], inplace=inplace)
+        lambda m, o: swap_layernorm_outside(m, o, total_steps=total_steps, eta_init=eta_init), view="module")],
+        inplace=inplace)
 
 
 Role = Literal["norm", "head", "bias"]
@@ -218,7 +219,7 @@ def fixed_point(model: nn.Module, *, bits: int = 8, int_bits: float | None = Non
                 per_channel=per_channel, k_hot=k_hot, k_hot_weights=k_hot_weights)
     steps = [_convbn_step("deploy")] if fold_bn else []
     steps.append(Step("fixed_point", lambda gm: insert_fixed_point(gm, **opts),
-                      lambda m, o: insert_fixed_point_outside(m, o, **opts)))
+                      lambda m, o: insert_fixed_point_outside(m, o, **opts), view="module"))
     # Parametrizations hold the weights they cast: the copy must own its tensors first.
     return transform(model, steps, inplace=inplace, tensors="own")
 

@@ -14,6 +14,7 @@ folded, activation casts inserted) puts a GraphModule in the slot of the region 
 from __future__ import annotations
 
 import copy
+import itertools
 from typing import Literal, Sequence
 
 import torch.nn as nn
@@ -100,16 +101,23 @@ def transform(model: nn.Module, steps: Sequence[Step], *, inplace: bool = False,
     if not isinstance(model, nn.Module):
         raise TypeError(f"normfx expects an nn.Module, got {type(model).__name__}")
     out, shared = (model, frozenset()) if inplace else copy_model(model, share_tensors=tensors == "share")
-    analysis = analyze(out)
-    fingerprints = analysis.signatures()
-    results = [run_step(analysis, step) for step in steps]
-    after = analysis.signatures()
-    changed = {prefix for prefix, sig in fingerprints.items() if after[prefix] != sig}
-    result = install(analysis, changed)
-    for prefix, gm in analysis.regions:
-        if prefix in changed:
-            gm.graph.lint()
+    results: list[PassResult] = []
+    untraceable: tuple[tuple[str, str], ...] | None = None
+    result = out
+    # Consecutive steps that want the same regions share one analysis (deploy's four steps: one).
+    for view, group in itertools.groupby(steps, key=lambda s: s.view):
+        analysis = analyze(result, per_module=view == "module")
+        if untraceable is None or view == "flat":
+            untraceable = analysis.untraceable
+        fingerprints = analysis.signatures()
+        results += [run_step(analysis, step) for step in group]
+        after = analysis.signatures()
+        changed = {prefix for prefix, sig in fingerprints.items() if after[prefix] != sig}
+        for prefix, gm in analysis.regions:
+            if prefix in changed:
+                gm.graph.lint()
+        result = install(analysis, changed)
     materialize(result)
     _unshare(result, shared)
-    attach_report(result, Report(tuple(before) + tuple(results), analysis.untraceable))
+    attach_report(result, Report(tuple(before) + tuple(results), untraceable or ()))
     return result

@@ -51,13 +51,14 @@ class _Failure:
 
 
 class _Tracer(fx.Tracer):
-    def __init__(self, leaves: frozenset[str], leaf_types: tuple[type, ...]) -> None:
+    def __init__(self, leaves: frozenset[str], leaf_types: tuple[type, ...], own_forward_only: bool = False) -> None:
         super().__init__()
         self._leaves = leaves
         self._leaf_types = leaf_types
+        self._own_forward_only = own_forward_only   # every submodule call is a leaf
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if qualname in self._leaves:
+        if qualname in self._leaves or (self._own_forward_only and qualname):
             return True
         if isinstance(m, (_BatchNorm, nn.LayerNorm)) or is_frozen_bn(m) or isinstance(m, self._leaf_types):
             return True
@@ -88,9 +89,9 @@ def _reason(e: BaseException) -> str:
 
 def _trace_once(
     model: nn.Module, leaves: frozenset[str], leaf_types: tuple[type, ...],
-    concrete: dict[str, object] | None = None, share: bool = False,
+    concrete: dict[str, object] | None = None, share: bool = False, own_forward_only: bool = False,
 ) -> fx.GraphModule:
-    tracer = _Tracer(leaves, leaf_types)
+    tracer = _Tracer(leaves, leaf_types, own_forward_only)
     graph = tracer.trace(model, concrete_args=concrete or None)
     if concrete:
         _guard_specialized(graph, type(model).__name__, concrete)
@@ -126,9 +127,7 @@ def check_specialized(value: object, expected: object, name: str, owner: str) ->
     """Graph guard of a traced forward whose ``name`` argument was fixed at its default ``expected``
     (``None``, a bool, a number or a string): any other value raises instead of silently taking the
     traced branch."""
-    same = value is expected if expected is None or isinstance(expected, bool) else (
-        type(value) is type(expected) and value == expected)
-    if not same:
+    if not _same_value(value, expected):
         raise SpecializedCallError(
             f"{owner}.forward was traced by normfx for {name}={expected!r} (its default) and called with "
             f"{name}={type(value).__name__ if isinstance(value, torch.Tensor) else repr(value)}. The traced "
@@ -155,7 +154,8 @@ def _guard_specialized(graph: fx.Graph, owner: str, concrete: dict[str, object])
 _SIMPLE_DEFAULTS = (type(None), bool, int, float, str)
 
 
-def _region_blocker(model: nn.Module, root: bool) -> tuple[str | None, dict[str, object]]:
+def _region_blocker(model: nn.Module, root: bool,
+                    called_with_defaults: bool = False) -> tuple[str | None, dict[str, object]]:
     """Why ``model``'s forward cannot be the boundary of a traced region, or ``(None, concrete)``
     with the arguments to specialize.
 
@@ -164,7 +164,9 @@ def _region_blocker(model: nn.Module, root: bool) -> tuple[str | None, dict[str,
     forward that tests an argument that way, or takes ``*args``/``**kwargs``, is not a region. A
     forward with defaulted arguments is a region only at the root, traced with every defaulted
     argument fixed at its default and a guard that raises on any other value: below the root, the
-    caller is untraceable code that may pass anything.
+    caller is untraceable code that may pass anything — unless its caller is a traced graph whose
+    every call passes only the required arguments (``called_with_defaults``): then every defaulted
+    argument is fixed at its default (tests on it then decide correctly), behind the same guard.
     """
     fwd = type(model).forward
     try:
@@ -177,6 +179,10 @@ def _region_blocker(model: nn.Module, root: bool) -> tuple[str | None, dict[str,
             return f"forward takes {'*' if p.kind is p.VAR_POSITIONAL else '**'}{p.name}: a trace would fix them", {}
     defaulted = [p for p in params if p.default is not p.empty]
     identity, branched = _tested_names(fwd)
+    if called_with_defaults and defaulted and all(isinstance(p.default, _SIMPLE_DEFAULTS) for p in defaulted):
+        tested = [p.name for p in params if p.name in identity and p.default is p.empty]
+        if not tested:
+            return None, {p.name: p.default for p in defaulted}
     tested = [p.name for p in params if p.name in identity]
     if tested:
         return (f"forward tests argument(s) {', '.join(tested)} with is/isinstance: a trace would keep one "
@@ -273,9 +279,12 @@ class _Walk:
     failures: list[_Failure]
     found: list[tuple[str, fx.GraphModule]]
     share: bool = False
+    per_module: bool = False
+    """Each module's own forward is a region, every submodule call in it a leaf."""
 
 
-def _trace_region(model: nn.Module, prefix: str, user_leaves: frozenset[str], walk: _Walk) -> nn.Module:
+def _trace_region(model: nn.Module, prefix: str, user_leaves: frozenset[str], walk: _Walk,
+                  called_with_defaults: bool = False) -> nn.Module:
     """Trace ``model``; on failure make the failing submodule a leaf and retry, then recurse into it.
 
     A module whose forward cannot be a region (``_region_blocker``), or that has no forward
@@ -288,10 +297,12 @@ def _trace_region(model: nn.Module, prefix: str, user_leaves: frozenset[str], wa
         return _trace_children(model, prefix, user_leaves, walk)
     if prefix and _Tracer(frozenset(), walk.leaf_types).is_leaf_module(model, prefix):
         return model  # a leaf is called as is: nothing inside it to transform
-    blocker, concrete = _region_blocker(model, root=not prefix)
+    blocker, concrete = _region_blocker(model, root=not prefix, called_with_defaults=called_with_defaults)
     if blocker is not None:
         failures.append(_Failure(prefix, blocker))
         return _trace_children(model, prefix, user_leaves, walk)
+    if walk.per_module:
+        return _trace_own_forward(model, prefix, user_leaves, walk, concrete)
     leaves = set(user_leaves)
     local_failures: list[_Failure] = []
     while True:
@@ -315,10 +326,62 @@ def _trace_region(model: nn.Module, prefix: str, user_leaves: frozenset[str], wa
     return model if walk.share else gm
 
 
-def _trace_children(model: nn.Module, prefix: str, user_leaves: frozenset[str], walk: _Walk) -> nn.Module:
+def _trace_own_forward(model: nn.Module, prefix: str, user_leaves: frozenset[str], walk: _Walk,
+                       concrete: dict[str, object]) -> nn.Module:
+    """``model``'s own forward as a region (every submodule call a leaf), then each child's in turn."""
+    defaults_only: frozenset[str] = frozenset()
+    try:
+        gm = _trace_once(model, user_leaves, walk.leaf_types, concrete, walk.share, own_forward_only=True)
+    except Exception as e:  # noqa: BLE001 - the forward itself cannot be traced
+        walk.failures.append(_Failure(prefix, _reason(e)))
+    else:
+        walk.found.append((prefix, gm))
+        defaults_only = _called_with_defaults(gm, model)
+    _trace_children(model, prefix, user_leaves, walk, defaults_only)
+    return model
+
+
+def _called_with_defaults(gm: fx.GraphModule, model: nn.Module) -> frozenset[str]:
+    """Direct children that ``gm`` calls, every time, with only their required arguments as values
+    (any other argument passed is a constant equal to its default, as a specialized caller passes)."""
+    calls: dict[str, list[fx.Node]] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and "." not in str(n.target):
+            calls.setdefault(str(n.target), []).append(n)
+    out = set()
+    for name, nodes in calls.items():
+        try:
+            params = list(inspect.signature(type(getattr(model, name)).forward).parameters.values())[1:]
+        except (TypeError, ValueError, AttributeError):
+            continue
+        required = sum(1 for p in params if p.default is p.empty and p.kind is p.POSITIONAL_OR_KEYWORD)
+        defaults = {p.name: p.default for p in params if p.default is not p.empty}
+        names = [p.name for p in params]
+
+        def default_only(n: fx.Node) -> bool:
+            if len(n.args) < required or len(n.args) > len(names):
+                return False
+            extra = {**dict(zip(names[required:], n.args[required:])), **n.kwargs}
+            return all(k in defaults and not isinstance(v, fx.Node) and _same_value(v, defaults[k])
+                       for k, v in extra.items())
+
+        if all(default_only(n) for n in nodes):
+            out.add(name)
+    return frozenset(out)
+
+
+def _same_value(value: object, expected: object) -> bool:
+    if expected is None or isinstance(expected, bool):
+        return value is expected
+    return type(value) is type(expected) and value == expected
+
+
+def _trace_children(model: nn.Module, prefix: str, user_leaves: frozenset[str], walk: _Walk,
+                    defaults_only: frozenset[str] = frozenset()) -> nn.Module:
     """Trace each child of a module that is kept as it is, in the child's own slot."""
     for name, child in list(model.named_children()):
-        new = _trace_region(child, f"{prefix}.{name}" if prefix else name, _sub_leaves(user_leaves, name), walk)
+        new = _trace_region(child, f"{prefix}.{name}" if prefix else name, _sub_leaves(user_leaves, name), walk,
+                            name in defaults_only)
         if new is not child:
             setattr(model, name, new)
     return model
@@ -369,19 +432,37 @@ def _graph_signature(graph: fx.Graph) -> tuple:
                   str(n.kwargs)) for n in graph.nodes)
 
 
-def analyze(model: nn.Module, *, leaf_modules: Sequence[str | type] = ()) -> Analysis:
-    """Trace every region of ``model`` without changing it (see ``trace`` for what a region is)."""
+def analyze(model: nn.Module, *, leaf_modules: Sequence[str | type] = (), per_module: bool = False) -> Analysis:
+    """Trace every region of ``model`` without changing it (see ``trace`` for what a region is).
+
+    ``per_module=True``: every module's own forward is a region of its own, each submodule call in
+    it a leaf; a pass that rewrites a forward then changes only the modules whose own forward holds
+    a site, and those alone are installed as GraphModules (the smallest region).
+    """
     names = frozenset(x for x in leaf_modules if isinstance(x, str))
     types = _normfx_leaf_types() + tuple(x for x in leaf_modules if isinstance(x, type))
-    if isinstance(model, fx.GraphModule):
+    if isinstance(model, fx.GraphModule) and not per_module:
         # A GraphModule (a normfx result or the caller's trace) is its own region, as it stands.
         regions_ = list(regions(model))
         return Analysis(model, regions_, untraceable_modules(model))
-    walk = _Walk(types, [], [], share=True)
+    walk = _Walk(types, [], [], share=True, per_module=per_module)
     _trace_region(model, "", names, walk)
+    if per_module:
+        _mark_subregions(walk.found)
     for f in walk.failures:
         logger.info("untraceable module '%s' kept as is: %s", f.qualname or "<root>", f.reason)
     return Analysis(model, walk.found, tuple((f.qualname, f.reason) for f in walk.failures))
+
+
+def _mark_subregions(found: list[tuple[str, fx.GraphModule]]) -> None:
+    """Tell each per-module region which of its leaf calls are regions of their own (their forward
+    is transformed inside them) and whether it is the model's root (its inputs are the model's)."""
+    names = {p for p, _ in found}
+    for prefix, gm in found:
+        pre = f"{prefix}." if prefix else ""
+        gm.meta["normfx_root"] = prefix == ""
+        gm.meta["normfx_subregions"] = frozenset(
+            str(n.target) for n in gm.graph.nodes if n.op == "call_module" and pre + str(n.target) in names)
 
 
 def install(analysis: Analysis, changed: set[str]) -> nn.Module:
@@ -498,11 +579,14 @@ def outside_modules(analysis: Analysis) -> list[Outside]:
     for name, m in model.named_modules(remove_duplicate=True):
         if any(name.startswith(c + ".") for c in captured) or name in region_names:
             continue
+        is_leaf = bool(name) and not _is_container(m) and leaf.is_leaf_module(m, name)
+        if is_leaf:
+            # A leaf's insides are its own, called or not: a PRepBN's LayerNorm, the norms of a
+            # torch module whose forward reads their tensors directly (TransformerEncoderLayer).
+            captured.append(name)
         if name in visible:
-            # A leaf (by type) is the graph's, inside and out; any other module a graph calls is
-            # one whose forward could not be traced: what is inside it is outside every region.
-            if leaf.is_leaf_module(m, name):
-                captured.append(name)
+            # A graph calls it: a leaf is that region's; any other module a graph calls is one whose
+            # forward could not be traced, and what is inside it is outside every region.
             continue
         owner, why = next(((q, w) for q, w in innermost_first if q == "" or name == q or name.startswith(q + ".")),
                           (None, "not called by any traced forward"))

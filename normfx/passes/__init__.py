@@ -9,7 +9,7 @@ convs). A pass that inserts a training-time construct adds the step that finaliz
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, NamedTuple
+from typing import Callable, Literal, NamedTuple
 
 import torch.fx as fx
 import torch.nn as nn
@@ -33,12 +33,15 @@ OutsidePass = Callable[[nn.Module, list[Outside]], PassResult]
 
 
 class Step(NamedTuple):
-    """One pass as the runner runs it: its report name, its pass over a traced region, and its pass
-    over the modules no region calls."""
+    """One pass as the runner runs it: its report name, its pass over a traced region, its pass
+    over the modules no region calls, and the regions it wants: ``"flat"`` (the largest traceable
+    ones, so a pattern can span modules — folds) or ``"module"`` (each module's own forward, so a
+    rewrite of a forward lands in the smallest module that holds it — inserted casts)."""
 
     name: str
     graph_pass: GraphPass
     outside_pass: OutsidePass
+    view: Literal["flat", "module"] = "flat"
 
 
 DEPLOY_STEPS: tuple[Step, ...] = (

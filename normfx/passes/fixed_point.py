@@ -180,6 +180,12 @@ def insert_fixed_point(gm: fx.GraphModule, *, bits: int = 8, int_bits: float | N
         if "activation" in targets and node.op in ("placeholder", "call_module", "call_function", "call_method"):
             if node.op == "call_module" and isinstance(mods.get(node.target), FixedPoint):
                 continue
+            # Per-module regions: a submodule that is a region of its own casts inside itself, and
+            # only the model's root casts its inputs (a module's inputs were cast where produced).
+            if node.op == "placeholder" and not gm.meta.get("normfx_root", True):
+                continue
+            if node.op == "call_module" and node.target in gm.meta.get("normfx_subregions", ()):
+                continue
             if node in tensors and not _is_same_values(gm, node) and node.users:
                 if _integer_indices(gm, node):
                     skips.append(Skip(f"{node.name} (output)", SkipReason.UNSUPPORTED,
