@@ -354,20 +354,20 @@ def _called_with_defaults(gm: fx.GraphModule, model: nn.Module) -> frozenset[str
             params = list(inspect.signature(type(getattr(model, name)).forward).parameters.values())[1:]
         except (TypeError, ValueError, AttributeError):
             continue
-        required = sum(1 for p in params if p.default is p.empty and p.kind is p.POSITIONAL_OR_KEYWORD)
-        defaults = {p.name: p.default for p in params if p.default is not p.empty}
-        names = [p.name for p in params]
-
-        def default_only(n: fx.Node) -> bool:
-            if len(n.args) < required or len(n.args) > len(names):
-                return False
-            extra = {**dict(zip(names[required:], n.args[required:])), **n.kwargs}
-            return all(k in defaults and not isinstance(v, fx.Node) and _same_value(v, defaults[k])
-                       for k, v in extra.items())
-
-        if all(default_only(n) for n in nodes):
+        if all(_passes_defaults_only(n, params) for n in nodes):
             out.add(name)
     return frozenset(out)
+
+
+def _passes_defaults_only(node: fx.Node, params: list[inspect.Parameter]) -> bool:
+    """Whether a call passes values for the required arguments only (anything else: its default)."""
+    required = sum(1 for p in params if p.default is p.empty and p.kind is p.POSITIONAL_OR_KEYWORD)
+    defaults = {p.name: p.default for p in params if p.default is not p.empty}
+    names = [p.name for p in params]
+    if len(node.args) < required or len(node.args) > len(names):
+        return False
+    extra = {**dict(zip(names[required:], node.args[required:])), **node.kwargs}
+    return all(k in defaults and not isinstance(v, fx.Node) and _same_value(v, defaults[k]) for k, v in extra.items())
 
 
 def _same_value(value: object, expected: object) -> bool:

@@ -181,6 +181,10 @@ class FixedPoint(nn.Module):
         self.observing = False
         self.export_form = False
         self.k_hot: int | None = None  # project the cast value to at most K signed powers of two
+        # What the fixed_point pass made this cast for: (role, layer) with role one of "weight",
+        # "bias", "scale", "shift", "output", "inputs" and the layer relative to the module that
+        # holds the cast ("" for the holder itself). Export's HLS sidecar reads it.
+        self.site: tuple[str, str] | None = None
 
     @property
     def trainable(self) -> bool:

@@ -140,6 +140,7 @@ def insert_fixed_point(gm: fx.GraphModule, *, bits: int = 8, int_bits: float | N
 
     def add_cast(after: fx.Node, signed: bool, name: str) -> None:
         q = _q(bits, int_bits, rounding, overflow, signed=signed)
+        q.site = ("output", str(after.target) if after.op == "call_module" else after.name)
         qname = _free_name(gm, f"fxq_{after.name}")
         gm.add_submodule(qname, q)
         users = list(after.users)
@@ -169,6 +170,7 @@ def insert_fixed_point(gm: fx.GraphModule, *, bits: int = 8, int_bits: float | N
             ins = [a for a in node.args[:2] if isinstance(a, fx.Node) and a in tensors]
             if len(ins) == 2 and ins[0] is not ins[1]:
                 q = _q(bits, int_bits, rounding, overflow)
+                q.site = ("inputs", node.name)
                 qname = _free_name(gm, f"fxq_{node.name}_in")
                 gm.add_submodule(qname, q)
                 with gm.graph.inserting_before(node):
@@ -221,6 +223,7 @@ def _cast_weights(m: nn.Module, site: str, o: _Options) -> list[Change]:
         per = o.per_channel and t == "weight" and not transposed
         out = m.weight.shape[0]
         q = _q(o.bits, o.int_bits, o.rounding, o.overflow, channels=out if per else 1, axis=0)
+        q.site = (t, "")
         _init_from(q, getattr(m, t), per)
         if o.k_hot_weights and t == "weight":
             q.k_hot = o.k_hot
@@ -236,8 +239,9 @@ def _quantize_bn(root: nn.Module, site: str, m: _BatchNorm, o: _Options) -> Chan
         return Skip(site, SkipReason.ALREADY_DONE, "already a FixedPointBatchNorm")
     if bn_kind(m) != "plain" or type(m) not in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
         return Skip(site, SkipReason.UNSUPPORTED, f"{type(m).__name__} is not a plain BatchNorm")
-    fq = FixedPointBatchNorm.from_bn(m, scale_q=_q(o.bits, o.int_bits, o.rounding, o.overflow),
-                                     shift_q=_q(o.bits, o.int_bits, o.rounding, o.overflow), k_hot=o.k_hot)
+    scale_q, shift_q = (_q(o.bits, o.int_bits, o.rounding, o.overflow) for _ in range(2))
+    scale_q.site, shift_q.site = ("scale", ""), ("shift", "")
+    fq = FixedPointBatchNorm.from_bn(m, scale_q=scale_q, shift_q=shift_q, k_hot=o.k_hot)
     set_module(root, site, fq)
     return Change(site, "fixed-point multiply-add", f"k_hot={o.k_hot}" if o.k_hot else "")
 
