@@ -13,7 +13,7 @@ from normfx.nn.repbn import RepBNScheduler, recalibrate_bn
 from normfx.errors import (AlreadyTransformedError, ExportError, NormfxError, RepBNNotFinishedError,
                            SpecializedCallError, TraceFailure, TrainingModeError)
 from normfx.onnx import ExportReport, OutputCheck, export
-from normfx.passes.freeze import TrainableSummary, trainable_summary
+from normfx.roles import TrainableSummary, trainable_summary
 from normfx.report import Change, PassResult, Report, Skip, SkipReason, last_report
 from normfx.trace import trace, untraceable_modules
 

@@ -14,7 +14,8 @@ from normfx.nn.fixed_point import FixedPoint
 from normfx.passes import DEPLOY_STEPS, Step
 from normfx.passes.fixed_point import TARGETS, Target, insert_fixed_point, insert_fixed_point_outside
 from normfx.passes.fold_convbn import ConvBNMode, fold_convbn, fold_convbn_outside
-from normfx.passes.freeze import ROLES, freeze_model
+from normfx.passes.freeze import freeze_model
+from normfx.roles import ROLES
 from normfx.passes.swap_layernorm import swap_layernorm, swap_layernorm_outside
 from normfx.report import Report, attach_report
 from normfx.runner import copy_model, transform
@@ -118,7 +119,7 @@ def repbn(model: nn.Module, *, total_steps: int, eta_init: float = 1.0, inplace:
 
 
 Role = Literal["norm", "head", "bias"]
-"""A parameter role ``freeze(keep=...)`` can keep trainable (``normfx.passes.freeze.ROLES``)."""
+"""A parameter role ``freeze(keep=...)`` can keep trainable (``normfx.roles.ROLES``)."""
 
 
 def freeze(model: nn.Module, *, keep: Sequence[Role] | Role = ("norm",), random: int | Literal["match"] = 0,

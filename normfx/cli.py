@@ -5,13 +5,9 @@ Exit codes: 0 success, 1 export or verification failed, 2 usage (bad arguments o
 from __future__ import annotations
 
 import argparse
-import difflib
-import importlib
 import json
 import logging
 import sys
-import zipfile
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -19,6 +15,7 @@ import torch.nn as nn
 
 from normfx.api import convbn, fixed_point, freeze, repbn
 from normfx.errors import NormfxError
+from normfx.spec import SPEC_HELP, SpecError, default_input_shape, first_line, load_spec
 from normfx.kinds import is_norm_layer
 from normfx.onnx import export
 from normfx.report import last_report
@@ -26,130 +23,6 @@ from normfx.report import last_report
 __all__ = ["main", "load_spec", "SpecError", "inspect_model"]
 
 logger = logging.getLogger("normfx")
-
-SPEC_HELP = """\
-SPEC names the model:
-  torchvision:NAME        a torchvision architecture (random weights), e.g. torchvision:resnet50
-  timm:NAME               a timm architecture (random weights), e.g. timm:efficientnet_b0
-  package.module:factory  a callable returning an nn.Module, e.g. mypkg.models:build
-  PATH.pt                 a saved model; a whole pickled module needs --trust-pickle
-
-Pretrained weights need a network, which normfx does not use: torchvision:/timm: give the
-architecture with random weights. For a trained model, save it with torch.save and pass the file,
-or pass a factory that loads your weights.
-"""
-
-
-
-class SpecError(NormfxError, ValueError):
-    """A model SPEC that cannot be loaded; the message says what to write instead."""
-
-
-def load_spec(spec: str, *, trust_pickle: bool = False) -> nn.Module:
-    """Load the model a SPEC names (see ``normfx --help``).
-
-    Example:
-        >>> model = load_spec("torchvision:resnet18")
-    """
-    if spec.startswith("torchvision:"):
-        return _torchvision(spec.split(":", 1)[1])
-    if spec.startswith("timm:"):
-        return _timm(spec.split(":", 1)[1])
-    if spec.endswith((".pt", ".pth")) or Path(spec).is_file():
-        return _load_file(Path(spec), trust_pickle)
-    if ":" in spec:
-        return _factory(spec)
-    raise SpecError(
-        f"cannot understand model SPEC '{spec}': use torchvision:NAME, timm:NAME, package.module:factory "
-        "or a .pt file"
-    )
-
-
-def _torchvision(name: str) -> nn.Module:
-    import torchvision
-
-    available = torchvision.models.list_models()
-    if name not in available:
-        close = difflib.get_close_matches(name, available, n=3)
-        raise SpecError(f"torchvision has no model '{name}'" + (f"; did you mean {', '.join(close)}?" if close else ""))
-    logger.info("torchvision:%s with random weights (pretrained weights need a network)", name)
-    return torchvision.models.get_model(name, weights=None)
-
-
-def _timm(name: str) -> nn.Module:
-    try:
-        import timm
-    except ImportError as e:
-        raise SpecError("timm:NAME needs timm: pip install timm") from e
-    if not timm.list_models(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=3)
-        raise SpecError(f"timm has no model '{name}'" + (f"; did you mean {', '.join(close)}?" if close else ""))
-    logger.info("timm:%s with random weights (pretrained weights need a network)", name)
-    return timm.create_model(name, pretrained=False)
-
-
-def _load_file(path: Path, trust_pickle: bool) -> nn.Module:
-    if not path.is_file():
-        raise SpecError(f"no such file: '{path}'")
-    with path.open("rb") as f:
-        magic = f.read(2)
-    if not zipfile.is_zipfile(path) and magic[:1] != b"\x80":  # torch.save's zip, or a legacy pickle
-        raise SpecError(f"cannot read '{path}' as a file saved by torch.save: not a zip archive or a pickle")
-    if trust_pickle:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:  # noqa: BLE001 - a corrupt or foreign file
-            raise SpecError(f"cannot read '{path}' as a file saved by torch.save: {_first_line(e)}") from e
-    else:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - weights_only refuses pickled classes
-            if "weights_only" not in str(e).lower().replace(" ", "_"):
-                raise SpecError(f"cannot read '{path}' as a file saved by torch.save: {_first_line(e)}") from e
-            raise SpecError(
-                f"'{path}' holds a pickled object, and loading a pickle runs code from the file. If you "
-                "trust it, pass --trust-pickle; otherwise save a state_dict and use a package.module:factory "
-                "SPEC that builds the model and loads it"
-            ) from e
-    if isinstance(obj, nn.Module):
-        return obj
-    if isinstance(obj, dict):
-        raise SpecError(
-            f"'{path}' holds a state_dict (weights without an architecture); use a package.module:factory "
-            "SPEC that builds the model and loads these weights"
-        )
-    raise SpecError(f"'{path}' holds a {type(obj).__name__}, not an nn.Module")
-
-
-def _factory(spec: str) -> nn.Module:
-    module_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise SpecError(f"cannot import '{module_name}' for SPEC '{spec}': {e}") from e
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise SpecError(f"'{module_name}' has no callable '{attr}'")
-    try:
-        model = fn()
-    except Exception as e:  # noqa: BLE001 - the user's factory failed: say so in one line
-        raise SpecError(f"'{spec}' raised {type(e).__name__}: {_first_line(e)}") from e
-    if not isinstance(model, nn.Module):
-        raise SpecError(f"'{spec}' returned a {type(model).__name__}, not an nn.Module")
-    return model
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def default_input_shape(model: nn.Module) -> tuple[int, ...]:
-    """(1, C, H, W) from a timm model's pretrained config when it has one, else (1, 3, 224, 224)."""
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    size = cfg.get("input_size") if isinstance(cfg, dict) else None
-    return (1, *size) if size else (1, 3, 224, 224)
-
 
 COLUMNS = ("convbn_tune", "convbn_deploy", "repbn", "freeze", "fixed_point")
 """What ``inspect`` shows per site: each pass's action there, or ``skip: <reason>``."""
@@ -322,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             logger.exception("normfx %s failed", args.command)
         kind = "export failed" if isinstance(err, NormfxError) and args.command == "export" else "error"
         detail = (" ".join(str(err).split()) if isinstance(err, NormfxError)
-                  else f"{type(err).__name__}: {_first_line(err)}")
+                  else f"{type(err).__name__}: {first_line(err)}")
         sys.stderr.write(f"normfx: {kind}: {detail}" + ("" if args.verbose else " (run with -v for details)") + "\n")
         return 1
 

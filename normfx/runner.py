@@ -23,7 +23,8 @@ from torch.nn.utils import parametrize
 from normfx.match import module_tensors
 from normfx.passes import GraphPass, OutsidePass, Step
 from normfx.report import Change, PassResult, Report, Skip, attach_report
-from normfx.trace import Analysis, analyze, install, materialize, outside_modules
+from normfx.analysis import Analysis, analyze, install, outside_modules
+from normfx.trace import materialize
 
 __all__ = ["Step", "GraphPass", "OutsidePass", "transform", "run_step", "copy_model"]
 

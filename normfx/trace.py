@@ -14,26 +14,22 @@ A module *with* parameters that branches on ``self.training`` is traced in the m
 """
 from __future__ import annotations
 
-import ast
-import functools
-import inspect
 import logging
-import textwrap
 import traceback
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple, Sequence
+from typing import Iterator, Sequence
 
-import torch
 import torch.fx as fx
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normfx.errors import SpecializedCallError, TraceFailure
+from normfx.region_rules import called_with_defaults, guard_specialized, region_blocker
 from normfx.kinds import is_frozen_bn, is_mode_dependent_leaf
 from normfx.nn import LEAF_MODULES
 
-__all__ = ["trace", "trace_regions", "analyze", "Analysis", "install", "regions", "outside_modules", "Outside",
-           "TraceFailure", "SpecializedCallError", "untraceable_modules", "check_specialized"]
+__all__ = ["trace", "trace_regions", "regions", "materialize", "untraceable_modules", "TraceFailure",
+           "SpecializedCallError"]
 
 logger = logging.getLogger("normfx")
 
@@ -94,7 +90,7 @@ def _trace_once(
     tracer = _Tracer(leaves, leaf_types, own_forward_only)
     graph = tracer.trace(model, concrete_args=concrete or None)
     if concrete:
-        _guard_specialized(graph, type(model).__name__, concrete)
+        guard_specialized(graph, type(model).__name__, concrete)
     name = type(model).__name__
     # Lazy code generation: a one-liner rewrites the graph right away, so generating the forward's
     # code here would be thrown away; ``materialize`` generates it once, after the passes.
@@ -120,114 +116,6 @@ def _share_state(gm: fx.GraphModule, model: nn.Module) -> None:
         if attr in model.__dict__:
             gm.__dict__[attr] = model.__dict__[attr]
     gm.training = model.training
-
-
-@fx.node.has_side_effect
-def check_specialized(value: object, expected: object, name: str, owner: str) -> None:
-    """Graph guard of a traced forward whose ``name`` argument was fixed at its default ``expected``
-    (``None``, a bool, a number or a string): any other value raises instead of silently taking the
-    traced branch."""
-    if not _same_value(value, expected):
-        raise SpecializedCallError(
-            f"{owner}.forward was traced by normfx for {name}={expected!r} (its default) and called with "
-            f"{name}={type(value).__name__ if isinstance(value, torch.Tensor) else repr(value)}. The traced "
-            f"graph takes the branch of the default only; call it with the default, or transform the model "
-            f"with leaf_modules=[...] naming the module whose forward reads '{name}'."
-        )
-
-
-def _guard_specialized(graph: fx.Graph, owner: str, concrete: dict[str, object]) -> None:
-    """Replace torch.fx's own None assertions by ``check_specialized`` guards, one per argument."""
-    for node in list(graph.nodes):
-        if node.op == "call_function" and getattr(node.target, "__name__", "") == "_assert_is_none":
-            graph.erase_node(node)
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    for name, value in concrete.items():
-        ph = next((n for n in placeholders if n.target == name or str(n.target).startswith(f"{name}_")), None)
-        if ph is None:
-            continue
-        ph.target = name   # torch.fx names it ``name_1``: keep the caller's keyword working
-        with graph.inserting_after(placeholders[-1]):
-            graph.call_function(check_specialized, (ph, value, name, owner))
-
-
-_SIMPLE_DEFAULTS = (type(None), bool, int, float, str)
-
-
-def _region_blocker(model: nn.Module, root: bool,
-                    called_with_defaults: bool = False) -> tuple[str | None, dict[str, object]]:
-    """Why ``model``'s forward cannot be the boundary of a traced region, or ``(None, concrete)``
-    with the arguments to specialize.
-
-    A region's arguments become graph placeholders: a Python test on one (``x is None``,
-    ``isinstance``) is decided once, at trace time, and the graph silently keeps that branch. So a
-    forward that tests an argument that way, or takes ``*args``/``**kwargs``, is not a region. A
-    forward with defaulted arguments is a region only at the root, traced with every defaulted
-    argument fixed at its default and a guard that raises on any other value: below the root, the
-    caller is untraceable code that may pass anything — unless its caller is a traced graph whose
-    every call passes only the required arguments (``called_with_defaults``): then every defaulted
-    argument is fixed at its default (tests on it then decide correctly), behind the same guard.
-    """
-    fwd = type(model).forward
-    try:
-        sig = inspect.signature(fwd)
-    except (TypeError, ValueError):
-        return None, {}
-    params = list(sig.parameters.values())[1:]
-    for p in params:
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-            return f"forward takes {'*' if p.kind is p.VAR_POSITIONAL else '**'}{p.name}: a trace would fix them", {}
-    defaulted = [p for p in params if p.default is not p.empty]
-    identity, branched = _tested_names(fwd)
-    if called_with_defaults and defaulted and all(isinstance(p.default, _SIMPLE_DEFAULTS) for p in defaulted):
-        tested = [p.name for p in params if p.name in identity and p.default is p.empty]
-        if not tested:
-            return None, {p.name: p.default for p in defaulted}
-    tested = [p.name for p in params if p.name in identity]
-    if tested:
-        return (f"forward tests argument(s) {', '.join(tested)} with is/isinstance: a trace would keep one "
-                "branch"), {}
-    if not defaulted:
-        return None, {}
-    names = ", ".join(f"{p.name}={p.default!r}" for p in defaulted[:3]) + (", ..." if len(defaulted) > 3 else "")
-    if not root:
-        return f"forward has defaulted arguments ({names}) that its untraced caller may set", {}
-    if len(defaulted) == len(params):
-        return f"every argument of forward has a default ({names}): no input to trace", {}
-    steering = [p.name for p in defaulted if p.name in branched]
-    if steering:
-        return (f"forward branches on its defaulted argument(s) {', '.join(steering)}: kept as is, so every "
-                "call takes its own branch"), {}
-    odd = [p.name for p in defaulted if not isinstance(p.default, _SIMPLE_DEFAULTS)]
-    if odd:
-        return f"forward has defaults that cannot be guarded ({', '.join(odd)})", {}
-    return None, {p.name: p.default for p in defaulted}
-
-
-@functools.lru_cache(maxsize=None)
-def _tested_names(fwd: object) -> tuple[frozenset[str], frozenset[str]]:
-    """Names ``fwd``'s own source tests by identity or type (``is``, ``is not``, ``isinstance``,
-    ``type()``: a proxy passes such a test silently), and names it branches on (``if``, ``while``,
-    conditional expressions, ``and``/``or``/``not``, ``assert``). Only the source can tell: the
-    tests happen in Python, before any op reaches the tracer."""
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(fwd)))  # type: ignore[arg-type]
-    except (OSError, TypeError, SyntaxError, IndentationError):
-        return frozenset(), frozenset()
-    identity: set[str] = set()
-    branched: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Compare) and any(isinstance(op, (ast.Is, ast.IsNot)) for op in node.ops):
-            identity.update(e.id for e in (node.left, *node.comparators) if isinstance(e, ast.Name))
-        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and \
-                node.func.id in ("isinstance", "type", "callable", "hasattr") and node.args:
-            if isinstance(node.args[0], ast.Name):
-                identity.add(node.args[0].id)
-        if isinstance(node, (ast.If, ast.While, ast.IfExp, ast.Assert)):
-            branched.update(n.id for n in ast.walk(node.test) if isinstance(n, ast.Name))
-        elif isinstance(node, ast.BoolOp) or (isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not)):
-            branched.update(n.id for n in ast.walk(node) if isinstance(n, ast.Name))
-    return frozenset(identity), frozenset(branched)
 
 
 def _is_container(m: nn.Module) -> bool:
@@ -297,7 +185,7 @@ def _trace_region(model: nn.Module, prefix: str, user_leaves: frozenset[str], wa
         return _trace_children(model, prefix, user_leaves, walk)
     if prefix and _Tracer(frozenset(), walk.leaf_types).is_leaf_module(model, prefix):
         return model  # a leaf is called as is: nothing inside it to transform
-    blocker, concrete = _region_blocker(model, root=not prefix, called_with_defaults=called_with_defaults)
+    blocker, concrete = region_blocker(model, root=not prefix, called_with_defaults=called_with_defaults)
     if blocker is not None:
         failures.append(_Failure(prefix, blocker))
         return _trace_children(model, prefix, user_leaves, walk)
@@ -336,44 +224,9 @@ def _trace_own_forward(model: nn.Module, prefix: str, user_leaves: frozenset[str
         walk.failures.append(_Failure(prefix, _reason(e)))
     else:
         walk.found.append((prefix, gm))
-        defaults_only = _called_with_defaults(gm, model)
+        defaults_only = called_with_defaults(gm, model)
     _trace_children(model, prefix, user_leaves, walk, defaults_only)
     return model
-
-
-def _called_with_defaults(gm: fx.GraphModule, model: nn.Module) -> frozenset[str]:
-    """Direct children that ``gm`` calls, every time, with only their required arguments as values
-    (any other argument passed is a constant equal to its default, as a specialized caller passes)."""
-    calls: dict[str, list[fx.Node]] = {}
-    for n in gm.graph.nodes:
-        if n.op == "call_module" and "." not in str(n.target):
-            calls.setdefault(str(n.target), []).append(n)
-    out = set()
-    for name, nodes in calls.items():
-        try:
-            params = list(inspect.signature(type(getattr(model, name)).forward).parameters.values())[1:]
-        except (TypeError, ValueError, AttributeError):
-            continue
-        if all(_passes_defaults_only(n, params) for n in nodes):
-            out.add(name)
-    return frozenset(out)
-
-
-def _passes_defaults_only(node: fx.Node, params: list[inspect.Parameter]) -> bool:
-    """Whether a call passes values for the required arguments only (anything else: its default)."""
-    required = sum(1 for p in params if p.default is p.empty and p.kind is p.POSITIONAL_OR_KEYWORD)
-    defaults = {p.name: p.default for p in params if p.default is not p.empty}
-    names = [p.name for p in params]
-    if len(node.args) < required or len(node.args) > len(names):
-        return False
-    extra = {**dict(zip(names[required:], node.args[required:])), **node.kwargs}
-    return all(k in defaults and not isinstance(v, fx.Node) and _same_value(v, defaults[k]) for k, v in extra.items())
-
-
-def _same_value(value: object, expected: object) -> bool:
-    if expected is None or isinstance(expected, bool):
-        return value is expected
-    return type(value) is type(expected) and value == expected
 
 
 def _trace_children(model: nn.Module, prefix: str, user_leaves: frozenset[str], walk: _Walk,
@@ -407,81 +260,6 @@ def trace_regions(model: nn.Module, *, leaf_modules: Sequence[str | type] = ()) 
         logger.info("untraceable module '%s' kept as is: %s", f.qualname or "<root>", f.reason)
     _set_untraceable(result, tuple((f.qualname, f.reason) for f in failures))
     return result
-
-
-@dataclass
-class Analysis:
-    """The traced regions of a model that stays as it is (``analyze``).
-
-    Each region's GraphModule shares its module's children, tensors and hooks, so a pass that
-    swaps a leaf through the graph's module paths swaps it in the model; a pass that changes a
-    graph makes that region one ``install`` puts in its module's slot.
-    """
-
-    model: nn.Module
-    regions: list[tuple[str, fx.GraphModule]]
-    untraceable: tuple[tuple[str, str], ...]
-
-    def signatures(self) -> dict[str, tuple]:
-        """A fingerprint of every region's graph: what a pass changed shows as a different one."""
-        return {p: _graph_signature(gm.graph) for p, gm in self.regions}
-
-
-def _graph_signature(graph: fx.Graph) -> tuple:
-    return tuple((n.name, n.op, n.target if isinstance(n.target, str) else id(n.target), str(n.args),
-                  str(n.kwargs)) for n in graph.nodes)
-
-
-def analyze(model: nn.Module, *, leaf_modules: Sequence[str | type] = (), per_module: bool = False) -> Analysis:
-    """Trace every region of ``model`` without changing it (see ``trace`` for what a region is).
-
-    ``per_module=True``: every module's own forward is a region of its own, each submodule call in
-    it a leaf; a pass that rewrites a forward then changes only the modules whose own forward holds
-    a site, and those alone are installed as GraphModules (the smallest region).
-    """
-    names = frozenset(x for x in leaf_modules if isinstance(x, str))
-    types = _normfx_leaf_types() + tuple(x for x in leaf_modules if isinstance(x, type))
-    if isinstance(model, fx.GraphModule) and not per_module:
-        # A GraphModule (a normfx result or the caller's trace) is its own region, as it stands.
-        regions_ = list(regions(model))
-        return Analysis(model, regions_, untraceable_modules(model))
-    walk = _Walk(types, [], [], share=True, per_module=per_module)
-    _trace_region(model, "", names, walk)
-    if per_module:
-        _mark_subregions(walk.found)
-    for f in walk.failures:
-        logger.info("untraceable module '%s' kept as is: %s", f.qualname or "<root>", f.reason)
-    return Analysis(model, walk.found, tuple((f.qualname, f.reason) for f in walk.failures))
-
-
-def _mark_subregions(found: list[tuple[str, fx.GraphModule]]) -> None:
-    """Tell each per-module region which of its leaf calls are regions of their own (their forward
-    is transformed inside them) and whether it is the model's root (its inputs are the model's)."""
-    names = {p for p, _ in found}
-    for prefix, gm in found:
-        pre = f"{prefix}." if prefix else ""
-        gm.meta["normfx_root"] = prefix == ""
-        gm.meta["normfx_subregions"] = frozenset(
-            str(n.target) for n in gm.graph.nodes if n.op == "call_module" and pre + str(n.target) in names)
-
-
-def install(analysis: Analysis, changed: set[str]) -> nn.Module:
-    """Put each region whose graph a pass changed in its module's slot (the root's: returned), with
-    its code generated; every other module stays the caller's own object."""
-    root = analysis.model
-    for prefix, gm in analysis.regions:   # outermost first
-        if prefix not in changed or gm is root:
-            continue
-        real = getattr(gm, "real_recompile", None)
-        if real is not None:
-            real()
-        if prefix == "":
-            root = gm
-        else:
-            parent, _, name = prefix.rpartition(".")
-            setattr(root.get_submodule(parent) if parent else root, name, gm)
-    _set_untraceable(root, analysis.untraceable)
-    return root
 
 
 def trace(model: nn.Module, *, leaf_modules: Sequence[str | type] = ()) -> nn.Module:
@@ -542,53 +320,3 @@ def regions(model: nn.Module) -> Iterator[tuple[str, fx.GraphModule]]:
             yield name, m
 
 
-class Outside(NamedTuple):
-    """A module no traced region calls: a pass can still swap it as a leaf, never rewrite around it."""
-
-    qualname: str
-    module: nn.Module
-    why: str
-    """The innermost untraceable ancestor's reason (or why no graph calls it)."""
-    owner: str | None = None
-    """That untraceable module's qualified name (the module itself, if it is one), if any."""
-
-
-def outside_modules(analysis: Analysis) -> list[Outside]:
-    """Every module of the analysed model that no traced region calls, outermost first, with the
-    reason.
-
-    A module a region's graph calls (a ``call_module`` or ``get_attr`` target) is the region's to
-    transform, and so is everything inside it (a ProgressiveRepBN's LayerNorm, a parametrization's
-    cast): those are not listed, unless the module is itself untraceable (the graph calls it as an
-    opaque leaf; what is inside it is listed). What is left lives in forwards that could not be
-    traced. Containers are listed too; passes look only at the module types they rewrite.
-    """
-    model = analysis.model
-    region_names = {p for p, _ in analysis.regions}
-    failures = analysis.untraceable
-    leaf = _Tracer(frozenset(), _normfx_leaf_types())
-    visible: set[str] = set()
-    for prefix, gm in analysis.regions:
-        pre = f"{prefix}." if prefix else ""
-        for node in gm.graph.nodes:
-            if node.op in ("call_module", "get_attr") and isinstance(node.target, str):
-                visible.add(pre + node.target)
-    innermost_first = sorted(failures, key=lambda f: -len(f[0]))
-    out: list[Outside] = []
-    captured: list[str] = []
-    for name, m in model.named_modules(remove_duplicate=True):
-        if any(name.startswith(c + ".") for c in captured) or name in region_names:
-            continue
-        is_leaf = bool(name) and not _is_container(m) and leaf.is_leaf_module(m, name)
-        if is_leaf:
-            # A leaf's insides are its own, called or not: a PRepBN's LayerNorm, the norms of a
-            # torch module whose forward reads their tensors directly (TransformerEncoderLayer).
-            captured.append(name)
-        if name in visible:
-            # A graph calls it: a leaf is that region's; any other module a graph calls is one whose
-            # forward could not be traced, and what is inside it is outside every region.
-            continue
-        owner, why = next(((q, w) for q, w in innermost_first if q == "" or name == q or name.startswith(q + ".")),
-                          (None, "not called by any traced forward"))
-        out.append(Outside(name, m, why, owner))
-    return out

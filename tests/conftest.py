@@ -77,7 +77,7 @@ def bn_calls(model: nn.Module) -> int:
     import torch.nn.functional as F
 
     from normfx.nn import TuneBN
-    from normfx.trace import analyze
+    from normfx.analysis import analyze
 
     n = 0
     for _, gm in analyze(model).regions:
@@ -92,7 +92,7 @@ def bn_calls(model: nn.Module) -> int:
 def tune_blocks(model: nn.Module) -> int:
     """Tune blocks in ``model``: BatchNorms whose conv folds them (and functional Tune nodes)."""
     from normfx.nn import TuneBN, tune_convbn_functional
-    from normfx.trace import analyze
+    from normfx.analysis import analyze
 
     n = sum(isinstance(m, TuneBN) for m in model.modules())
     for _, gm in analyze(model).regions:

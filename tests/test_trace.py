@@ -7,7 +7,8 @@ import torch.nn as nn
 
 import normfx
 import pytest
-from normfx.trace import analyze, regions
+from normfx.analysis import analyze
+from normfx.trace import regions
 from tests.conftest import randomize_bn, rel_err
 
 

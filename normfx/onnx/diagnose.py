@@ -6,7 +6,8 @@ import re
 
 import torch.nn as nn
 
-from normfx.trace import analyze, regions
+from normfx.analysis import analyze
+from normfx.trace import regions
 
 __all__ = ["chain_text", "first_line", "culprit"]
 

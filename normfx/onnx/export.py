@@ -5,16 +5,19 @@ and moved into place only after ``onnx.checker`` and the ONNX Runtime comparison
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import os
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
 
+import onnx
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -168,8 +171,6 @@ def export(
     if deploy:
         deployed = deploy_model(model)
     else:
-        import copy
-
         deployed = materialize(trace_regions(copy.deepcopy(model)))
         attach_report(deployed, Report())
     fixed = fixed_point_casts(deployed)
@@ -193,8 +194,6 @@ def export(
             used, notes = _export(deployed, export_inputs, tmp, exporter, opset, dynamic_batch,
                                   input_names, output_names, large)
         try:
-            import onnx
-
             onnx.checker.check_model(str(tmp), full_check=True)
         except Exception as e:  # noqa: BLE001
             raise ExportError(f"onnx.checker rejected the exported file: {e}") from e
@@ -309,8 +308,6 @@ def _export_dynamo(model, inputs, tmp, opset, dynamic_batch, input_names, output
 
 def _export_torchscript(model, inputs, tmp, opset, dynamic_batch, input_names, output_names) -> None:
     axes = {n: {0: "batch"} for n in [*input_names, *output_names]} if dynamic_batch else None
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(

@@ -79,7 +79,7 @@ def qdq_onnx(x, scale, qmin: int, qmax: int, axis: int):
     int8/uint8 containers up to 8 bits and int16/uint16 above. A range narrower than its container
     is clamped in float first (``clamp(round(x/s)) == round(clamp(x, qmin·s, qmax·s)/s)`` for integer
     bounds; ONNX Runtime has no int16 Clip)."""
-    from onnxscript import ir
+    from onnxscript import ir  # only a fixed-point export needs onnxscript (a slow import)
     from onnxscript.onnx_opset import opset21 as op
 
     if qmin >= -128 and qmax <= 127:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+import onnx
+import onnxruntime as ort
 import torch
 from torch.utils._pytree import tree_flatten
 
@@ -46,8 +48,6 @@ def op_counts(proto) -> Counter[str]:
 
 
 def external_files(target: Path) -> list[str]:
-    import onnx
-
     try:
         proto = onnx.load(str(target), load_external_data=False)
     except Exception:  # noqa: BLE001
@@ -62,8 +62,6 @@ def external_files(target: Path) -> list[str]:
 
 def verify(model, inputs, ref_flat, tmp: Path, names: list[str], dynamic_batch: bool, rtol: float,
             atol: float, keep_qdq: bool = False) -> dict[str, tuple[float, float, tuple[int, ...]]]:
-    import onnxruntime as ort
-
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     # A one-shot check, not a benchmark: as many threads as torch uses, and none left spinning

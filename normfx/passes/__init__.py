@@ -21,7 +21,7 @@ from normfx.passes.fold_convbn import fold_convbn, fold_convbn_outside
 from normfx.passes.freeze import bake_random_entries, bake_random_entries_outside, freeze_model
 from normfx.passes.swap_layernorm import swap_layernorm, swap_layernorm_outside
 from normfx.report import PassResult
-from normfx.trace import Outside
+from normfx.analysis import Outside
 
 __all__ = ["fold_convbn", "fold_convbn_outside", "fold_repbn", "fold_repbn_outside", "swap_layernorm",
            "swap_layernorm_outside", "freeze_model", "bake_random_entries", "bake_random_entries_outside",

@@ -41,7 +41,7 @@ from normfx.nn.fixed_point import FixedPoint
 from normfx.nn.fixed_point_bn import FixedPointBatchNorm
 from normfx.nn.param_keys import keep_state_dict_keys
 from normfx.report import Change, PassResult, Skip, SkipReason
-from normfx.trace import Outside
+from normfx.analysis import Outside
 
 __all__ = ["TARGETS", "Target", "FixedPointBatchNorm", "insert_fixed_point", "insert_fixed_point_outside",
            "freeze_binary_points", "freeze_binary_points_outside"]

@@ -21,7 +21,7 @@ from normfx.match import module_uses, set_module, set_param
 from normfx.nn.repbn import ChannelAffine, ProgressiveRepBN
 from normfx.errors import RepBNNotFinishedError, TrainingModeError
 from normfx.report import Change, PassResult
-from normfx.trace import Outside
+from normfx.analysis import Outside
 
 __all__ = ["fold_repbn", "fold_repbn_outside", "RepBNNotFinishedError"]
 

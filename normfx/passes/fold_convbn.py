@@ -31,7 +31,7 @@ from normfx.match import get_attr, is_functional_bn, module_uses, set_module, se
 from normfx.nn.convbn import TuneBN, bn_stats, tune, tune_convbn, tune_convbn_functional, tuned_pair, untune
 from normfx.nn.fixed_point import FixedPoint
 from normfx.report import Change, PassResult, Skip, SkipReason
-from normfx.trace import Outside
+from normfx.analysis import Outside
 
 __all__ = ["fold_convbn", "fold_convbn_outside", "ConvBNMode", "TrainingModeError"]
 

@@ -19,7 +19,7 @@ from normfx.kinds import forward_source_has
 from normfx.match import get_attr, set_module
 from normfx.nn.repbn import ProgressiveRepBN, RepBN
 from normfx.report import Change, PassResult, Skip, SkipReason
-from normfx.trace import Outside
+from normfx.analysis import Outside
 
 __all__ = ["swap_layernorm", "swap_layernorm_outside", "is_channels_first_ln"]
 

@@ -1,0 +1,149 @@
+"""Analysis: the traced regions of a model that stays as it is, and the modules no region calls.
+
+``analyze`` traces regions whose GraphModules share their module's children, tensors and hooks, so
+passes find and verify sites on graphs while leaf swaps land in the model itself; ``install`` puts
+only the regions whose graph a pass changed in their modules' slots; ``outside_modules`` lists what
+no region calls, with the reason, for the passes' second halves.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
+
+import torch.fx as fx
+import torch.nn as nn
+
+from normfx.trace import (_is_container, _normfx_leaf_types, _set_untraceable, _trace_region, _Tracer, _Walk, regions,
+                          untraceable_modules)
+
+__all__ = ["Analysis", "analyze", "install", "Outside", "outside_modules"]
+
+logger = logging.getLogger("normfx")
+
+
+@dataclass
+class Analysis:
+    """The traced regions of a model that stays as it is (``analyze``).
+
+    Each region's GraphModule shares its module's children, tensors and hooks, so a pass that
+    swaps a leaf through the graph's module paths swaps it in the model; a pass that changes a
+    graph makes that region one ``install`` puts in its module's slot.
+    """
+
+    model: nn.Module
+    regions: list[tuple[str, fx.GraphModule]]
+    untraceable: tuple[tuple[str, str], ...]
+
+    def signatures(self) -> dict[str, tuple]:
+        """A fingerprint of every region's graph: what a pass changed shows as a different one."""
+        return {p: _graph_signature(gm.graph) for p, gm in self.regions}
+
+
+def _graph_signature(graph: fx.Graph) -> tuple:
+    return tuple((n.name, n.op, n.target if isinstance(n.target, str) else id(n.target), str(n.args),
+                  str(n.kwargs)) for n in graph.nodes)
+
+
+def analyze(model: nn.Module, *, leaf_modules: Sequence[str | type] = (), per_module: bool = False) -> Analysis:
+    """Trace every region of ``model`` without changing it (see ``trace`` for what a region is).
+
+    ``per_module=True``: every module's own forward is a region of its own, each submodule call in
+    it a leaf; a pass that rewrites a forward then changes only the modules whose own forward holds
+    a site, and those alone are installed as GraphModules (the smallest region).
+    """
+    names = frozenset(x for x in leaf_modules if isinstance(x, str))
+    types = _normfx_leaf_types() + tuple(x for x in leaf_modules if isinstance(x, type))
+    if isinstance(model, fx.GraphModule) and not per_module:
+        # A GraphModule (a normfx result or the caller's trace) is its own region, as it stands.
+        regions_ = list(regions(model))
+        return Analysis(model, regions_, untraceable_modules(model))
+    walk = _Walk(types, [], [], share=True, per_module=per_module)
+    _trace_region(model, "", names, walk)
+    if per_module:
+        _mark_subregions(walk.found)
+    for f in walk.failures:
+        logger.info("untraceable module '%s' kept as is: %s", f.qualname or "<root>", f.reason)
+    return Analysis(model, walk.found, tuple((f.qualname, f.reason) for f in walk.failures))
+
+
+def _mark_subregions(found: list[tuple[str, fx.GraphModule]]) -> None:
+    """Tell each per-module region which of its leaf calls are regions of their own (their forward
+    is transformed inside them) and whether it is the model's root (its inputs are the model's)."""
+    names = {p for p, _ in found}
+    for prefix, gm in found:
+        pre = f"{prefix}." if prefix else ""
+        gm.meta["normfx_root"] = prefix == ""
+        gm.meta["normfx_subregions"] = frozenset(
+            str(n.target) for n in gm.graph.nodes if n.op == "call_module" and pre + str(n.target) in names)
+
+
+def install(analysis: Analysis, changed: set[str]) -> nn.Module:
+    """Put each region whose graph a pass changed in its module's slot (the root's: returned), with
+    its code generated; every other module stays the caller's own object."""
+    root = analysis.model
+    for prefix, gm in analysis.regions:   # outermost first
+        if prefix not in changed or gm is root:
+            continue
+        real = getattr(gm, "real_recompile", None)
+        if real is not None:
+            real()
+        if prefix == "":
+            root = gm
+        else:
+            parent, _, name = prefix.rpartition(".")
+            setattr(root.get_submodule(parent) if parent else root, name, gm)
+    _set_untraceable(root, analysis.untraceable)
+    return root
+
+
+class Outside(NamedTuple):
+    """A module no traced region calls: a pass can still swap it as a leaf, never rewrite around it."""
+
+    qualname: str
+    module: nn.Module
+    why: str
+    """The innermost untraceable ancestor's reason (or why no graph calls it)."""
+    owner: str | None = None
+    """That untraceable module's qualified name (the module itself, if it is one), if any."""
+
+
+def outside_modules(analysis: Analysis) -> list[Outside]:
+    """Every module of the analysed model that no traced region calls, outermost first, with the
+    reason.
+
+    A module a region's graph calls (a ``call_module`` or ``get_attr`` target) is the region's to
+    transform, and so is everything inside it (a ProgressiveRepBN's LayerNorm, a parametrization's
+    cast): those are not listed, unless the module is itself untraceable (the graph calls it as an
+    opaque leaf; what is inside it is listed). What is left lives in forwards that could not be
+    traced. Containers are listed too; passes look only at the module types they rewrite.
+    """
+    model = analysis.model
+    region_names = {p for p, _ in analysis.regions}
+    failures = analysis.untraceable
+    leaf = _Tracer(frozenset(), _normfx_leaf_types())
+    visible: set[str] = set()
+    for prefix, gm in analysis.regions:
+        pre = f"{prefix}." if prefix else ""
+        for node in gm.graph.nodes:
+            if node.op in ("call_module", "get_attr") and isinstance(node.target, str):
+                visible.add(pre + node.target)
+    innermost_first = sorted(failures, key=lambda f: -len(f[0]))
+    out: list[Outside] = []
+    captured: list[str] = []
+    for name, m in model.named_modules(remove_duplicate=True):
+        if any(name.startswith(c + ".") for c in captured) or name in region_names:
+            continue
+        is_leaf = bool(name) and not _is_container(m) and leaf.is_leaf_module(m, name)
+        if is_leaf:
+            # A leaf's insides are its own, called or not: a PRepBN's LayerNorm, the norms of a
+            # torch module whose forward reads their tensors directly (TransformerEncoderLayer).
+            captured.append(name)
+        if name in visible:
+            # A graph calls it: a leaf is that region's; any other module a graph calls is one whose
+            # forward could not be traced, and what is inside it is outside every region.
+            continue
+        owner, why = next(((q, w) for q, w in innermost_first if q == "" or name == q or name.startswith(q + ".")),
+                          (None, "not called by any traced forward"))
+        out.append(Outside(name, m, why, owner))
+    return out
