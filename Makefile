@@ -35,6 +35,7 @@ examples: example
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check normfx tests benchmarks examples
+	$(VENV)/bin/mypy normfx
 
 test: lint
 	$(PY) -m pytest -n 2 -q $(PYTEST_ARGS)

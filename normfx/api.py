@@ -1,7 +1,7 @@
 """The one-liners: argument checks, then one ``normfx.runner.transform`` call each."""
 from __future__ import annotations
 
-from typing import Iterable, Literal, Sequence
+from typing import Any, Iterable, Literal, Sequence
 
 import torch
 import torch.nn as nn
@@ -214,10 +214,11 @@ def fixed_point(model: nn.Module, *, bits: int = 8, int_bits: float | None = Non
         raise ValueError(f"k_hot must be 1 to 4 terms, got {k_hot}")
     if k_hot_weights and not k_hot:
         raise ValueError("k_hot_weights=True needs k_hot=K (the number of signed powers of two)")
-    rounding, overflow = fixed_mode(rounding, "rounding"), fixed_mode(overflow, "overflow")
     _refuse_existing_casts(model)
-    opts = dict(bits=int(bits), int_bits=int_bits, rounding=rounding, overflow=overflow, targets=tuple(targets),
-                per_channel=per_channel, k_hot=k_hot, k_hot_weights=k_hot_weights)
+    opts: dict[str, Any] = dict(
+        bits=int(bits), int_bits=int_bits, rounding=fixed_mode(rounding, "rounding"),
+        overflow=fixed_mode(overflow, "overflow"), targets=tuple(targets), per_channel=per_channel, k_hot=k_hot,
+        k_hot_weights=k_hot_weights)
     steps = [_convbn_step("deploy")] if fold_bn else []
     steps.append(Step("fixed_point", lambda gm: insert_fixed_point(gm, **opts),
                       lambda m, o: insert_fixed_point_outside(m, o, **opts), view="module"))

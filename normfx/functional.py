@@ -88,7 +88,9 @@ def fold_bn_after(
     ``weight`` is a Conv/ConvTranspose/Linear weight (Linear: ``[out, in]``). ``scale_shift`` is
     ``bn_scale_shift(bn)`` when the caller has it already.
     """
-    c, t = scale_shift if scale_shift is not None else bn_scale_shift(bn)
+    if scale_shift is None and bn is None:
+        raise ValueError("fold needs the BatchNorm statistics or its (scale, shift)")
+    c, t = scale_shift if scale_shift is not None else bn_scale_shift(bn)  # type: ignore[arg-type]
     w = weight.detach()
     if transposed:
         folded = w.to(torch.float64, copy=True).mul_(out_channel_view(c, w, transposed, groups)).to(w.dtype)
@@ -124,7 +126,9 @@ def fold_bn_before(
     Only exact when the conv's padding commutes with the affine (no zero padding); the caller checks.
     Any per-input-channel affine ``a·x + t`` folds the same way: pass ``scale_shift=(a, t)``.
     """
-    a, t = scale_shift if scale_shift is not None else bn_scale_shift(bn)
+    if scale_shift is None and bn is None:
+        raise ValueError("fold needs the BatchNorm statistics or its (scale, shift)")
+    a, t = scale_shift if scale_shift is not None else bn_scale_shift(bn)  # type: ignore[arg-type]
     w64 = weight.detach().to(torch.float64)
     out_ch, in_per_group = w64.shape[0], w64.shape[1]
     # Input channel of weight[o, i] is (o // (out/groups)) * in_per_group + i.

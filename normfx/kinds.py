@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Literal
+from typing import Any, Literal
 
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
@@ -23,7 +23,7 @@ BNKind = Literal["plain", "norm_act"]
 _PLAIN_BN_FORWARDS = {_BatchNorm.forward, nn.SyncBatchNorm.forward}
 
 
-def original_class(m: nn.Module) -> type:
+def original_class(m: nn.Module) -> type[nn.Module]:
     """The class ``m`` had before normfx swapped it for a subclass (a Tune block's conv or BN); the
     module's own class otherwise. Kinds are decided on it, so a swapped module stays what it was."""
     return getattr(type(m), "_normfx_base", type(m))
@@ -40,7 +40,8 @@ def is_mode_dependent_leaf(m: nn.Module) -> bool:
     """A parameter-free module whose forward branches on ``self.training`` (DropPath, StochasticDepth,
     DropBlock): tracing through it would freeze the mode it had at trace time into the graph."""
     # Only the source can tell: the branch on ``self.training`` is inside forward.
-    return forward_source_has(type(m), "self.training")[0] and next(m.parameters(), None) is None
+    cls: Any = type(m)
+    return forward_source_has(cls, "self.training")[0] and next(m.parameters(), None) is None
 
 
 _NORM_TYPES: tuple[type, ...] = (_NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm) + (
@@ -96,7 +97,7 @@ def is_plain_conv(m: nn.Module) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def forward_source_has(cls: type, *needles: str) -> tuple[bool, ...]:
+def forward_source_has(cls: Any, *needles: str) -> tuple[bool, ...]:  # cls: a module class (hashable)
     """Whether the source of ``cls.forward`` contains each needle (all False if it has no source)."""
     try:
         src = inspect.getsource(cls.forward)

@@ -48,7 +48,7 @@ def guard_specialized(graph: fx.Graph, owner: str, concrete: dict[str, object]) 
             continue
         ph.target = name   # torch.fx names it ``name_1``: keep the caller's keyword working
         with graph.inserting_after(placeholders[-1]):
-            graph.call_function(check_specialized, (ph, value, name, owner))
+            graph.call_function(check_specialized, (ph, value, name, owner))  # type: ignore[arg-type]
 
 
 _SIMPLE_DEFAULTS = (type(None), bool, int, float, str)

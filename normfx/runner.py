@@ -70,7 +70,7 @@ def _unshare(model: nn.Module, shared: frozenset[int]) -> None:
         for slots in (m._parameters, m._buffers):
             for k, t in slots.items():
                 if t is not None and id(t) in shared:
-                    slots[k] = copy.deepcopy(t, clones)
+                    slots[k] = copy.deepcopy(t, clones)  # type: ignore[assignment]
 
 
 def run_step(analysis: Analysis, step: Step) -> PassResult:

@@ -126,7 +126,7 @@ def disabled_features(model: nn.Module, *, threshold: float = DEFAULT_THRESHOLD,
     """
     if not threshold > 0:
         raise ValueError(f"threshold must be positive, got {threshold}")
-    layers = []
+    layers: list = []
     for name, m in model.named_modules():
         if isinstance(m, _BatchNorm) and m.weight is not None:
             g = m.weight.detach().abs().float().cpu()

@@ -18,6 +18,7 @@ a functional ``F.batch_norm`` after a conv becomes a ``tune_convbn_functional`` 
 from __future__ import annotations
 
 import weakref
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -31,7 +32,7 @@ __all__ = ["tune_convbn", "tune_convbn_functional", "bn_stats", "TuneConv", "Tun
            "tuned_pair"]
 
 
-def bn_stats(bn: nn.Module) -> BNStats:
+def bn_stats(bn: Any) -> BNStats:
     """The eval-mode statistics of a BatchNorm / FrozenBatchNorm module."""
     return BNStats(bn.running_mean, bn.running_var, bn.weight, bn.bias, float(bn.eps))
 
@@ -110,7 +111,7 @@ def _run(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, spec: dict) -> torch
     )
 
 
-def _spec(conv: nn.Module) -> dict:
+def _spec(conv: Any) -> dict:
     if isinstance(conv, nn.Linear):
         return {"kind": "linear", "transposed": False, "groups": 1}
     return {
@@ -120,7 +121,7 @@ def _spec(conv: nn.Module) -> dict:
     }
 
 
-def _folded_forward(x: torch.Tensor, conv: nn.Module, s: BNStats) -> torch.Tensor:
+def _folded_forward(x: torch.Tensor, conv: Any, s: BNStats) -> torch.Tensor:
     """conv with BN folded into its weights, inside autograd."""
     if is_plain_conv(conv):
         if getattr(conv, "padding_mode", "zeros") != "zeros":
@@ -176,7 +177,7 @@ class TuneConv(nn.Module):
     folds (eval mode, or FrozenBatchNorm) the conv computes ``BN(conv(x))`` as one conv on folded
     weights built inside autograd, and hands the output to its BN to pass through."""
 
-    _normfx_base: type
+    _normfx_base: Any
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         bn = self.__dict__.get("_normfx_bn")
@@ -194,7 +195,7 @@ class TuneBN(nn.Module):
     """Mixin of a Tune block's BatchNorm: the output its conv folded passes through (a norm-act
     layer's activation still runs); any other input is normalized as the BatchNorm always did."""
 
-    _normfx_base: type
+    _normfx_base: Any
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         ref = self.__dict__.pop("_normfx_folded", None)
@@ -219,7 +220,7 @@ def _tuned_class(base: type, mixin: type) -> type:
     return _CLASSES[key]
 
 
-def _rebuild(base: type, mixin: type) -> nn.Module:
+def _rebuild(base: Any, mixin: type) -> nn.Module:
     """Unpickle/deep-copy target of a Tune module: the state is set on it afterwards."""
     obj = base.__new__(base)
     obj.__class__ = _tuned_class(base, mixin)

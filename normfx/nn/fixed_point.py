@@ -83,14 +83,15 @@ class _FixedPointSTE(torch.autograd.Function):
         need = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         saturating = overflow in ("saturate", "saturate_sym")
         lo_mark = lo - 1 if lo == 0 and need else lo   # unsigned: the below-range marker
+        step: float | torch.Tensor
         if int_bits.numel() == 1 and x.device.type in _SCALAR_STEP_DEVICES:
             step = 2.0 ** (round(float(int_bits)) - bits)   # a Python float: no tensor ops per call
         else:                                     # per channel along axis, or on an accelerator (no sync)
-            step = torch.exp2(torch.round(int_bits) - bits).to(x.dtype)
+            steps = torch.exp2(torch.round(int_bits) - bits).to(x.dtype)
             shape = [1] * x.dim()
-            if step.numel() > 1:
+            if steps.numel() > 1:
                 shape[axis] = -1
-            step = step.reshape(shape if step.numel() > 1 else ())
+            step = steps.reshape(shape if steps.numel() > 1 else ())
         const, max_bits = _ROUND_CONST.get(x.dtype, (0.0, 0))
         if isinstance(step, float) and saturating and rounding == "nearest_even" and bits <= max_bits:
             c = const * step
@@ -162,6 +163,8 @@ class FixedPoint(nn.Module):
     """Cast to ``ap_fixed<bits, int_bits, rounding, overflow>`` (``ap_ufixed`` when ``signed=False``)."""
 
     saves_current = False  # as a weight's parametrization: checkpoints keep the float master weight
+    int_bits: torch.Tensor
+    observed_max: torch.Tensor
 
     def __init__(self, bits: int = 8, int_bits: float | None = None, *, signed: bool = True,
                  rounding: str = "nearest_even", overflow: str = "saturate", channels: int = 1,
@@ -259,7 +262,7 @@ class FixedPoint(nn.Module):
     @torch.no_grad()
     def calibrate_from_observed(self, margin: float = 0.0) -> None:
         """Set ``int_bits`` so the observed ``max |x|`` (times ``1 + margin``) fits, and stop observing."""
-        mx = self.observed_max * (1.0 + margin)
+        mx: torch.Tensor = self.observed_max * (1.0 + margin)
         # the smallest I with max < 2^(I - sign): floor(log2 max) + 1 integer bits (+1 for the sign)
         bits = torch.where(mx > 0, torch.floor(torch.log2(mx.clamp_min(1e-30))) + 1,
                            torch.full_like(mx, 1.0 - self.bits))

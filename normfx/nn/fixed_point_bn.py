@@ -27,6 +27,9 @@ class FixedPointBatchNorm(nn.BatchNorm2d):
     BatchNorm's; works for 1d/2d/3d inputs (channel axis 1).
     """
 
+    deployed_scale: torch.Tensor | None
+    deployed_shift: torch.Tensor | None
+
     def __init__(self, num_features: int, *, scale_q: FixedPoint, shift_q: FixedPoint,
                  k_hot: int | None = None, **kw) -> None:
         super().__init__(num_features, **kw)
@@ -59,7 +62,7 @@ class FixedPointBatchNorm(nn.BatchNorm2d):
             m = 0.0
             if update:
                 self.num_batches_tracked.add_(1)
-                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)  # type: ignore[arg-type]
             mean, var = _BatchStats.apply(x, self.running_mean if update else None,
                                           self.running_var if update else None, m)
         else:

@@ -10,7 +10,7 @@
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -32,7 +32,8 @@ class RandomEntries(nn.Module):
         self.values = nn.Parameter(original.detach().reshape(-1)[self.index].clone())
 
     def forward(self, original: torch.Tensor) -> torch.Tensor:
-        return original.reshape(-1).index_put((self.index,), self.values).view_as(original)
+        index = cast(torch.Tensor, self.index)
+        return original.reshape(-1).index_put((index,), self.values).view_as(original)
 
     def extra_repr(self) -> str:
         return f"{self.index.numel()} trainable entries"
@@ -56,8 +57,8 @@ def add_random_entries(module: nn.Module, name: str, index: torch.Tensor) -> Ran
 
 def random_entries(module: nn.Module) -> dict[str, RandomEntries]:
     """The ``RandomEntries`` parametrizations on ``module``'s own tensors, by tensor name."""
-    return {n: module.parametrizations[n][0] for n in normfx_parametrized(module)
-            if isinstance(module.parametrizations[n][0], RandomEntries)}
+    found = {n: module.parametrizations[n][0] for n in normfx_parametrized(module)}
+    return {n: p for n, p in found.items() if isinstance(p, RandomEntries)}
 
 
 def keep_eval(module: nn.Module, args: Any) -> None:

@@ -74,6 +74,6 @@ def keep_state_dict_keys(module: nn.Module) -> None:
     """Register the hooks on ``module`` (once; call before its first parametrization)."""
     if hasattr(module, "_normfx_own_keys"):
         return
-    module._normfx_own_keys = list(module._parameters) + list(module._buffers)
+    module.__dict__["_normfx_own_keys"] = list(module._parameters) + list(module._buffers)
     getattr(module, "register_state_dict_post_hook", module._register_state_dict_hook)(_state_dict_hook)
     module._register_load_state_dict_pre_hook(_load_pre_hook, with_module=True)

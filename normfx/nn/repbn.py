@@ -23,6 +23,7 @@ class RepBN(nn.Module):
     """``BN(x) + η·x`` over the channel axis: the last one (``channels_last=True``, tokens) or dim 1."""
 
     normfx_norm_layer = True
+    eta: nn.Parameter
 
     def __init__(self, num_features: int, *, eta_init: float = 1.0, eps: float = 1e-5, momentum: float = 0.1,
                  channels_last: bool = True) -> None:
@@ -71,6 +72,7 @@ class ProgressiveRepBN(nn.Module):
     """
 
     normfx_norm_layer = True
+    lam: torch.Tensor
 
     def __init__(self, norm: nn.Module, repbn: RepBN, *, total_steps: int) -> None:
         super().__init__()
@@ -95,6 +97,9 @@ class ProgressiveRepBN(nn.Module):
 
 class ChannelAffine(nn.Module):
     """``x·scale + shift`` over the channel axis: what is left of a RepBN that could not fold."""
+
+    scale: torch.Tensor
+    shift: torch.Tensor
 
     def __init__(self, scale: torch.Tensor, shift: torch.Tensor, *, channels_last: bool = True) -> None:
         super().__init__()
@@ -179,7 +184,8 @@ def recalibrate_bn(model: nn.Module, batches: Iterable, *, steps: int | None = N
         >>> model[2].num_batches_tracked.item()
         3
     """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    bns: list[nn.modules.batchnorm._BatchNorm] = [
+        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not bns:
         raise ValueError(f"{type(model).__name__} has no BatchNorm with running statistics to recalibrate")
     modes = {m: m.training for m in model.modules()}
@@ -189,11 +195,11 @@ def recalibrate_bn(model: nn.Module, batches: Iterable, *, steps: int | None = N
             m.reset_running_stats()
             m.momentum = None
         model.eval()
-        for m in model.modules():
+        for mod in model.modules():
             # A PRepBN at λ = 1 in eval mode skips its RepBN: in training mode it runs it (and its
             # output is still exactly the LayerNorm's).
-            if isinstance(m, (RepBN, ProgressiveRepBN)):
-                m.training = True
+            if isinstance(mod, (RepBN, ProgressiveRepBN)):
+                mod.training = True
         for m in bns:
             m.training = True
         it = tqdm(batches, total=steps, desc="recalibrating BatchNorm", leave=False, disable=not progress)
@@ -202,8 +208,8 @@ def recalibrate_bn(model: nn.Module, batches: Iterable, *, steps: int | None = N
                 break
             model(batch[0] if isinstance(batch, (tuple, list)) else batch)
     finally:
-        for m, mode in modes.items():
-            m.training = mode
+        for mod, mode in modes.items():
+            mod.training = mode
         for m, mom in momenta.items():
             m.momentum = mom
     return model

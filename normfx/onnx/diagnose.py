@@ -13,7 +13,7 @@ __all__ = ["chain_text", "first_line", "culprit"]
 
 
 def chain_text(e: BaseException | None) -> str:
-    parts = []
+    parts: list[str] = []
     while e is not None and len(parts) < 8:
         parts.append(str(e))
         e = e.__cause__
@@ -27,12 +27,13 @@ def first_line(e: BaseException) -> str:
     """The most specific one-line message: the first line of the deepest cause that has one."""
     best = ""
     seen: set[int] = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        text = _ANSI.sub("", str(e)).strip()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        text = _ANSI.sub("", str(cur)).strip()
         if text:
-            best = f"{type(e).__name__}: {text.splitlines()[0][:300]}"
-        e = e.__cause__
+            best = f"{type(cur).__name__}: {text.splitlines()[0][:300]}"
+        cur = cur.__cause__
     return best
 
 

@@ -15,7 +15,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import onnx
 import torch
@@ -296,7 +296,7 @@ def _export_dynamo(model, inputs, tmp, opset, dynamic_batch, input_names, output
     if dynamic_batch:
         batch = torch.export.Dim("batch", min=1)
         dynamic_shapes = tuple({0: batch} if x.dim() else None for x in inputs)
-    extra = {}
+    extra: dict[str, Any] = {}
     if fixed_point_casts(model):
         extra["custom_translation_table"] = {torch.ops.normfx.fixed_point_qdq.default: qdq_onnx}
     program = torch.onnx.export(

@@ -19,7 +19,7 @@ __all__ = ["fixed_point_casts", "cast_site", "write_fixed_point_json", "fixed_po
 Exporter = Literal["auto", "dynamo", "torchscript"]
 
 
-def fixed_point_casts(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def fixed_point_casts(model: nn.Module) -> list[tuple[str, FixedPoint]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, FixedPoint)]
 
 
@@ -36,7 +36,7 @@ def cast_site(name: str, q: FixedPoint) -> tuple[str, str]:
     return f"{layer}.{role}", layer
 
 
-def write_fixed_point_json(fixed: list[tuple[str, nn.Module]], target: Path) -> Path:
+def write_fixed_point_json(fixed: list[tuple[str, FixedPoint]], target: Path) -> Path:
     """The HLS sidecar: every cast's ``ap_fixed<W, I, Q, O>`` type with its tensor and layer."""
     tensors = []
     for name, q in fixed:
@@ -97,9 +97,10 @@ def qdq_onnx(x, scale, qmin: int, qmax: int, axis: int):
         if per_axis:  # Clip takes scalar bounds only: per-channel bounds broadcast through Max/Min
             rank = len(x.shape)
             shape = op.Constant(value_ints=[-1] + [1] * (rank - 1 - axis))
-            x = op.Min(op.Max(x, op.Reshape(lo, shape)), op.Reshape(hi, shape))
+            x = op.Min(op.Max(x, op.Reshape(lo, shape)), op.Reshape(hi, shape))  # type: ignore[arg-type]
         else:
             x = op.Clip(x, lo, hi)
     zero = op.Cast(op.Mul(scale, op.Constant(value_float=0.0)), to=dt)
-    q = op.QuantizeLinear(x, scale, zero, axis=axis)
-    return op.DequantizeLinear(q, scale, zero, axis=axis)
+    # onnxscript types these ops for scripted functions; the dtypes are right at run time.
+    q = op.QuantizeLinear(x, scale, zero, axis=axis)  # type: ignore[type-var]
+    return op.DequantizeLinear(q, scale, zero, axis=axis)  # type: ignore[type-var]

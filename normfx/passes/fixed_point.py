@@ -70,7 +70,7 @@ def _q(bits: int, int_bits: float | None, rounding: str, overflow: str, *, signe
 
 def _is_same_values(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), _SAME_VALUES_MODULES)
+        return isinstance(gm.get_submodule(str(node.target)), _SAME_VALUES_MODULES)
     if node.op == "call_function":
         return node.target in _SAME_VALUES_FUNCS
     if node.op == "call_method":
@@ -80,7 +80,7 @@ def _is_same_values(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 def _is_unsigned(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), _UNSIGNED_MODULES)
+        return isinstance(gm.get_submodule(str(node.target)), _UNSIGNED_MODULES)
     if node.op == "call_function":
         return node.target in _UNSIGNED_FUNCS
     return node.op == "call_method" and node.target in ("relu", "relu_", "sigmoid")
@@ -132,7 +132,7 @@ def insert_fixed_point(gm: fx.GraphModule, *, bits: int = 8, int_bits: float | N
                        targets: Sequence[str] = TARGETS, per_channel: bool = False,
                        k_hot: int | None = None, k_hot_weights: bool = False) -> PassResult:
     """Insert the casts in ``gm`` (in place); see the module docstring for the sites."""
-    targets = set(targets)
+    wanted = set(targets)
     changes: list[Change] = []
     skips: list[Skip] = []
     mods = dict(gm.named_modules())
@@ -160,11 +160,14 @@ def insert_fixed_point(gm: fx.GraphModule, *, bits: int = 8, int_bits: float | N
             site = str(node.target)
             if is_conv_like(m):
                 changes += _cast_weights(m, site, opts)
-            elif isinstance(m, _BatchNorm) and "norm" in targets:
+            elif isinstance(m, _BatchNorm) and "norm" in wanted:
                 result = _quantize_bn(gm, site, m, opts)
-                (changes if isinstance(result, Change) else skips).append(result)
+                if isinstance(result, Change):
+                    changes.append(result)
+                else:
+                    skips.append(result)
                 mods[site] = gm.get_submodule(site)
-        if node.op in ("call_function", "call_method") and "add" in targets and (
+        if node.op in ("call_function", "call_method") and "add" in wanted and (
             node.target in _ADDS or node.target == "add"
         ):
             ins = [a for a in node.args[:2] if isinstance(a, fx.Node) and a in tensors]
@@ -179,7 +182,7 @@ def insert_fixed_point(gm: fx.GraphModule, *, bits: int = 8, int_bits: float | N
                 node.replace_input_with(ins[0], qa)
                 node.replace_input_with(ins[1], qb)
                 changes.append(Change(node.name, "shared input cast", "both inputs in one format"))
-        if "activation" in targets and node.op in ("placeholder", "call_module", "call_function", "call_method"):
+        if "activation" in wanted and node.op in ("placeholder", "call_module", "call_function", "call_method"):
             if node.op == "call_module" and isinstance(mods.get(node.target), FixedPoint):
                 continue
             # Per-module regions: a submodule that is a region of its own casts inside itself, and
@@ -221,7 +224,7 @@ def _cast_weights(m: nn.Module, site: str, o: _Options) -> list[Change]:
         if t not in o.targets or getattr(m, t, None) is None:
             continue
         per = o.per_channel and t == "weight" and not transposed
-        out = m.weight.shape[0]
+        out = int(m.weight.shape[0])
         q = _q(o.bits, o.int_bits, o.rounding, o.overflow, channels=out if per else 1, axis=0)
         q.site = (t, "")
         _init_from(q, getattr(m, t), per)
@@ -262,7 +265,10 @@ def insert_fixed_point_outside(model: nn.Module, outside: list[Outside], *, bits
             changes += _cast_weights(m, site, o)
         elif isinstance(m, _BatchNorm) and "norm" in o.targets:
             result = _quantize_bn(model, site, m, o)
-            (changes if isinstance(result, Change) else skips).append(result)
+            if isinstance(result, Change):
+                changes.append(result)
+            else:
+                skips.append(result)
     if o.targets & {"activation", "add"}:
         owners = {entry.owner: entry.why for entry in outside if entry.owner is not None}
         for qualname, why in owners.items():

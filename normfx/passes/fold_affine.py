@@ -11,6 +11,7 @@ zero-pad, channels-first. What cannot fold stays as one multiply-add (``ChannelA
 from __future__ import annotations
 
 import operator
+from typing import cast
 
 import torch
 import torch.fx as fx
@@ -87,7 +88,7 @@ def _fold_one(gm: fx.GraphModule, mods: dict, uses, node: fx.Node) -> Change:
     a, b = rep.affine()
     site = str(node.target)
     x = node.args[0]
-    producer = _producer(gm, mods, uses, x, rep.channels_last)
+    producer = _producer(gm, mods, uses, x, rep.channels_last) if isinstance(x, fx.Node) else None
     if producer is not None and _fold_into_producer(producer, a, b):
         # A leaf change: the parent's forward is untouched.
         set_module(gm, site, nn.Identity().train(mods[node.target].training))
@@ -112,7 +113,9 @@ def _fold_into_producer(m: nn.Module, a: torch.Tensor, b: torch.Tensor) -> bool:
     out = m.out_features if isinstance(m, nn.Linear) else m.out_channels
     if out != a.numel():
         return False
-    _assign(m, "weight", "bias", *fold_bn_after(m.weight, m.bias, None, scale_shift=(a, b)))
+    w = cast(torch.Tensor, m.weight)
+    bias = cast("torch.Tensor | None", m.bias)
+    _assign(m, "weight", "bias", *fold_bn_after(w, bias, None, scale_shift=(a, b)))
     return True
 
 
@@ -156,7 +159,7 @@ def _flattens_from_1(user: fx.Node, m: nn.Module | None) -> bool:
     if isinstance(m, nn.Flatten):
         return m.start_dim == 1 and m.end_dim == -1
     if user.op == "call_function" and user.target is torch.flatten:
-        return (user.args[1] if len(user.args) > 1 else user.kwargs.get("start_dim", 0)) == 1
+        return bool((user.args[1] if len(user.args) > 1 else user.kwargs.get("start_dim", 0)) == 1)
     return False
 
 
@@ -189,13 +192,13 @@ def _producer(gm, mods, uses, x: fx.Node, channels_last: bool) -> nn.Module | No
                 return None
             pos = len(dims) - 1 if axis == "last" else axis
             src = dims[pos]
-            axis = "last" if src in (-1, len(dims) - 1) else src
+            axis = "last" if src in (-1, len(dims) - 1) else src  # type: ignore[assignment]
         elif name == "transpose" and len(args) == 2 and all(isinstance(d, int) for d in args):
             i, j = args
             here = -1 if axis == "last" else axis
             if here in (i, j):
                 other = j if here == i else i
-                axis = "last" if other == -1 else other
+                axis = "last" if other == -1 else other  # type: ignore[assignment]
             elif axis == "last":
                 return None  # a transpose with positive dims hides whether "last" moved
         elif name == "flatten" and axis == 1 and args and isinstance(args[0], int) and args[0] >= 2:

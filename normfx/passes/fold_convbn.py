@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import inspect
 from collections import Counter
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.fx as fx
@@ -40,22 +40,22 @@ ConvBNMode = Literal["tune", "deploy"]
 _BN_PARAMS = list(inspect.signature(F.batch_norm).parameters)  # input, running_mean, ... eps
 
 
-def _fn_args(node: fx.Node) -> dict:
+def _fn_args(node: Any) -> dict:
     args = dict(zip(_BN_PARAMS, node.args))
     args.update(node.kwargs)
     defaults = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
     return {**defaults, **args}
 
 
-def _is_tune_node(node: fx.Node) -> bool:
+def _is_tune_node(node: Any) -> bool:
     return node.op == "call_function" and node.target in (tune_convbn, tune_convbn_functional)
 
 
-def _tensor(gm: fx.GraphModule, arg) -> torch.Tensor | None:
+def _tensor(gm: fx.GraphModule, arg) -> Any:
     if arg is None:
         return None
     if isinstance(arg, fx.Node) and arg.op == "get_attr":
-        return get_attr(gm, arg.target)
+        return get_attr(gm, str(arg.target))
     raise _Unsupported("its statistics are computed in the graph, not stored attributes")
 
 
@@ -71,7 +71,7 @@ class _Ctx(NamedTuple):
     mods: dict[str, nn.Module]
     uses: Counter
 
-    def module(self, node) -> nn.Module | None:
+    def module(self, node) -> Any:
         if not isinstance(node, fx.Node) or node.op not in ("call_module", "get_attr"):
             return None
         return self.mods.get(node.target) if isinstance(node.target, str) else None
@@ -80,11 +80,14 @@ class _Ctx(NamedTuple):
 class _Site:
     """A BatchNorm call in the graph, normalized across module, functional and Tune forms."""
 
-    def __init__(self, ctx: _Ctx, node: fx.Node) -> None:
+    def __init__(self, ctx: _Ctx, node: Any) -> None:
         gm = ctx.gm
         self.node = node
-        self.module: nn.Module | None = None
-        self.conv_node: fx.Node | None = None  # only for existing Tune blocks
+        # Duck-typed: a BatchNorm-like module, graph arguments, statistics (see the branches below).
+        self.module: Any = None
+        self.conv_node: Any = None  # only for existing Tune blocks
+        self.input: Any = None
+        self.stats: Any = None
         if node.op == "call_module":
             self.module = ctx.module(node)
             self.name = str(node.target)
@@ -104,7 +107,8 @@ class _Site:
                 _, _, mean, var, w, b, eps = node.args
                 self.name = _functional_name(node, {"running_mean": mean})
                 self.training = False
-                self.stats = BNStats(*(_tensor(gm, a) for a in (mean, var, w, b)), float(eps))
+                self.stats = BNStats(_tensor(gm, mean), _tensor(gm, var), _tensor(gm, w), _tensor(gm, b),
+                                     float(eps))  # type: ignore[arg-type]
             self.extra = False
         else:
             a = _fn_args(node)
@@ -122,18 +126,18 @@ class _Site:
                 )
 
 
-def _frozen(m: nn.Module) -> bool:
+def _frozen(m: Any) -> bool:
     return not hasattr(m, "track_running_stats")  # FrozenBatchNorm has no train-mode behaviour
 
 
-def _functional_name(node: fx.Node, a: dict) -> str:
+def _functional_name(node: Any, a: dict) -> str:
     mean = a.get("running_mean")
     if isinstance(mean, fx.Node) and mean.op == "get_attr":
         return str(mean.target).rsplit(".", 1)[0] or node.name
     return node.name
 
 
-def _dims_match(conv: nn.Module, bn: nn.Module | None, stats: BNStats) -> str:
+def _dims_match(conv: Any, bn: Any, stats: BNStats) -> str:
     out = conv.out_features if isinstance(conv, nn.Linear) else conv.out_channels
     if stats.mean.numel() != out:
         return f"BatchNorm has {stats.mean.numel()} channels, {type(conv).__name__} produces {out}"
@@ -142,7 +146,7 @@ def _dims_match(conv: nn.Module, bn: nn.Module | None, stats: BNStats) -> str:
     return ""
 
 
-def _set_weights(conv: nn.Module, w: torch.Tensor, b: torch.Tensor, site: _Site, *, before: bool = False) -> None:
+def _set_weights(conv: Any, w: torch.Tensor, b: torch.Tensor, site: _Site, *, before: bool = False) -> None:
     """Install the folded ``(w, b)``. Each requires grad when any tensor it was computed from did
     (the conv's weight or bias, the BN's γ/β; a forward fold's bias also reads the conv's weight),
     so a partly frozen model (``normfx.freeze``) stays trainable where it was and only there."""
@@ -179,14 +183,17 @@ def fold_convbn(gm: fx.GraphModule, *, mode: ConvBNMode) -> PassResult:
         for node in sites:
             if node.op == "call_module" or node.target is tune_convbn:
                 m = ctx.module(node if node.op == "call_module" else node.args[2])
-                if getattr(m, "training", False) and bn_kind(m) is not None and not _frozen(m):
+                if m is not None and m.training and bn_kind(m) is not None and not _frozen(m):
                     name = node.target if node.op == "call_module" else node.args[2].target
                     raise TrainingModeError(
                         f"BatchNorm '{name}' is in training mode; call model.eval() before mode='deploy'"
                     )
     for node in sites:
         result = _visit(ctx, node, mode)
-        (changes if isinstance(result, Change) else skips).append(result)
+        if isinstance(result, Change):
+            changes.append(result)
+        else:
+            skips.append(result)
     if changes:
         _drop_dead_attrs(gm)
         graph.lint()
@@ -202,12 +209,12 @@ def fold_convbn_outside(model: nn.Module, outside: list[Outside], *, mode: ConvB
     return PassResult("fold_convbn", (), tuple(skips))
 
 
-def _looks_like_bn(m: nn.Module | None) -> bool:
+def _looks_like_bn(m: Any | None) -> bool:
     """A BatchNorm subclass we cannot interpret: still a site, reported as unsupported."""
     return isinstance(m, _BatchNorm)
 
 
-def _visit(ctx: _Ctx, node: fx.Node, mode: ConvBNMode) -> Change | Skip:
+def _visit(ctx: _Ctx, node: Any, mode: ConvBNMode) -> Change | Skip:
     gm, uses = ctx.gm, ctx.uses
     if mode == "tune" and _is_tune_node(node):
         name = str(node.args[2].target) if node.target is tune_convbn else _functional_name(
@@ -268,12 +275,12 @@ def _visit(ctx: _Ctx, node: fx.Node, mode: ConvBNMode) -> Change | Skip:
     return Skip(site.name, SkipReason.NO_NEIGHBOUR, "input is not a conv/linear output")
 
 
-def _rank(node: fx.Node) -> int | None:
+def _rank(node: Any) -> int | None:
     meta = node.meta.get("tensor_meta")
     return len(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
-def _single_conv_user(ctx: _Ctx, node: fx.Node) -> fx.Node | None:
+def _single_conv_user(ctx: _Ctx, node: Any) -> fx.Node | None:
     if len(node.users) != 1:
         return None
     user = next(iter(node.users))
@@ -283,15 +290,16 @@ def _single_conv_user(ctx: _Ctx, node: fx.Node) -> fx.Node | None:
     return None
 
 
-def _untune_modules(ctx: _Ctx, bn: nn.Module) -> None:
+def _untune_modules(ctx: _Ctx, bn: Any) -> None:  # bn: the Tune block's BatchNorm
     """Give a Tune block's BN, and the conv that folds it, their own classes back."""
     for m in ctx.mods.values():
-        if tuned_pair(m) is bn:
-            untune(m, bn)
+        pair = tuned_pair(m)
+        if pair is not None and pair is bn:
+            untune(m, pair)
     bn.__class__ = original_class(bn)
 
 
-def _make_tune_block(gm: fx.GraphModule, site: _Site, producer: fx.Node) -> Change:
+def _make_tune_block(gm: fx.GraphModule, site: _Site, producer: Any) -> Change:
     if site.module is not None:
         # A leaf change: the conv and BN keep their slots (the parent's forward is untouched).
         tune(get_attr(gm, str(producer.target)), site.module)
@@ -316,7 +324,7 @@ def _make_tune_block(gm: fx.GraphModule, site: _Site, producer: fx.Node) -> Chan
     return Change(site.name, "tune", f"{producer.target} + {site.name}")
 
 
-def _fixed_point_weights(site: _Site, conv: nn.Module) -> Skip | None:
+def _fixed_point_weights(site: _Site, conv: Any) -> Skip | None:
     plists = conv.parametrizations.values() if parametrize.is_parametrized(conv) else ()
     if any(isinstance(p, FixedPoint) for plist in plists for p in plist):
         return Skip(site.name, SkipReason.UNSUPPORTED, "the conv's weights are cast to fixed point: folding would "
@@ -324,7 +332,7 @@ def _fixed_point_weights(site: _Site, conv: nn.Module) -> Skip | None:
     return None
 
 
-def _checked_fold(site: _Site, conv: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | Skip:
+def _checked_fold(site: _Site, conv: Any) -> tuple[torch.Tensor, torch.Tensor] | Skip:
     fixed = _fixed_point_weights(site, conv)
     if fixed is not None:
         return fixed
@@ -350,7 +358,7 @@ def _replace_bn_by_tail(ctx: _Ctx, site: _Site, result: fx.Node) -> None:
     gm.graph.erase_node(node)
 
 
-def _tail(bn: nn.Module) -> nn.Module:
+def _tail(bn: Any) -> nn.Module:
     """What a folded BatchNorm leaves in its slot (in the BN's mode: a new module must not come
     back in training mode)."""
     if bn_kind(bn) != "norm_act":
@@ -358,7 +366,7 @@ def _tail(bn: nn.Module) -> nn.Module:
     return bn.act if isinstance(bn.drop, nn.Identity) else nn.Sequential(bn.drop, bn.act).train(bn.training)
 
 
-def _fold_after(ctx: _Ctx, site: _Site, producer: fx.Node, conv: nn.Module) -> Change | Skip:
+def _fold_after(ctx: _Ctx, site: _Site, producer: Any, conv: Any) -> Change | Skip:
     folded = _checked_fold(site, conv)
     if isinstance(folded, Skip):
         return folded
@@ -399,7 +407,8 @@ def _untune(gm: fx.GraphModule, site: _Site, conv_call: fx.Node) -> None:
 
 
 def _fold_before(ctx: _Ctx, site: _Site, follower: fx.Node) -> Change | Skip:
-    gm, conv = ctx.gm, ctx.module(follower)
+    gm = ctx.gm
+    conv: Any = ctx.module(follower)
     if ctx.uses[id(conv)] > 1:
         return Skip(site.name, SkipReason.SHARED_MODULE, f"'{follower.target}' is called at several places")
     if getattr(conv, "transposed", False):

@@ -97,7 +97,9 @@ def freeze_model(model: nn.Module, keep: set[str], random: int | str, seed: int,
         )
     count = selected if random == "match" else int(random)
     existing = {f"{n}.{t}" if n else t: e for n, m in model.named_modules() for t, e in random_entries(m).items()}
-    have = sum(e.index.numel() for e in existing.values())
+    have = 0
+    for e in existing.values():
+        have += int(e.index.numel())
     if existing and count and count != have:
         raise AlreadyTransformedError(
             f"{type(model).__name__} already has a random control of {have:,} entries (normfx.freeze(random=...)); "

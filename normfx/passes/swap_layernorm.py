@@ -10,6 +10,8 @@ dimensions, and q/k norms inside attention (normalizing per head is what they ar
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -26,8 +28,9 @@ __all__ = ["swap_layernorm", "swap_layernorm_outside", "is_channels_first_ln"]
 
 def is_channels_first_ln(m: nn.Module) -> bool:
     """timm's / torchvision's LayerNorm2d: LayerNorm over C of a ``[B, C, H, W]`` tensor."""
-    return isinstance(m, nn.LayerNorm) and type(m).forward is not nn.LayerNorm.forward and \
-        forward_source_has(type(m), "permute(0, 2, 3, 1)")[0]
+    cls: Any = type(m)
+    return isinstance(m, nn.LayerNorm) and cls.forward is not nn.LayerNorm.forward and \
+        forward_source_has(cls, "permute(0, 2, 3, 1)")[0]
 
 
 def _qk_norm(target: str) -> bool:
@@ -68,10 +71,16 @@ def swap_layernorm(gm: fx.GraphModule, *, total_steps: int, eta_init: float = 1.
             seen.add(node.target)  # a module called twice is one site
             result = _swap_module(gm, node.target, mods[node.target], total_steps, eta_init)
             if result is not None:
-                (changes if isinstance(result, Change) else skips).append(result)
+                if isinstance(result, Change):
+                    changes.append(result)
+                else:
+                    skips.append(result)
         elif node.op == "call_function" and node.target is F.layer_norm:
             change = _swap_functional(gm, node, total_steps, eta_init)
-            (changes if isinstance(change, Change) else skips).append(change)
+            if isinstance(change, Change):
+                changes.append(change)
+            else:
+                skips.append(change)
     if any(c.detail.startswith("functional") for c in changes):
         gm.graph.lint()
         gm.recompile()
@@ -88,11 +97,14 @@ def swap_layernorm_outside(model: nn.Module, outside: list[Outside], *, total_st
     for site, m, *_ in outside:
         result = _swap_module(model, site, m, total_steps, eta_init)
         if result is not None:
-            (changes if isinstance(result, Change) else skips).append(result)
+            if isinstance(result, Change):
+                changes.append(result)
+            else:
+                skips.append(result)
     return PassResult("swap_layernorm", tuple(changes), tuple(skips))
 
 
-def _is_last_dim_subclass(cls: type) -> bool:
+def _is_last_dim_subclass(cls: Any) -> bool:
     """A LayerNorm subclass that normalizes the last dim its own way (timm's fast-norm LayerNorm)."""
     ln, permute, transpose = forward_source_has(cls, "layer_norm", "permute", "transpose")
     return ln and not permute and not transpose
@@ -126,14 +138,14 @@ class _LayerNorm(nn.Module):
 def _swap_functional(gm: fx.GraphModule, node: fx.Node, total_steps: int, eta_init: float) -> Change | Skip:
     names = ["input", "normalized_shape", "weight", "bias", "eps"]
     a = {"weight": None, "bias": None, "eps": 1e-5, **dict(zip(names, node.args)), **node.kwargs}
-    shape = a["normalized_shape"]
-    shape = (shape,) if isinstance(shape, int) else tuple(shape) if isinstance(shape, (list, tuple)) else None
+    raw: Any = a["normalized_shape"]
+    shape: tuple | None = (raw,) if isinstance(raw, int) else tuple(raw) if isinstance(raw, (list, tuple)) else None
     site = node.name
     if shape is None or any(isinstance(d, fx.Node) for d in shape):
         return Skip(site, SkipReason.UNSUPPORTED, "normalized_shape is computed in the graph")
     if len(shape) != 1:
         return Skip(site, SkipReason.UNSUPPORTED, f"normalizes over {len(shape)} dims")
-    tensors = []
+    tensors: list[Any] = []
     for key in ("weight", "bias"):
         arg = a[key]
         if arg is None:
@@ -143,8 +155,9 @@ def _swap_functional(gm: fx.GraphModule, node: fx.Node, total_steps: int, eta_in
             site = str(arg.target).rsplit(".", 1)[0] or site
         else:
             return Skip(site, SkipReason.UNSUPPORTED, "affine parameters are computed in the graph")
-    norm = _LayerNorm(shape, *tensors, float(a["eps"]))
-    new = _progressive(norm, shape[0], float(a["eps"]), False, total_steps, eta_init)
+    eps: Any = a["eps"]
+    norm = _LayerNorm(shape, tensors[0], tensors[1], float(eps))
+    new = _progressive(norm, int(shape[0]), float(eps), False, total_steps, eta_init)
     name = _free_name(gm, f"{node.name}_prepbn")
     gm.add_submodule(name, new)
     with gm.graph.inserting_before(node):
