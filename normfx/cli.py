@@ -17,6 +17,7 @@ from normfx.api import convbn, fixed_point, freeze, repbn
 from normfx.errors import NormfxError
 from normfx.spec import SPEC_HELP, SpecError, default_input_shape, first_line, load_spec
 from normfx.kinds import is_norm_layer
+from normfx.nn.repbn import recalibrate_bn
 from normfx.onnx import export
 from normfx.report import last_report
 
@@ -166,6 +167,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="example input shape, batch first (default: the model's, else 1,3,224,224)")
     e.add_argument("--convbn", choices=["deploy", "none"], default="deploy",
                    help="fold BatchNorm into convs (deploy, default) or export as is (none)")
+    e.add_argument("--warm-bn", type=_number(int, lambda v: v >= 0, "an integer >= 0"), default=0, metavar="N",
+                   help="estimate every BatchNorm's statistics from N random batches before exporting (a fold "
+                        "on fresh mean-0/var-1 statistics is nearly the identity and proves little); default 0")
     e.add_argument("--opset", type=_opset, default=None, help="ONNX opset (default: the exporter's)")
     e.add_argument("--static-batch", action="store_true", help="do not make the batch dimension dynamic")
     e.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime comparison")
@@ -214,6 +218,11 @@ def _run(args: argparse.Namespace, model: nn.Module) -> int:
 
     shape = args.input_shape or default_input_shape(model)
     x = torch.randn(*shape)
+    if args.warm_bn:
+        warm = (max(8, shape[0]), *shape[1:])   # BatchNorm1d needs more than one sample per channel
+        recalibrate_bn(model, [torch.randn(*warm) for _ in range(args.warm_bn)], progress=False)
+        _out(f"BatchNorm statistics: estimated from {args.warm_bn} random batches of shape {list(warm)} "
+             "(--warm-bn), not the fresh mean 0 / var 1")
     report = export(
         model, (x,), args.output, dynamic_batch=not args.static_batch, opset=args.opset,
         verify=not args.no_verify, rtol=args.rtol, atol=args.atol, deploy=args.convbn == "deploy",

@@ -253,3 +253,13 @@ def test_bad_options(option, value, needle, capsys):
         main(["export", GOOD, "-o", "m.onnx", option, value])
     assert e.value.code == 2
     assert needle in capsys.readouterr().err
+
+
+def test_export_warms_batchnorm_statistics_first(tmp_path, capsys):
+    """--warm-bn N: the fold is checked on statistics estimated from data, not fresh ones (where
+    folding is nearly the identity and the ORT check proves little)."""
+    out = tmp_path / "m.onnx"
+    assert main(["export", GOOD, "-o", str(out), *SHAPE, "--warm-bn", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "BatchNorm statistics: estimated from 2 random batches of shape [8, 3, 8, 8]" in text
+    assert "fold_convbn: 1 sites, 1 transformed" in text and "bake_random_entries" not in text

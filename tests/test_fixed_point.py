@@ -54,10 +54,16 @@ def test_pass_sites_keys_and_training():
     assert q.conv1.parametrizations.weight.original.grad is not None
     casts = [m for m in q.modules() if isinstance(m, FixedPoint)]
     assert casts and all(m.int_bits.grad is not None for m in casts if m.trainable)
-    # a float checkpoint loads strictly into the quantized model
+    # a float checkpoint loads with strict=False: only the casts' own state is missing, every float
+    # tensor lands (into the parametrized weights' masters too); a quantized checkpoint loads strictly
     q2 = normfx.fixed_point(_ResBlockNet(), bits=8)
-    q2.load_state_dict(base.state_dict(), strict=False)
+    result = q2.load_state_dict(base.state_dict(), strict=False)
+    assert not result.unexpected_keys
+    assert result.missing_keys and all(k.endswith((".int_bits", ".observed_max")) for k in result.missing_keys)
+    assert torch.equal(q2.conv1.parametrizations.weight.original, base.conv1.weight)
+    assert torch.equal(q2.bn1.running_var, base.bn1.running_var)
     q2.load_state_dict(q.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(q2.state_dict().values(), q.state_dict().values()))
 
 
 @pytest.mark.parametrize("shape,momentum", [((6, 5, 4, 4), 0.1), ((7, 5), None), ((3, 5, 6), 0.3)])

@@ -88,7 +88,8 @@ class ExportReport:
             check = (f"max abs err {o.max_abs:.2e}, max rel err {o.max_rel:.2e} at batch "
                      f"{', '.join(map(str, o.batch_sizes))}") if self.verified else "not verified"
             lines.append(f"output {o.name}: {list(o.shape)}: {check}")
-        lines += [p.summary() for p in self.passes.passes]
+        # Only the deploy steps that found sites: "0 sites" lines say nothing to a user.
+        lines += [p.summary() for p in self.passes.passes if p.sites] or ["deploy: no site to fold or finalize"]
         lines += list(self.notes)
         if self.fixed_point_json:
             lines.append(f"fixed-point types (ap_fixed, per tensor and layer): {self.fixed_point_json}")
