@@ -33,6 +33,7 @@ examples: example
 	$(PY) examples/prepbn_vit.py
 	$(PY) examples/bn_only.py
 	$(PY) examples/fixed_point.py
+	$(PY) examples/render.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check normfx tests benchmarks examples

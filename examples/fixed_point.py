@@ -1,16 +1,20 @@
-"""QFX on scikit-learn's digits: float vs post-training quantization vs trained binary points.
+"""QFX on scikit-learn's digits: float vs post-training quantization vs QAT vs trained binary points.
 
-    python examples/fixed_point.py [--bits 4 6 8] [--epochs 20] [--qat-epochs 6] [--out examples/out]
+    python examples/fixed_point.py [--bits 4 6 8] [--epochs 20] [--qat-epochs 6] [--seeds 0 1 2]
+                                   [--out examples/out] [--results examples/results]
 
 A small CIFAR-style ResNet (the one from ``examples/bn_only.py``) is trained in float. Then, for each
 word length W, ``normfx.fixed_point(model, bits=W, k_hot=2)`` casts weights, biases, activations,
 BatchNorm (a fixed-point multiply-add with 2-hot scales) and residual adds to ``ap_fixed<W, I>``:
 
 * ``PTQ``: binary points from ``normfx.calibrate`` on training batches, nothing trained;
+* ``QAT``: the same start, then the weights are trained with every binary point fixed where
+  calibration put it (the control that separates "training" from "learning the binary point");
 * ``QFX``: the same start, then the weights and every binary point are trained (straight-through).
 
-It prints a table of test accuracies, exports the QFX model at the widest W to ONNX and checks it
-bit for bit in ONNX Runtime (with its ``ap_fixed`` sidecar JSON for HLS).
+Each seed trains its own float model; the per-seed accuracies go to ``results/fixed_point.json``
+(``examples/render.py`` renders the docs table from it). The QFX model at the widest W of the first
+seed is exported to ONNX and checked bit for bit in ONNX Runtime (with its ``ap_fixed`` sidecar).
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from tqdm import tqdm
 
 import normfx
 from _digits import accuracy, load_digits
+from _results import RESULTS, mean_std, record
 from bn_only import CifarResNet
 
 
@@ -48,6 +53,10 @@ def train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int,
                 bar.update()
 
 
+def _casts(model: torch.nn.Module) -> list:
+    return [m for m in model.modules() if isinstance(m, normfx.nn.FixedPoint) and m.trainable]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 6, 8])
@@ -57,39 +66,55 @@ def main() -> None:
     ap.add_argument("--qat-epochs", type=int, default=6)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--k-hot", type=int, default=2)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", type=Path, default=Path("examples/out"))
+    ap.add_argument("--results", type=Path, default=RESULTS, help="where the per-seed JSON goes")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(min(torch.get_num_threads(), 2))
-    torch.manual_seed(0)
     args.out.mkdir(parents=True, exist_ok=True)
 
     x_tr, y_tr, x_te, y_te = load_digits(size=args.size)
-    model = CifarResNet(args.depth)
-    train(model, x_tr, y_tr, args.epochs, 3e-3, args.batch, "float")
-    model.eval()
-    results = {"float": {b: accuracy(model, x_te, y_te) for b in args.bits}}
     calib = [x_tr[i:i + 256] for i in range(0, len(x_tr), 256)]
-    results["PTQ"], results["QFX"] = {}, {}
-    qfx = {}
-    for b in args.bits:
-        q = normfx.fixed_point(model, bits=b, k_hot=args.k_hot).eval()
-        normfx.calibrate(q, calib)
-        results["PTQ"][b] = accuracy(q, x_te, y_te)
-        t = copy.deepcopy(q)
-        train(t, x_tr, y_tr, args.qat_epochs, 1e-3, args.batch, f"QFX {b}-bit")
-        t.eval()
-        results["QFX"][b] = accuracy(t, x_te, y_te)
-        qfx[b] = t
+    runs, exported = [], None
+    for seed in args.seeds:
+        torch.manual_seed(seed)
+        model = CifarResNet(args.depth)
+        train(model, x_tr, y_tr, args.epochs, 3e-3, args.batch, f"float (seed {seed})", seed=seed)
+        model.eval()
+        run: dict = {"seed": seed, "float": {}, "PTQ": {}, "QAT": {}, "QFX": {}, "QFX_moved": {}, "casts": {}}
+        for b in args.bits:
+            run["float"][str(b)] = accuracy(model, x_te, y_te)
+            q = normfx.fixed_point(model, bits=b, k_hot=args.k_hot).eval()
+            normfx.calibrate(q, calib, progress=False)
+            run["PTQ"][str(b)] = accuracy(q, x_te, y_te)
+            fixed = copy.deepcopy(q)
+            for cast in fixed.modules():
+                if isinstance(cast, normfx.nn.FixedPoint) and cast.trainable:
+                    cast.int_bits.requires_grad_(False)   # the binary point stays where calibration put it
+            train(fixed, x_tr, y_tr, args.qat_epochs, 1e-3, args.batch, f"QAT {b}-bit", seed=seed)
+            run["QAT"][str(b)] = accuracy(fixed.eval(), x_te, y_te)
+            t = copy.deepcopy(q)
+            start = [c.integer_bits().clone() for c in _casts(t)]
+            train(t, x_tr, y_tr, args.qat_epochs, 1e-3, args.batch, f"QFX {b}-bit", seed=seed)
+            run["QFX"][str(b)] = accuracy(t.eval(), x_te, y_te)
+            # How many casts' binary points training moved (by at least one integer bit, per channel).
+            run["QFX_moved"][str(b)] = sum(int(not torch.equal(s, c.integer_bits())) for s, c in zip(start, _casts(t)))
+            run["casts"][str(b)] = len(start)
+            if exported is None and b == max(args.bits):
+                exported = t
+        runs.append(run)
+    config = {k: v for k, v in vars(args).items() if k not in ("out", "results")}
+    path = record("fixed_point", config, runs, args.results)
 
-    print(f"\nResNet-{args.depth} on digits ({args.size}x{args.size}), test accuracy; casts on weights, biases, "
-          f"activations, BatchNorm ({args.k_hot}-hot scales) and residual adds")
-    print(f"{'':<6}" + "".join(f"{f'W={b}':>9}" for b in args.bits))
-    for k, row in results.items():
-        print(f"{k:<6}" + "".join(f"{row[b]:>9.3f}" for b in args.bits))
+    print(f"\nResNet-{args.depth} on digits ({args.size}x{args.size}), test accuracy over seeds {args.seeds}; casts on "
+          f"weights, biases, activations, BatchNorm ({args.k_hot}-hot scales) and residual adds ({path})")
+    print(f"{'':<6}" + "".join(f"{f'W={b}':>17}" for b in args.bits))
+    for k in ("float", "PTQ", "QAT", "QFX"):
+        print(f"{k:<6}" + "".join(f"{mean_std([r[k][str(b)] for r in runs]):>17}" for b in args.bits))
 
     b = max(args.bits)
-    report = normfx.export(qfx[b], x_te[:8], args.out / f"fixed_point_{b}bit.onnx", rtol=0.0, atol=0.0)
+    report = normfx.export(exported, x_te[:8], args.out / f"fixed_point_{b}bit.onnx", rtol=0.0, atol=0.0)
     print(f"\nexported the {b}-bit QFX model: max abs difference ONNX Runtime vs PyTorch "
           f"{report.outputs[0].max_abs}; QuantizeLinear {report.op_counts.get('QuantizeLinear', 0)}; "
           f"HLS types in {report.fixed_point_json}")

@@ -1,11 +1,14 @@
 """Train a small ViT on scikit-learn's digits with LayerNorm and with PRepBN, then deploy and export.
 
-    python examples/prepbn_vit.py [--epochs 40] [--out examples/out]
+    python examples/prepbn_vit.py [--epochs 40] [--seeds 0 1 2] [--out examples/out]
+                                  [--results examples/results]
 
-Both runs start from the same initial weights and see the same batches. The PRepBN run moves λ from
-1 (LayerNorm) to 0 (RepBN) over the first 3/4 of training (SLAB's progressive schedule), then the
-BatchNorm statistics are recalibrated, the model is deployed (every RepBN folded into a Linear, no
-normalization left) and exported to ONNX, verified in ONNX Runtime. Accuracy and λ curves are
+Per seed, both runs start from the same initial weights and see the same batches. The PRepBN run
+moves λ from 1 (LayerNorm) to 0 (RepBN) over the first 3/4 of training (SLAB's progressive
+schedule); it is measured at λ = 0, then again after its BatchNorm statistics are recalibrated, then
+deployed (every RepBN folded into a Linear, no normalization left). The per-seed accuracies go to
+``results/prepbn_vit.json`` (``examples/render.py`` renders the docs table). The first seed's
+deployed model is exported to ONNX and verified in ONNX Runtime, and its accuracy and λ curves are
 plotted to ``OUT/prepbn_vit.png``.
 """
 from __future__ import annotations
@@ -22,6 +25,7 @@ from tqdm import tqdm
 
 import normfx
 from _digits import accuracy, load_digits
+from _results import RESULTS, mean_std, record
 
 
 def make_vit() -> nn.Module:
@@ -33,33 +37,24 @@ def make_vit() -> nn.Module:
     )
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--epochs", type=int, default=40)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--out", type=Path, default=Path("examples/out"))
-    args = ap.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    args.out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-
-    x_tr, y_tr, x_te, y_te = load_digits()
+def run_seed(seed: int, args: argparse.Namespace, data: tuple) -> tuple[dict, dict, list[float], nn.Module]:
+    """Train LayerNorm and PRepBN ViTs from one initialization; the accuracies, curves and deployed model."""
+    x_tr, y_tr, x_te, y_te = data
+    torch.manual_seed(seed)
     steps_per_epoch = -(-len(y_tr) // args.batch)
     total = args.epochs * steps_per_epoch
     ramp = int(0.75 * total)
 
     base = make_vit()
     models = {"LayerNorm": copy.deepcopy(base), "PRepBN": normfx.repbn(base, total_steps=ramp)}
-    print(normfx.last_report(models["PRepBN"]).summary())
     sched = normfx.RepBNScheduler(models["PRepBN"])
     opts = {k: torch.optim.AdamW(m.parameters(), lr=args.lr, weight_decay=0.05) for k, m in models.items()}
     lrs = {k: torch.optim.lr_scheduler.CosineAnnealingLR(o, total) for k, o in opts.items()}
     curves: dict[str, list[float]] = {k: [] for k in models}
     lams: list[float] = []
 
-    g = torch.Generator().manual_seed(1)
-    for _ in tqdm(range(args.epochs), desc="training LayerNorm and PRepBN ViTs"):
+    g = torch.Generator().manual_seed(1000 + seed)
+    for _ in tqdm(range(args.epochs), desc=f"LayerNorm and PRepBN ViTs (seed {seed})", leave=False):
         perm = torch.randperm(len(y_tr), generator=g)
         for i in range(steps_per_epoch):
             idx = perm[i * args.batch:(i + 1) * args.batch]
@@ -76,21 +71,55 @@ def main() -> None:
             curves[k].append(accuracy(m, x_te, y_te))
 
     prep = models["PRepBN"]
-    normfx.recalibrate_bn(prep, (x_tr[i:i + 256] for i in range(0, len(y_tr), 256)))
-    final = {k: accuracy(m, x_te, y_te) for k, m in models.items()}
-    final["PRepBN (recalibrated)"] = accuracy(prep, x_te, y_te)
-    print("test accuracy:", ", ".join(f"{k} {v:.3f}" for k, v in final.items()))
-
+    run = {"seed": seed, "LayerNorm": accuracy(models["LayerNorm"], x_te, y_te),
+           "PRepBN": accuracy(prep, x_te, y_te)}                 # λ = 0, statistics as training left them
+    normfx.recalibrate_bn(prep, (x_tr[i:i + 256] for i in range(0, len(y_tr), 256)), progress=False)
+    run["PRepBN_recalibrated"] = accuracy(prep, x_te, y_te)
     deployed = normfx.deploy(prep.eval())
-    print(normfx.last_report(deployed).summary())
-    left = sum(isinstance(m, (nn.LayerNorm, nn.modules.batchnorm._BatchNorm)) for m in deployed.modules())
     with torch.no_grad():
-        err = ((deployed(x_te) - prep(x_te)).norm() / prep(x_te).norm()).item()
-    print(f"deployed: {left} normalization modules left, relative error vs the PRepBN model {err:.1e}, "
-          f"accuracy {accuracy(deployed, x_te, y_te):.3f}")
+        run["deploy_rel_err"] = ((deployed(x_te) - prep(x_te)).norm() / prep(x_te).norm()).item()
+    run["deployed"] = accuracy(deployed, x_te, y_te)
+    run["normalization_left"] = sum(isinstance(m, (nn.LayerNorm, nn.modules.batchnorm._BatchNorm))
+                                    for m in deployed.modules())
+    run["folded"] = sum(c.action == "fold" for c in normfx.last_report(deployed).get("fold_repbn").changes)
+    return run, curves, lams, deployed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--out", type=Path, default=Path("examples/out"))
+    ap.add_argument("--results", type=Path, default=RESULTS, help="where the per-seed JSON goes")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    data = load_digits()
+    runs, first = [], None
+    for seed in args.seeds:
+        run, curves, lams, deployed = run_seed(seed, args, data)
+        runs.append(run)
+        first = first or (curves, lams, deployed)
+    curves, lams, deployed = first
+    x_te = data[2]
     report = normfx.export(deployed, x_te[:4], args.out / "prepbn_vit.onnx")
+    runs[0]["onnx"] = {"LayerNormalization": report.op_counts.get("LayerNormalization", 0),
+                       "BatchNormalization": report.op_counts.get("BatchNormalization", 0),
+                       "max_rel": report.outputs[0].max_rel}
+    config = {k: v for k, v in vars(args).items() if k not in ("out", "results")}
+    path = record("prepbn_vit", config, runs, args.results)
+    print(f"test accuracy over seeds {args.seeds} ({path}):")
+    for key in ("LayerNorm", "PRepBN", "PRepBN_recalibrated", "deployed"):
+        print(f"  {key:<20} {mean_std([r[key] for r in runs])}")
+    print(f"deployed: {runs[0]['normalization_left']} normalization modules left, {runs[0]['folded']} RepBNs folded, "
+          f"relative error vs the PRepBN model {max(r['deploy_rel_err'] for r in runs):.1e} (worst seed)")
+
     print(f"ONNX: LayerNormalization {report.op_counts.get('LayerNormalization', 0)}, BatchNormalization "
           f"{report.op_counts.get('BatchNormalization', 0)}, max rel err {report.outputs[0].max_rel:.1e}")
+    print("test accuracy:", ", ".join(f"{k} {mean_std([r[k] for r in runs])}" for k in ("LayerNorm", "PRepBN")))
 
     import matplotlib
 
@@ -105,7 +134,7 @@ def main() -> None:
     ax.set_xlabel("epoch")
     ax.set_ylim(0, 1.02)
     ax.legend(loc="lower right")
-    ax.set_title("ViT on digits: LayerNorm vs progressive RepBN")
+    ax.set_title(f"ViT on digits: LayerNorm vs progressive RepBN (seed {args.seeds[0]})")
     fig.tight_layout()
     fig.savefig(args.out / "prepbn_vit.png", dpi=120)
     print(f"plot: {args.out / 'prepbn_vit.png'}")

@@ -1,6 +1,7 @@
 """The example scripts run end to end (tiny settings; the defaults are what docs/ reports)."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -34,13 +35,21 @@ def test_bn_only_example(tmp_path):
 
 @pytest.mark.slow
 def test_prepbn_vit_example(tmp_path):
-    out = _run("prepbn_vit.py", "--epochs", "1", "--out", str(tmp_path), cwd=tmp_path)
+    out = _run("prepbn_vit.py", "--epochs", "1", "--seeds", "0", "--out", str(tmp_path), "--results", str(tmp_path),
+               cwd=tmp_path)
     assert "test accuracy:" in out and (tmp_path / "prepbn_vit.png").exists()
+    (run,) = json.loads((tmp_path / "prepbn_vit.json").read_text())["runs"]
+    assert {"LayerNorm", "PRepBN", "PRepBN_recalibrated", "deployed"} <= set(run)
+    assert run["normalization_left"] == 0 and run["deploy_rel_err"] < 1e-4
 
 
 @pytest.mark.slow
 def test_fixed_point_example(tmp_path):
-    out = _run("fixed_point.py", "--bits", "4", "8", "--epochs", "1", "--qat-epochs", "1", "--out", str(tmp_path),
-               cwd=tmp_path)
-    assert "PTQ" in out and "QFX" in out and "max abs difference ONNX Runtime vs PyTorch 0.0" in out
+    out = _run("fixed_point.py", "--bits", "4", "8", "--epochs", "1", "--qat-epochs", "1", "--seeds", "0", "1",
+               "--out", str(tmp_path), "--results", str(tmp_path), cwd=tmp_path)
+    assert "PTQ" in out and "QAT" in out and "QFX" in out and "max abs difference ONNX Runtime vs PyTorch 0.0" in out
     assert (tmp_path / "fixed_point_8bit.onnx").exists() and (tmp_path / "fixed_point_8bit.fixed_point.json").exists()
+    stored = json.loads((tmp_path / "fixed_point.json").read_text())
+    assert [r["seed"] for r in stored["runs"]] == [0, 1]
+    assert set(stored["runs"][0]) == {"seed", "float", "PTQ", "QAT", "QFX", "QFX_moved", "casts"}
+    assert stored["command"].startswith("python examples/fixed_point.py") and stored["versions"]["torch"]

@@ -1,0 +1,51 @@
+"""Stored results of the examples: every accuracy the docs publish is written here first (per seed,
+with the command and the versions that produced it) and rendered into the docs from here.
+
+    record("fixed_point", config, runs)   # examples/results/fixed_point.json
+    load("fixed_point")
+
+``examples/render.py`` turns each stored file into the docs tables; ``tests/test_results.py`` fails
+when a docs table and its stored result disagree.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def record(name: str, config: dict, runs: list[dict], results: Path = RESULTS) -> Path:
+    """Write ``results/<name>.json``: the runs (one dict per seed), the configuration, the command
+    line, the versions and the CPU it ran on."""
+    import normfx
+
+    results.mkdir(parents=True, exist_ok=True)
+    path = results / f"{name}.json"
+    data = {
+        "name": name,
+        "command": "python " + " ".join(["examples/" + Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "config": config,
+        "runs": runs,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "normfx": normfx.__version__},
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
+    }
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    return path
+
+
+def load(name: str, results: Path = RESULTS) -> dict:
+    return json.loads((results / f"{name}.json").read_text())
+
+
+def mean_std(values: list[float], digits: int = 3) -> str:
+    """``mean ± std`` (sample standard deviation) over seeds."""
+    m = statistics.fmean(values)
+    s = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{m:.{digits}f} ± {s:.{digits}f}"

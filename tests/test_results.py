@@ -1,0 +1,42 @@
+"""Every results table in docs/ equals its rendering from the stored result (examples/results/*.json):
+a number in the docs that its stored result does not give fails here."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+_spec = importlib.util.spec_from_file_location("normfx_examples_render", ROOT / "examples" / "render.py")
+render = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(render)  # type: ignore[union-attr]
+
+PAGES = sorted((ROOT / "docs").glob("*.md"))
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_docs_tables_equal_their_stored_results(page):
+    text = page.read_text()
+    assert render.render_page(text) == text, f"{page.name}: run python examples/render.py after the example"
+
+
+def test_every_marker_has_a_result_and_a_renderer():
+    names = {m.group(2) for page in PAGES for m in render.MARKER.finditer(page.read_text())}
+    assert names, "no results table in docs/"
+    for name in names:
+        assert name in render.RENDERERS, name
+        data = json.loads((ROOT / "examples" / "results" / f"{name}.json").read_text())
+        assert len(data["runs"]) >= 3, f"{name}: accuracies need at least 3 seeds"
+        assert data["command"] and data["versions"]
+
+
+def test_a_changed_number_is_caught(tmp_path, monkeypatch):
+    page = next(p for p in PAGES if "<!-- results: fixed_point -->" in p.read_text())
+    text = page.read_text()
+    tampered = re.sub(r"(\| float \| )(\d)", lambda m: m.group(1) + str((int(m.group(2)) + 1) % 10), text, count=1)
+    assert tampered != text and render.render_page(tampered) != tampered
