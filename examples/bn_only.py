@@ -1,6 +1,7 @@
 """Training BatchNorm and only BatchNorm (Frankle, Schwab & Morcos, ICLR 2021) on scikit-learn's digits.
 
-    python examples/bn_only.py [--depth 14|32|56] [--epochs 15] [--out examples/out]
+    python examples/bn_only.py [--depth 14|32|56] [--epochs 15] [--seeds 0 1 2] [--out examples/out]
+                               [--results examples/results]
 
 A CIFAR-style ResNet (He et al. 2016: 3 stages of 16/32/64 channels, depth 6n + 2; convs at
 Kaiming-normal init) is trained four ways from the same initial weights and the same batches:
@@ -8,11 +9,15 @@ Kaiming-normal init) is trained four ways from the same initial weights and the 
 * ``all``: every parameter;
 * ``bn_only``: ``normfx.freeze(model, keep=("norm",))``: only BatchNorm's γ and β;
 * ``random``: ``normfx.freeze(model, keep=(), random=N)`` with N the count BN-only trains: as many
-  entries, drawn uniformly at random from the frozen weights (the paper's control);
+  entries, drawn uniformly at random from the frozen weights (a uniform control; the paper's draws
+  per output channel, which normfx does not offer yet);
 * ``head_only``: ``normfx.freeze(model, keep=("head",))``: a linear probe on random features.
 
-It prints a table (trainable entries, test accuracy, share of BN features with |γ| < 0.01) and saves
-``OUT/bn_only_gamma_<config>.png`` (|γ| per depth) and ``OUT/bn_only_accuracy.png``.
+Each seed draws its own initial weights, batch order and random control. The per-seed results go
+to ``results/bn_only_<E>ep.json`` (``examples/render.py`` renders the docs table from it). It prints
+a table (trainable entries, test accuracy, share of BN features with |γ| < 0.01, mean ± std over
+seeds) and saves the first seed's ``OUT/bn_only_gamma_<config>.png`` (|γ| per depth) and
+``OUT/bn_only_accuracy.png``.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ from tqdm import tqdm
 
 import normfx
 from _digits import accuracy, load_digits
+from _results import RESULTS, mean_std, record
 
 CONFIGS = {
     "all": None,
@@ -79,7 +85,7 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-def run(args: argparse.Namespace) -> dict[str, dict]:
+def run(args: argparse.Namespace, plots: bool = True) -> dict[str, dict]:
     torch.manual_seed(args.seed)
     x_tr, y_tr, x_te, y_te = load_digits(size=32)
     base = CifarResNet(args.depth)
@@ -113,7 +119,7 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
                     bar.update()
     results = {}
     for k, m in models.items():
-        d = normfx.lab.disabled_features(m, plot=args.out / f"bn_only_gamma_{k}.png")
+        d = normfx.lab.disabled_features(m, plot=args.out / f"bn_only_gamma_{k}.png" if plots else None)
         results[k] = dict(trainable=normfx.trainable_summary(m).trainable, accuracy=accuracy(m, x_te, y_te),
                           disabled=d.fraction)
     return results
@@ -126,19 +132,29 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--wd", type=float, default=5e-4)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--out", type=Path, default=Path("examples/out"))
+    ap.add_argument("--results", type=Path, default=RESULTS, help="where the per-seed JSON goes")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     args.out.mkdir(parents=True, exist_ok=True)
 
-    results = run(args)
-    print(f"\nResNet-{args.depth} on digits (32×32), {args.epochs} epochs, seed {args.seed}")
-    print(f"{'config':<10} {'trainable':>10} {'test acc':>9} {'|γ|<0.01':>9}")
-    for k, r in results.items():
-        print(f"{k:<10} {r['trainable']:>10,} {r['accuracy']:>9.3f} {100 * r['disabled']:>8.1f}%")
+    runs = []
+    for i, seed in enumerate(args.seeds):
+        args.seed = seed
+        runs.append({"seed": seed, **run(args, plots=i == 0)})
+    config = {k: v for k, v in vars(args).items() if k not in ("out", "results", "seed")}
+    path = record(f"bn_only_{args.epochs}ep", config, runs, args.results)
+    results = runs[0]
+    print(f"\nResNet-{args.depth} on digits (32×32), {args.epochs} epochs, seeds {args.seeds} ({path})")
+    print(f"{'config':<10} {'trainable':>10} {'test acc':>15} {'|γ|<0.01':>9}")
+    for k in args.configs:
+        acc = mean_std([r[k]["accuracy"] for r in runs])
+        disabled = max(r[k]["disabled"] for r in runs)
+        print(f"{k:<10} {results[k]['trainable']:>10,} {acc:>15} {100 * disabled:>8.1f}%")
+    results = {k: v for k, v in results.items() if k != "seed"}
 
     import matplotlib
 

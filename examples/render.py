@@ -59,13 +59,40 @@ def prepbn_vit(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-RENDERERS = {"fixed_point": fixed_point, "prepbn_vit": prepbn_vit}
+
+
+
+def bn_only() -> str:
+    short, long = load("bn_only_15ep"), load("bn_only_30ep")
+    labels = {"all": "all parameters", "bn_only": 'BN only (`keep=("norm",)`)',
+              "random": f"random control (`keep=(), random={short['runs'][0]['bn_only']['trainable']}`)",
+              "head_only": 'head only (`keep=("head",)`)'}
+    n = len(short["runs"])
+    lines = [f"| config | trainable entries | test accuracy, {short['config']['epochs']} epochs | test accuracy, "
+             f"{long['config']['epochs']} epochs | \\|γ\\| < 0.01 (largest over seeds, {short['config']['epochs']} "
+             "epochs) |", "|---|---|---|---|---|"]
+    for key, label in labels.items():
+        disabled = max(r[key]["disabled"] for r in short["runs"])
+        lines.append(f"| {label} | {short['runs'][0][key]['trainable']:,} | "
+                     f"{mean_std([r[key]['accuracy'] for r in short['runs']])} | "
+                     f"{mean_std([r[key]['accuracy'] for r in long['runs']])} | {100 * disabled:.1f}% |")
+    lines += ["", f"Mean ± std over {n} seeds (each its own initial weights, batch order and random draw); "
+              f"`{short['command']}` and `{long['command']}`; torch {short['versions']['torch']}."]
+    return "\n".join(lines) + "\n"
+
+
+# Each docs table: how to render it, and the stored results it is rendered from.
+RENDERERS: dict[str, tuple] = {
+    "fixed_point": (lambda: fixed_point(load("fixed_point")), ["fixed_point"]),
+    "prepbn_vit": (lambda: prepbn_vit(load("prepbn_vit")), ["prepbn_vit"]),
+    "bn_only": (bn_only, ["bn_only_15ep", "bn_only_30ep"]),
+}
 
 
 def render_page(text: str) -> str:
     def sub(m: re.Match) -> str:
-        name = m.group(2)
-        return m.group(1) + RENDERERS[name](load(name)) + m.group(4)
+        render, _ = RENDERERS[m.group(2)]
+        return m.group(1) + render() + m.group(4)
     return MARKER.sub(sub, text)
 
 

@@ -23,7 +23,9 @@ def _run(script: str, *args: str, cwd: Path) -> str:
 @pytest.mark.slow
 def test_bn_only_example(tmp_path):
     out = _run("bn_only.py", "--depth", "8", "--epochs", "1", "--configs", "bn_only", "random", "head_only",
-               "--out", str(tmp_path), cwd=tmp_path)
+               "--seeds", "0", "--out", str(tmp_path), "--results", str(tmp_path), cwd=tmp_path)
+    (stored,) = json.loads((tmp_path / "bn_only_1ep.json").read_text())["runs"]
+    assert stored["seed"] == 0 and stored["bn_only"]["trainable"] == stored["random"]["trainable"]
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] and
             line.split()[0] in ("bn_only", "random", "head_only")}
     assert set(rows) == {"bn_only", "random", "head_only"}
