@@ -133,7 +133,8 @@ def freeze(model: nn.Module, *, keep: Sequence[Role] | Role = ("norm",), random:
     current value.
 
     ``random=N`` also trains N individual entries drawn uniformly (seeded) from the frozen
-    parameters (a uniform control; the paper's draws per output channel, not offered yet); ``"match"`` draws as many as ``keep`` selects. Those entries live
+    parameters (a uniform control; the paper's draws per output channel, not offered yet);
+    ``"match"`` draws as many as ``keep`` selects. Those entries live
     in their own Parameter (``torch.nn.utils.parametrize``), so no optimizer, momentum or weight
     decay can move a frozen entry. State-dict keys stay the original ones; the control adds
     ``<layer>.parametrizations.<tensor>.0.values`` and ``.index``.
