@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-__all__ = ["module_uses", "is_functional_bn", "get_attr", "set_module", "set_param", "module_tensors"]
+__all__ = ["module_uses", "is_functional_bn", "free_name", "get_attr", "set_module", "set_param", "module_tensors"]
 
 
 def module_uses(gm: fx.GraphModule) -> Counter[int]:
@@ -25,6 +25,14 @@ def module_uses(gm: fx.GraphModule) -> Counter[int]:
 
 def is_functional_bn(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in (F.batch_norm,)
+
+
+def free_name(gm: nn.Module, base: str) -> str:
+    """``base``, or ``base_1``, ``base_2``, ...: the first attribute name ``gm`` does not have yet."""
+    name, i = base, 1
+    while hasattr(gm, name):
+        name, i = f"{base}_{i}", i + 1
+    return name
 
 
 def get_attr(gm: nn.Module, target: str):

@@ -14,7 +14,6 @@ Roles (a parameter may have several):
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -23,10 +22,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from normfx.kinds import is_conv_like, is_norm_layer
-from normfx.match import module_tensors
 from normfx.nn.freeze import RandomEntries
 from normfx.report import Skip, SkipReason
-from normfx.trace import trace_regions, untraceable_modules
+from normfx.analysis import analyze
+from normfx.trace import untraceable_modules
 
 __all__ = ["ROLES", "param_roles", "head_layers", "find_heads", "owner_layer", "tensor_name", "TrainableSummary",
            "summarize", "trainable_summary"]
@@ -58,14 +57,22 @@ def head_layers(model: nn.Module) -> tuple[list[str], list[Skip]]:
     """Qualified names of the output layer(s), found from the graph, and what blocked the search.
 
     ``model`` must be traced (``normfx.trace``); a model whose root could not be traced has no graph
-    to search, which the returned Skip says.
+    to search, which the returned Skip says. ``find_heads`` does the same on any model.
     """
-    heads: list[str] = []
-    skips: list[Skip] = []
     if not isinstance(model, fx.GraphModule):
         why = dict(untraceable_modules(model)).get("", "the model's forward could not be traced")
-        return [], [Skip("<output>", SkipReason.UNTRACEABLE, f"no graph to find the head in: {why}")]
-    opaque = {q for q, _ in untraceable_modules(model)}
+        return [], [_no_graph(why)]
+    return _heads_in(model, {q for q, _ in untraceable_modules(model)})
+
+
+def _no_graph(why: str) -> Skip:
+    return Skip("<output>", SkipReason.UNTRACEABLE, f"no graph to find the head in: {why}")
+
+
+def _heads_in(model: fx.GraphModule, opaque: set[str]) -> tuple[list[str], list[Skip]]:
+    """Walk the root graph back from the output to the first Linear/Conv on every path."""
+    heads: list[str] = []
+    skips: list[Skip] = []
     output = next(n for n in model.graph.nodes if n.op == "output")
     stack, seen = list(output.all_input_nodes), set()
     while stack:
@@ -194,9 +201,11 @@ def trainable_summary(model: nn.Module) -> TrainableSummary:
 
 
 def find_heads(model: nn.Module) -> tuple[list[str], list[Skip]]:
-    """``head_layers`` of ``model`` found on a traced twin that shares its tensors: the graph is
-    only read, and ``model`` (whose module tree the result names) is left as it is."""
-    if isinstance(model, fx.GraphModule):
-        return head_layers(model)
-    twin = copy.deepcopy(model, {id(t): t for t in module_tensors(model)})
-    return head_layers(trace_regions(twin))
+    """``head_layers`` of any model: the root's graph is read from an analysis, which leaves
+    ``model`` (whose module tree the result names) as it is and copies nothing."""
+    analysis = analyze(model)
+    root = next((gm for prefix, gm in analysis.regions if prefix == ""), None)
+    if root is None:
+        why = dict(analysis.untraceable).get("", "the model's forward could not be traced")
+        return [], [_no_graph(why)]
+    return _heads_in(root, {q for q, _ in analysis.untraceable})

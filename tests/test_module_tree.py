@@ -182,3 +182,16 @@ def test_activation_casts_land_in_the_smallest_modules():
     with torch.no_grad():
         q(X)
     assert fired == [torch.Size([2, 128, 4, 4])]
+
+
+def test_tune_blocks_survive_pickling_and_deep_copies():
+    import copy
+    import pickle
+
+    model = _resnet()
+    t = normfx.convbn(model, mode="tune")
+    for twin in (pickle.loads(pickle.dumps(t)), copy.deepcopy(t)):
+        assert type(twin.layer1[0].conv1) is type(t.layer1[0].conv1)
+        assert twin.layer1[0].conv1.__dict__["_normfx_bn"] is twin.layer1[0].bn1   # the twin's own BN
+        with torch.no_grad():
+            assert rel_err(twin(X), model(X)) < DEPLOY_RTOL

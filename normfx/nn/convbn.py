@@ -172,12 +172,21 @@ def tune_convbn(x: torch.Tensor, conv: nn.Module, bn: nn.Module) -> torch.Tensor
     return _bn_tail(bn, _folded_forward(x, conv, bn_stats(bn)))
 
 
-class TuneConv(nn.Module):
+class _Swapped(nn.Module):
+    """What the Tune subclasses share: pickling and deep copies rebuild the subclass from the
+    module's own class (the subclass is made at run time, so it cannot be found by name)."""
+
+    _normfx_base: Any
+    _normfx_mixin: type
+
+    def __reduce_ex__(self, protocol):  # type: ignore[override]
+        return _rebuild, (self._normfx_base, self._normfx_mixin), self.__dict__
+
+
+class TuneConv(_Swapped):
     """Mixin of a Tune block's conv (``tune(conv, bn)`` puts it in the conv's class): while its BN
     folds (eval mode, or FrozenBatchNorm) the conv computes ``BN(conv(x))`` as one conv on folded
     weights built inside autograd, and hands the output to its BN to pass through."""
-
-    _normfx_base: Any
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         bn = self.__dict__.get("_normfx_bn")
@@ -187,24 +196,16 @@ class TuneConv(nn.Module):
         bn.__dict__["_normfx_folded"] = weakref.ref(y)
         return y
 
-    def __reduce_ex__(self, protocol):  # type: ignore[override]
-        return _rebuild, (self._normfx_base, TuneConv), self.__dict__
 
-
-class TuneBN(nn.Module):
+class TuneBN(_Swapped):
     """Mixin of a Tune block's BatchNorm: the output its conv folded passes through (a norm-act
     layer's activation still runs); any other input is normalized as the BatchNorm always did."""
-
-    _normfx_base: Any
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         ref = self.__dict__.pop("_normfx_folded", None)
         if ref is not None and ref() is x:
             return _bn_tail(self, x)
         return self._normfx_base.forward(self, x)
-
-    def __reduce_ex__(self, protocol):  # type: ignore[override]
-        return _rebuild, (self._normfx_base, TuneBN), self.__dict__
 
 
 _CLASSES: dict[tuple[type, type], type] = {}
@@ -216,7 +217,8 @@ def _tuned_class(base: type, mixin: type) -> type:
     key = (base, mixin)
     if key not in _CLASSES:
         name = "Tune" + base.__name__
-        _CLASSES[key] = type(name, (mixin, base), {"_normfx_base": base, "__module__": __name__})
+        namespace = {"_normfx_base": base, "_normfx_mixin": mixin, "__module__": __name__}
+        _CLASSES[key] = type(name, (mixin, base), namespace)
     return _CLASSES[key]
 
 

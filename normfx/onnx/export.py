@@ -160,10 +160,8 @@ def export(
             reference = model(*inputs)
         except Exception as e:  # noqa: BLE001 - any failure here means the inputs do not fit
             shapes = ", ".join(str(list(x.shape)) for x in inputs)
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise ExportError(
-                f"the example inputs ({shapes}) do not run through {type(model).__name__}: "
-                f"{type(e).__name__}: {first}"
+                f"the example inputs ({shapes}) do not run through {type(model).__name__}: {first_line(e)}"
             ) from e
     ref_flat, _ = tree_flatten(reference)
     if not all(isinstance(r, torch.Tensor) for r in ref_flat):

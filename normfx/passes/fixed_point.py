@@ -35,7 +35,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
 from normfx.kinds import bn_kind, is_conv_like
-from normfx.match import set_module
+from normfx.match import free_name, set_module
 from normfx.match import get_attr as getattr_path
 from normfx.nn.fixed_point import FixedPoint
 from normfx.nn.fixed_point_bn import FixedPointBatchNorm
@@ -98,13 +98,6 @@ def _integer_indices(gm: fx.GraphModule, node: fx.Node) -> bool:
     return bool(node.users) and all(index_use(u) for u in node.users)
 
 
-def _free_name(gm: fx.GraphModule, base: str) -> str:
-    name, i = base, 1
-    while hasattr(gm, name):
-        name, i = f"{base}_{i}", i + 1
-    return name
-
-
 def _tensor_nodes(gm: fx.GraphModule) -> set[fx.Node]:
     """Nodes that produce tensors (not sizes, dims or other Python values), by a forward dataflow
     pass: inputs, modules and tensor attributes do; ``size()``/``.shape`` and what is computed only
@@ -141,7 +134,7 @@ def insert_fixed_point(gm: fx.GraphModule, *, bits: int = 8, int_bits: float | N
     def add_cast(after: fx.Node, signed: bool, name: str) -> None:
         q = _q(bits, int_bits, rounding, overflow, signed=signed)
         q.site = ("output", str(after.target) if after.op == "call_module" else after.name)
-        qname = _free_name(gm, f"fxq_{after.name}")
+        qname = free_name(gm, f"fxq_{after.name}")
         gm.add_submodule(qname, q)
         users = list(after.users)
         with gm.graph.inserting_after(after):
@@ -174,7 +167,7 @@ def insert_fixed_point(gm: fx.GraphModule, *, bits: int = 8, int_bits: float | N
             if len(ins) == 2 and ins[0] is not ins[1]:
                 q = _q(bits, int_bits, rounding, overflow)
                 q.site = ("inputs", node.name)
-                qname = _free_name(gm, f"fxq_{node.name}_in")
+                qname = free_name(gm, f"fxq_{node.name}_in")
                 gm.add_submodule(qname, q)
                 with gm.graph.inserting_before(node):
                     qa = gm.graph.call_module(qname, (ins[0],))

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from normfx.kinds import forward_source_has
-from normfx.match import get_attr, set_module
+from normfx.match import free_name, get_attr, set_module
 from normfx.nn.repbn import ProgressiveRepBN, RepBN
 from normfx.report import Change, PassResult, Skip, SkipReason
 from normfx.analysis import Outside
@@ -158,7 +158,7 @@ def _swap_functional(gm: fx.GraphModule, node: fx.Node, total_steps: int, eta_in
     eps: Any = a["eps"]
     norm = _LayerNorm(shape, tensors[0], tensors[1], float(eps))
     new = _progressive(norm, int(shape[0]), float(eps), False, total_steps, eta_init)
-    name = _free_name(gm, f"{node.name}_prepbn")
+    name = free_name(gm, f"{node.name}_prepbn")
     gm.add_submodule(name, new)
     with gm.graph.inserting_before(node):
         call = gm.graph.call_module(name, (a["input"],))
@@ -166,11 +166,3 @@ def _swap_functional(gm: fx.GraphModule, node: fx.Node, total_steps: int, eta_in
     node.replace_all_uses_with(call)
     gm.graph.erase_node(node)
     return Change(name, "prepbn", f"functional layer_norm at '{site}'")
-
-
-def _free_name(gm: fx.GraphModule, base: str) -> str:
-    name, i = base, 1
-    while hasattr(gm, name):
-        name, i = f"{base}_{i}", i + 1
-    return name
-
