@@ -1,8 +1,8 @@
-"""Shared plumbing for benchmarks: run each variant in its own process, write docs/benchmarks.md."""
+"""Shared plumbing for benchmarks: run each variant in its own process, store the raw measurements
+(``benchmarks/results/<name>.json``), render docs/benchmarks.md from what is stored."""
 from __future__ import annotations
 
 import argparse
-
 import json
 import os
 import platform
@@ -15,6 +15,50 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def record(name: str, config: dict, raw: dict) -> dict:
+    """Store a benchmark's raw measurements (every process's numbers, per round) with the command,
+    the configuration, the versions and the machine, as ``results/<name>.json``; returns the record."""
+    import normfx
+
+    try:
+        import onnxruntime
+
+        ort = onnxruntime.__version__
+    except ImportError:  # pragma: no cover - onnxruntime is a dependency
+        ort = None
+    data = {
+        "name": name,
+        "command": "python " + " ".join(["benchmarks/" + Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "config": config,
+        "raw": raw,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "normfx": normfx.__version__,
+                     "onnxruntime": ort},
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                    "threads": torch.get_num_threads()},
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
+    return data
+
+
+def load(name: str) -> dict:
+    return json.loads((RESULTS / f"{name}.json").read_text())
+
+
+def machine_line(data: dict) -> str:
+    """The machine and versions a stored result was measured with."""
+    m, v = data["machine"], data["versions"]
+    return (f"{m['cpu']}, {m['cores']} cores, torch {v['torch']}, {m['threads']} threads, "
+            f"Python {v['python']}")
+
+
+def median(values) -> float:
+    import statistics
+
+    return statistics.median(values)
 
 
 def run_variant(script: str, *args: str) -> dict:
@@ -42,24 +86,21 @@ def parse_args(doc: str | None, extra=None) -> argparse.Namespace:
     return ap.parse_args()
 
 
-def machine() -> str:
-    return (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, Python {platform.python_version()}"
-    )
+def replace_section(text: str, name: str, body: str) -> str:
+    """``text`` with the section between ``<!-- name:start/end -->`` markers replaced (or appended)."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{body.strip()}\n{end}"
+    if start in text:
+        return re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+    return text.rstrip() + "\n\n" + block + "\n"
 
 
 def write_section(name: str, body: str) -> None:
     """Replace (or append) the section between ``<!-- name -->`` markers in docs/benchmarks.md."""
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     text = DOC.read_text() if DOC.exists() else (
-        "# Benchmarks\n\nEvery number here was measured by the script named in its section; rerun it to refresh.\n")
-    block = f"{start}\n{body.strip()}\n{end}"
-    if start in text:
-        text = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    DOC.write_text(text)
+        "# Benchmarks\n\nEvery number here is rendered from a stored raw result in `benchmarks/results/` "
+        "(`python benchmarks/render.py`); rerun the script named in a section to measure it again.\n")
+    DOC.write_text(replace_section(text, name, body))
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:

@@ -23,8 +23,6 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 MEM_MODEL, MEM_BATCH, MEM_SIZE = "resnet50", 8, 160
-# The memory table and each model's latency row, stored apart so one part can be rerun.
-OUT = Path(__file__).resolve().parent / "results"
 TRANSFORMS = 15  # per process; the first few pay the process's first page faults, the median does not
 LAT_MODELS = ["resnet50", "resnet152", "mobilenet_v3_large", "densenet121"]
 
@@ -139,16 +137,18 @@ def child_interleaved(name: str, pairs: int) -> dict:
         return {"ratio": interleaved_ratio(lambda: a(x), lambda: b(x), pairs)}
 
 
+MEM_VARIANTS = ["eval", "tune", "tune_keep_w", "deploy"]
+
+
 def main() -> None:
     from _common import parse_args, write_section
 
     def options(ap) -> None:
         ap.add_argument("--only", choices=["memory", "latency"], help="run one part; keep the other's numbers")
         ap.add_argument("--models", nargs="+", choices=LAT_MODELS,
-                        help="latency: rerun these models; the others keep their stored rows")
+                        help="latency: rerun these models; the others keep their stored results")
         ap.add_argument("--rounds", type=int, help="latency: alternating rounds (default 7)")
 
-    OUT.mkdir(exist_ok=True)
     args = parse_args(__doc__, options)
     if args.child is not None:
         kind, *rest = args.child
@@ -165,96 +165,119 @@ def main() -> None:
     reps = 10 if args.quick else 20
     rounds = 1 if args.quick else 3
     lat_rounds = 1 if args.quick else 7
-    me = __file__
     if args.only != "latency":
-        mem_md = _memory(me, rounds, steps)
-        (OUT / "convbn_memory.md").write_text(mem_md)
-    models = [] if args.only == "memory" else args.models or LAT_MODELS
-    lat_md = _latency(me, args.rounds or lat_rounds, reps, models)   # the table from every stored row
-    mem_md = (OUT / "convbn_memory.md").read_text()
-    body = _document(mem_md, lat_md)
+        _memory(rounds, steps)
+    if args.only != "memory":
+        for name in args.models or LAT_MODELS:
+            _latency(name, args.rounds or lat_rounds, reps)
+    body = render()
     write_section("convbn", body)
     print(body)
 
 
-def _memory(me: str, rounds: int, steps: int) -> str:
-    from _common import run_variant, table
+def _memory(rounds: int, steps: int) -> None:
+    from _common import record, run_variant
 
-    mem_runs: dict[str, list[dict]] = {v: [] for v in ["eval", "tune", "tune_keep_w", "deploy"]}
+    runs: dict[str, list[dict]] = {v: [] for v in MEM_VARIANTS}
     for _ in range(rounds):
-        for v in mem_runs:
-            mem_runs[v].append(run_variant(me, "memory", v, str(steps)))
-    mem = {v: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for v, rs in mem_runs.items()}
+        for v in runs:
+            runs[v].append(run_variant(__file__, "memory", v, str(steps)))
+    record("convbn_memory", {"model": MEM_MODEL, "batch": MEM_BATCH, "size": MEM_SIZE, "rounds": rounds,
+                             "steps": steps}, {"runs": runs})
+
+
+def _latency(name: str, rounds: int, reps: int) -> None:
+    """Measure one model (stored apart, so one model can be rerun with more rounds)."""
+    from _common import record, run_variant
+
+    runs: dict[str, list[dict]] = {"eager": [], "fuse": [], "normfx": []}
+    for _ in range(rounds):
+        for v in runs:
+            runs[v].append(run_variant(__file__, "latency", name, v, str(reps)))
+    inter = run_variant(__file__, "interleaved", name, str(4 * reps))["ratio"]
+    record(f"convbn_latency_{name}", {"model": name, "rounds": rounds, "reps": reps, "transforms": TRANSFORMS},
+           {"runs": runs, "interleaved": inter})
+
+
+def _memory_md(data: dict) -> tuple[str, dict]:
+    from _common import median, table
+
+    c = data["config"]
+    mem = {v: {k: median(x[k] for x in rs) for k in rs[0]} for v, rs in data["raw"]["runs"].items()}
     ev, de = mem["eval"], mem["deploy"]
     rows = []
     for v, r in mem.items():
         rows.append([v, f"{r['saved_mib']:.0f}", f"{r['saved_mib'] / ev['saved_mib']:.2f}",
                      f"{r['saved_mib'] / de['saved_mib']:.2f}", f"{r['peak_rss_mib']:.0f}",
                      f"{r['step_s'] * 1e3:.0f}", f"{r['step_s'] / ev['step_s']:.2f}"])
-    intro = (f"Every variant is its own process; the four alternate over {rounds} rounds; medians across rounds "
-             f"of per-process medians of {steps} steps.")
+    intro = (f"Every variant is its own process; the four alternate over {c['rounds']} rounds; medians across "
+             f"rounds of per-process medians of {c['steps']} steps. `{data['command']}`.")
     return intro + "\n\n" + table(["variant", "saved for backward (MiB)", "÷ Eval", "÷ Deploy", "peak RSS (MiB)",
-                                   "step (ms)", "step ÷ Eval"], rows)
+                                     "step (ms)", "step ÷ Eval"], rows), mem
 
 
-def _latency(me: str, rounds: int, reps: int, models: list[str]) -> str:
-    """Measure ``models`` (each one's row is kept in ``results/``), then build the table from the
-    stored rows of every model, so one model can be rerun with more rounds."""
-    from _common import ratio_cell, run_variant, table
+def _latency_md(stored: list[dict]) -> str:
+    from _common import median, ratio_cell, table
 
-    for name in models:
-        runs: dict[str, list[dict]] = {"eager": [], "fuse": [], "normfx": []}
-        for _ in range(rounds):
-            for v in runs:
-                runs[v].append(run_variant(me, "latency", name, v, str(reps)))
-        inter = run_variant(me, "interleaved", name, str(4 * reps))["ratio"]
-        r = {v: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for v, rs in runs.items()}
+    rows = []
+    for data in stored:
+        c, runs, inter = data["config"], data["raw"]["runs"], data["raw"]["interleaved"]
+        r = {v: {k: median(x[k] for x in rs) for k in rs[0]} for v, rs in runs.items()}
         lat_ratio = [b["latency_ms"] / a["latency_ms"] for a, b in zip(runs["fuse"], runs["normfx"])]
         tr_ratio = [b["transform_s"] / a["transform_s"] for a, b in zip(runs["fuse"], runs["normfx"])]
         first_ratio = [b["first_transform_s"] / a["first_transform_s"] for a, b in zip(runs["fuse"], runs["normfx"])]
-        row = [
-            name, f"{r['eager']['latency_ms']:.1f}", f"{r['fuse']['latency_ms']:.1f}",
-            f"{r['normfx']['latency_ms']:.1f}",
-            ratio_cell(lat_ratio), str(rounds), f"{inter:.3f}", f"{r['fuse']['transform_s'] * 1e3:.0f}",
-            f"{r['normfx']['transform_s'] * 1e3:.0f}", ratio_cell(tr_ratio), ratio_cell(first_ratio),
+        rows.append([
+            c["model"], f"{r['eager']['latency_ms']:.1f}", f"{r['fuse']['latency_ms']:.1f}",
+            f"{r['normfx']['latency_ms']:.1f}", ratio_cell(lat_ratio), str(c["rounds"]), f"{inter:.3f}",
+            f"{r['fuse']['transform_s'] * 1e3:.0f}", f"{r['normfx']['transform_s'] * 1e3:.0f}", ratio_cell(tr_ratio),
+            ratio_cell(first_ratio),
             f"{r['eager']['bn_left']} / {r['fuse']['bn_left']} / {r['normfx']['bn_left']}",
-        ]
-        (OUT / f"convbn_latency_{name}.json").write_text(json.dumps({"row": row, "reps": reps}, indent=1))
-    rows = [json.loads((OUT / f"convbn_latency_{n}.json").read_text())["row"]
-            for n in LAT_MODELS if (OUT / f"convbn_latency_{n}.json").exists()]
+        ])
+    c0 = stored[0]["config"]
+    commands = "; ".join(sorted({f"`{d['command']}`" for d in stored}))
     intro = ("Every variant is its own process; eager, fuse and normfx alternate over the rounds given per row; "
-             f"times are medians across rounds of per-process medians ({reps} inference runs, {TRANSFORMS} "
-             "transforms); ratios are medians of per-round ratios, [range over rounds]. \"Same process, "
-             "interleaved\" is a drift-free cross-check: one process holds fuse's and normfx's models and "
-             f"alternates single runs ({4 * reps} pairs, which goes first alternating); it is the median of "
-             "per-pair ratios.")
+             f"times are medians across rounds of per-process medians ({c0['reps']} inference runs, "
+             f"{c0['transforms']} transforms); ratios are medians of per-round ratios, [range over rounds]. "
+             "\"Same process, interleaved\" is a drift-free cross-check: one process holds fuse's and normfx's "
+             f"models and alternates single runs ({4 * c0['reps']} pairs, which goes first alternating); it is the "
+             f"median of per-pair ratios. {commands}.")
     return intro + "\n\n" + table(["model", "eager (ms)", "fuse (ms)", "normfx (ms)", "latency normfx ÷ fuse",
-                                   "rounds", "same process, interleaved",
-                                   "fuse transform (ms)", "normfx transform (ms)", "transform ÷ fuse",
-                                   "first transform in the process ÷ fuse's",
-                                   "BN left: eager / fuse / normfx"], rows)
+                                     "rounds", "same process, interleaved",
+                                     "fuse transform (ms)", "normfx transform (ms)", "transform ÷ fuse",
+                                     "first transform in the process ÷ fuse's",
+                                     "BN left: eager / fuse / normfx"], rows)
 
 
-def _document(mem_md: str, lat_md: str) -> str:
-    from _common import machine
+def render() -> str:
+    """The docs section, from the stored raw results (memory, and each model's latency)."""
+    from _common import RESULTS, load, machine_line
 
+    mem = load("convbn_memory")
+    mem_md, m = _memory_md(mem)
+    lat_md = _latency_md([load(f"convbn_latency_{n}") for n in LAT_MODELS
+                          if (RESULTS / f"convbn_latency_{n}.json").exists()])
+    c = mem["config"]
+    tune, ev, de = m["tune"], m["eval"], m["deploy"]
     return f"""## ConvBN (`benchmarks/convbn.py`)
 
-Machine: {machine()}.
+Machine: {machine_line(mem)}.
 
-### Fine-tuning step, {MEM_MODEL}, batch {MEM_BATCH} at {MEM_SIZE}×{MEM_SIZE}, BatchNorm in eval mode
+### Fine-tuning step, {c['model']}, batch {c['batch']} at {c['size']}×{c['size']}, BatchNorm in eval mode
 
 "Saved for backward" counts the distinct storages autograd keeps, excluding the model's own
 parameters and buffers. `tune_keep_w` is the paper's Tune mode (autograd keeps ω'); `tune` is
 normfx's, which recomputes ω' in backward. Targets: Tune ≤ 0.55 × Eval and ≤ 1.10 × Deploy; step
-time Tune ≤ 1.05 × Eval.
+time Tune ≤ 1.05 × Eval. Measured: Tune saves {tune['saved_mib'] / ev['saved_mib']:.2f} × Eval's and
+{tune['saved_mib'] / de['saved_mib']:.2f} × Deploy's activations, at {tune['step_s'] / ev['step_s']:.2f} × Eval's
+step time.
 
 {mem_md}
 
 ### Deploy vs `torch.fx.experimental.optimization.fuse`, batch 1 at 224×224, eval mode
 
 Targets: latency normfx ÷ fuse ≤ 1.02; transform time no slower than `fuse`; never more BatchNorm
-left than `fuse`.
+left than `fuse`. With 2 shared cores the per-process spread is wide (the range column); the
+same-process interleaved ratio is the drift-free reading of the latency.
 
 {lat_md}
 

@@ -1,6 +1,6 @@
 """Export benchmarks: ``normfx.export`` vs a bare ``torch.onnx.export`` of the original model.
 
-    python benchmarks/export.py            # writes the "export" section of docs/benchmarks.md
+    python benchmarks/export.py            # stores results/export.json, renders docs/benchmarks.md
     python benchmarks/export.py --quick
 
 Both export with the dynamo exporter, a dynamic batch dimension and the same example input (batch 2);
@@ -87,8 +87,50 @@ def child_interleaved(path_bare: str, path_normfx: str, pairs: int) -> dict:
                                        lambda: b.run(None, {b.get_inputs()[0].name: x}), pairs)}
 
 
+NAME = "export"
+
+
+def render() -> str:
+    """The docs section, from the stored raw result."""
+    from _common import load, machine_line, median, ratio_cell, table
+
+    data = load(NAME)
+    c = data["config"]
+    rows = []
+    for name, r in data["raw"]["models"].items():
+        exp, lat = r["export_s"], r["latency_ms"]
+        e_ratio = [b / a for a, b in zip(exp["bare"], exp["normfx"])]
+        l_ratio = [b / a for a, b in zip(lat["bare"], lat["normfx"])]
+        rows.append([name, f"{median(exp['bare']):.1f}", f"{median(exp['normfx']):.1f}", ratio_cell(e_ratio),
+                     f"{median(lat['bare']):.2f}", f"{median(lat['normfx']):.2f}", ratio_cell(l_ratio),
+                     f"{r['interleaved']:.3f}", f"{r['bn_nodes']['bare']} / {r['bn_nodes']['normfx']}"])
+    md = table(["model", "bare export (s)", "normfx.export (s)", "export ÷ bare", "ORT bare (ms)",
+                "ORT normfx (ms)", "ORT latency ÷ bare", "same process, interleaved",
+                "BatchNormalization nodes: bare / normfx"], rows)
+    return f"""## Export (`benchmarks/export.py`)
+
+Machine: {machine_line(data)}; ONNX Runtime {data['versions']['onnxruntime']} with {c['ort_threads']} intra-op
+threads. Each export and each latency measurement is its own process; the two variants alternate over
+{c['rounds']} export round(s) and {c['lat_rounds']} latency round(s) (which variant runs first
+alternates too); times are medians across rounds (latency: of per-process medians of {c['reps']} runs at
+batch 1×3×224×224); ratios are medians of per-round ratios, [range over rounds]. "Same process,
+interleaved" is a drift-free cross-check: one process loads both files and alternates single runs
+({4 * c['reps']} pairs, which goes first alternating); it is the median of per-pair ratios. Both files
+have the same operators (normfx's weights come from the float64 fold), so the latency ratio measures
+the machine's noise around 1.0. The dynamo exporter's own optimizer already folds
+Conv+BatchNormalization in a bare export; what normfx adds is the float64 fold, the sites the
+exporter's rewrite does not handle (ConvTranspose with groups, Linear+BatchNorm1d, BN before a conv,
+FrozenBatchNorm, Tune blocks) and the verification. `{data['command']}`.
+
+Targets: `normfx.export` time (deploy + export + checker + ORT verification at two batch sizes)
+≤ 1.5 × a bare `torch.onnx.export`; ORT latency of normfx's file ≤ 1.0 × the bare file's.
+
+{md}
+"""
+
+
 def main() -> None:
-    from _common import machine, parse_args, ratio_cell as _ratio_cell, run_variant, table, write_section
+    from _common import parse_args, record, run_variant, write_section
 
     args = parse_args(__doc__)
     if args.child is not None:
@@ -105,12 +147,12 @@ def main() -> None:
     rounds, reps = (1, 20) if args.quick else (5, 50)
     lat_rounds = 1 if args.quick else 11  # latency processes are cheap; the VM drifts between processes
     me = __file__
-    rows = []
+    models: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in MODELS:
             paths = {v: str(Path(tmp) / f"{name}-{v}.onnx") for v in ("bare", "normfx")}
-            exp = {v: [] for v in paths}
-            lat = {v: [] for v in paths}
+            exp: dict[str, list[float]] = {v: [] for v in paths}
+            lat: dict[str, list[float]] = {v: [] for v in paths}
             for _ in range(rounds):
                 for v, p in paths.items():
                     exp[v].append(run_variant(me, "export", name, v, p)["export_s"])
@@ -119,40 +161,14 @@ def main() -> None:
                 for v, p in order:
                     lat[v].append(run_variant(me, "latency", p, str(reps))["latency_ms"])
             inter = run_variant(me, "interleaved", paths["bare"], paths["normfx"], str(4 * reps))["ratio"]
-            e = {v: statistics.median(x) for v, x in exp.items()}
-            lt = {v: statistics.median(x) for v, x in lat.items()}
-            e_ratio = [b / a for a, b in zip(exp["bare"], exp["normfx"])]
-            l_ratio = [b / a for a, b in zip(lat["bare"], lat["normfx"])]
             import onnx
 
             bn = {v: sum(n.op_type == "BatchNormalization" for n in onnx.load(p).graph.node) for v, p in paths.items()}
-            rows.append([name, f"{e['bare']:.1f}", f"{e['normfx']:.1f}", _ratio_cell(e_ratio),
-                         f"{lt['bare']:.2f}", f"{lt['normfx']:.2f}", _ratio_cell(l_ratio), f"{inter:.3f}",
-                         f"{bn['bare']} / {bn['normfx']}"])
-    md = table(["model", "bare export (s)", "normfx.export (s)", "export ÷ bare", "ORT bare (ms)",
-                "ORT normfx (ms)", "ORT latency ÷ bare", "same process, interleaved",
-                "BatchNormalization nodes: bare / normfx"], rows)
-    body = f"""## Export (`benchmarks/export.py`)
-
-Machine: {machine()}; ONNX Runtime with {ORT_THREADS} intra-op threads. Each export and each latency
-measurement is its own process; the two variants alternate over {rounds} export round(s) and
-{lat_rounds} latency round(s) (which variant runs first alternates too); times are medians across
-rounds (latency: of per-process medians of {reps} runs at batch 1×3×224×224); ratios are medians of
-per-round ratios, [range over rounds]. "Same process, interleaved" is a drift-free cross-check: one
-process loads both files and alternates single runs ({4 * reps} pairs, which goes first alternating);
-it is the median of per-pair ratios. Both files have the same operators (normfx's weights come
-from the float64 fold), so the latency ratio measures the machine's noise around 1.0. The dynamo exporter's own
-optimizer already folds
-Conv+BatchNormalization in a bare export, so both files have no BatchNormalization node here; what
-normfx adds is the float64 fold, the sites the exporter's rewrite does not handle (ConvTranspose with
-groups, Linear+BatchNorm1d, BN before a conv, FrozenBatchNorm, Tune blocks) and the verification.
-
-Targets: `normfx.export` time (deploy + export + checker + ORT verification at two batch sizes)
-≤ 1.5 × a bare `torch.onnx.export`; ORT latency of normfx's file ≤ 1.0 × the bare file's.
-
-{md}
-"""
-    write_section("export", body)
+            models[name] = {"export_s": exp, "latency_ms": lat, "interleaved": inter, "bn_nodes": bn}
+    record(NAME, {"rounds": rounds, "lat_rounds": lat_rounds, "reps": reps, "ort_threads": ORT_THREADS},
+           {"models": models})
+    body = render()
+    write_section(NAME, body)
     print(body)
 
 

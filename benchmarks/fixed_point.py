@@ -1,6 +1,6 @@
 """Fixed point (QFX): training-step time of the quantized model vs the float model.
 
-    python benchmarks/fixed_point.py            # writes the fixed_point section of docs/benchmarks.md
+    python benchmarks/fixed_point.py            # stores results/fixed_point.json, renders docs/benchmarks.md
     python benchmarks/fixed_point.py --quick    # one round
 
 ResNet-18 (torchvision, random weights), batch 16 at 64×64, SGD step in train mode. Variants, each
@@ -49,8 +49,35 @@ def child(variant: str, steps: int) -> dict:
     return {"step_ms": 1e3 * statistics.median(times)}
 
 
+NAME = "fixed_point"
+
+
+def render() -> str:
+    """The docs section, from the stored raw result."""
+    from _common import load, machine_line, median, ratio_cell, table
+
+    data = load(NAME)
+    runs, c = data["raw"]["runs"], data["config"]
+    rows = []
+    for v in VARIANTS:
+        ms = median(r["step_ms"] for r in runs[v])
+        ratios = [r["step_ms"] / f["step_ms"] for r, f in zip(runs[v], runs["float"])]
+        rows.append([v, f"{ms:.1f}", ratio_cell(ratios)])
+    return f"""## Fixed point (`benchmarks/fixed_point.py`)
+
+Machine: {machine_line(data)}. ResNet-18, batch {c['batch']} at {c['size']}×{c['size']}, one SGD step
+(forward, backward, update) in train mode; each variant its own process, alternating over {c['rounds']}
+round(s); medians of {c['steps']} steps per process, then across rounds; ratios are medians of
+per-round ratios [range]. `fixed8`: `normfx.fixed_point(model, bits=8)` on weights, biases,
+activations, BatchNorm and residual adds, binary points trainable; `fixed8_k2`: with 2-hot BatchNorm
+scales. Target: ≤ 1.5 × float. `{data['command']}`.
+
+{table(["variant", "step (ms)", "÷ float"], rows)}
+"""
+
+
 def main() -> None:
-    from _common import machine, parse_args, ratio_cell, run_variant, table, write_section
+    from _common import parse_args, record, run_variant, write_section
 
     args = parse_args(__doc__)
     if args.child is not None:
@@ -61,22 +88,9 @@ def main() -> None:
     for _ in range(rounds):
         for v in VARIANTS:
             runs[v].append(run_variant(__file__, v, str(steps)))
-    rows = []
-    for v in VARIANTS:
-        ms = statistics.median(r["step_ms"] for r in runs[v])
-        ratios = [r["step_ms"] / f["step_ms"] for r, f in zip(runs[v], runs["float"])]
-        rows.append([v, f"{ms:.1f}", ratio_cell(ratios)])
-    body = f"""## Fixed point (`benchmarks/fixed_point.py`)
-
-Machine: {machine()}. ResNet-18, batch {BATCH} at {SIZE}×{SIZE}, one SGD step (forward, backward,
-update) in train mode; each variant its own process, alternating over {rounds} round(s); medians of
-{steps} steps per process, then across rounds; ratios are medians of per-round ratios [range].
-`fixed8`: `normfx.fixed_point(model, bits=8)` on weights, biases, activations, BatchNorm and residual
-adds, binary points trainable; `fixed8_k2`: with 2-hot BatchNorm scales. Target: ≤ 1.5 × float.
-
-{table(["variant", "step (ms)", "÷ float"], rows)}
-"""
-    write_section("fixed_point", body)
+    record(NAME, {"rounds": rounds, "steps": steps, "batch": BATCH, "size": SIZE}, {"runs": runs})
+    body = render()
+    write_section(NAME, body)
     print(body)
 
 

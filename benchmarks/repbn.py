@@ -1,6 +1,6 @@
 """PRepBN benchmark: latency of the deployed (LayerNorm-free) model vs the original LayerNorm model.
 
-    python benchmarks/repbn.py            # writes the "repbn" section of docs/benchmarks.md
+    python benchmarks/repbn.py            # stores results/repbn_<model>_<engine>.json, renders the docs
     python benchmarks/repbn.py --quick
     python benchmarks/repbn.py --only swin_t:eager --rounds 8   # rerun one cell, keep the others
 
@@ -27,7 +27,6 @@ import torch  # noqa: E402
 MODELS = ["vit_b_16", "swin_t"]
 ENGINES = ["eager", "ort"]
 BATCHES = [1, 8]
-RESULTS = Path(__file__).resolve().parent / "results"  # each cell's last rows, so one cell can be rerun
 ORT_THREADS = 2
 
 
@@ -123,8 +122,56 @@ def child_interleaved(name: str, engine: str, path_ln: str, path_dep: str, reps:
     return out
 
 
+def cell_name(model: str, engine: str) -> str:
+    return f"repbn_{model}_{engine}"
+
+
+def render() -> str:
+    """The docs section, from the stored raw result of every (model, engine) cell."""
+    from _common import RESULTS, load, machine_line, median, ratio_cell, table
+
+    stored = [load(cell_name(m, e)) for m in MODELS for e in ENGINES if (RESULTS / f"{cell_name(m, e)}.json").exists()]
+    rows = []
+    for data in stored:
+        c, raw = data["config"], data["raw"]
+        runs, ops, inter = raw["runs"], raw["ops"], raw["interleaved"]
+        for b in BATCHES:
+            k = f"b{b}_ms"
+            ratios = [d[k] / l_[k] for l_, d in zip(runs["ln"], runs["deployed"])]
+            share = median(r["ln_share"] for r in runs["ln"]) if c["engine"] == "eager" else None
+            rows.append([c["model"], c["engine"], str(b), f"{median(r[k] for r in runs['ln']):.1f}",
+                         f"{median(r[k] for r in runs['deployed']):.1f}", ratio_cell(ratios), str(c["rounds"]),
+                         f"{inter[f'b{b}_ratio']:.3f}", f"{100 * share:.1f}%" if share is not None else "",
+                         f"{ops['ln']['norm_ops']} / {ops['deployed']['norm_ops']}" if c["engine"] == "ort" else ""])
+    md = table(["model", "engine", "batch", "LayerNorm model (ms)", "deployed PRepBN (ms)", "deployed ÷ LN",
+                "rounds", "same process, interleaved",
+                "LayerNorm share of CPU time (profiler)", "norm ops in ONNX: LN model / deployed"], rows)
+    first = stored[0]
+    reps = first["config"]["reps"]
+    commands = "; ".join(f"`{d['command']}` ({d['config']['model']} {d['config']['engine']})" for d in stored)
+    return f"""## PRepBN (`benchmarks/repbn.py`)
+
+Machine: {machine_line(first)}; ONNX Runtime {first['versions']['onnxruntime']} with {first['config']['ort_threads']}
+intra-op threads. Each (model, variant, engine) is its own process; the two variants alternate over the
+rounds given per row (each (model, engine) cell is stored apart in `benchmarks/results/`); times are
+medians across rounds of per-process medians; ratios are medians of per-round ratios, [range over
+rounds] (which variant runs first alternates by round). "Same process, interleaved" is a drift-free
+cross-check: one process holds both variants and alternates single runs ({2 * reps} pairs at batch 1,
+{max(3, 2 * reps // 3)} at batch 8); it is the median of per-pair ratios. {commands}.
+
+Target: never slower, the saving close to LayerNorm's profiled share, no normalization op in the
+exported graph (swin_t keeps 13 sites as one multiply-add each, see docs/repbn.md; those are `Mul`+`Add`,
+not normalization ops). The LayerNorm share bounds the saving; where the per-round range is wider
+than that share, the row says "not slower", not by how much.
+
+{md}
+
+GPU (batch 64, where the paper reports its 2.4 ms / 16.2 ms saving) is not yet measured.
+"""
+
+
 def main() -> None:
-    from _common import machine, parse_args, ratio_cell, run_variant, table, write_section
+    from _common import parse_args, record, run_variant, write_section
 
     def options(ap) -> None:
         ap.add_argument("--only", nargs="+", metavar="MODEL:ENGINE",
@@ -153,7 +200,6 @@ def main() -> None:
             raise SystemExit(f"--only: unknown cell(s) {', '.join(bad)}; cells are MODEL:ENGINE with MODEL in "
                              f"{MODELS} and ENGINE in {ENGINES}")
     me = __file__
-    RESULTS.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         for name in dict.fromkeys(m for m, _ in cells):
             paths = {v: str(Path(tmp) / f"{name}-{v}.onnx") for v in ("ln", "deployed")}
@@ -164,43 +210,10 @@ def main() -> None:
                     for v in (list(runs) if r % 2 == 0 else list(runs)[::-1]):   # who goes first alternates
                         runs[v].append(run_variant(me, "latency", name, v, engine, paths[v], str(reps)))
                 inter = run_variant(me, "interleaved", name, engine, paths["ln"], paths["deployed"], str(2 * reps))
-                rows = []
-                for b in BATCHES:
-                    k = f"b{b}_ms"
-                    ln = statistics.median(r[k] for r in runs["ln"])
-                    dep = statistics.median(r[k] for r in runs["deployed"])
-                    ratios = [d[k] / l_[k] for l_, d in zip(runs["ln"], runs["deployed"])]
-                    share = statistics.median(r["ln_share"] for r in runs["ln"]) if engine == "eager" else None
-                    rows.append([name, engine, str(b), f"{ln:.1f}", f"{dep:.1f}", ratio_cell(ratios),
-                                 f"{inter[f'b{b}_ratio']:.3f}",
-                                 f"{100 * share:.1f}%" if share is not None else "",
-                                 f"{ops['ln']['norm_ops']} / {ops['deployed']['norm_ops']}" if engine == "ort" else ""])
-                cell = {"rows": rows, "rounds": rounds, "reps": reps}
-                (RESULTS / f"repbn_{name}_{engine}.json").write_text(json.dumps(cell, indent=1))
-    stored = {(m, e): json.loads((RESULTS / f"repbn_{m}_{e}.json").read_text())
-              for m in MODELS for e in ENGINES if (RESULTS / f"repbn_{m}_{e}.json").exists()}
-    rows = [row[:6] + [str(cell["rounds"])] + row[6:] for cell in stored.values() for row in cell["rows"]]
-    md = table(["model", "engine", "batch", "LayerNorm model (ms)", "deployed PRepBN (ms)", "deployed ÷ LN",
-                "rounds", "same process, interleaved",
-                "LayerNorm share of CPU time (profiler)", "norm ops in ONNX: LN model / deployed"], rows)
-    body = f"""## PRepBN (`benchmarks/repbn.py`)
-
-Machine: {machine()}; ONNX Runtime with {ORT_THREADS} intra-op threads. Each (model, variant, engine)
-is its own process; the two variants alternate over the rounds given per row (each (model, engine)
-cell's last run is kept in `benchmarks/results/`); times are medians across rounds of per-process
-medians; ratios are medians of per-round ratios, [range over rounds] (which
-variant runs first alternates by round). "Same process, interleaved" is a drift-free cross-check:
-one process holds both variants and alternates single runs ({2 * reps} pairs at batch 1,
-{max(3, 2 * reps // 3)} at batch 8); it is the median of per-pair ratios.
-
-Target: never slower, the saving close to LayerNorm's profiled share, no normalization op in the
-exported graph (swin_t keeps 13 sites as one multiply-add each, see docs/repbn.md; those are `Mul`+`Add`,
-not normalization ops).
-
-{md}
-
-GPU (batch 64, where the paper reports its 2.4 ms / 16.2 ms saving) is not yet measured.
-"""
+                record(cell_name(name, engine), {"model": name, "engine": engine, "rounds": rounds, "reps": reps,
+                                                 "ort_threads": ORT_THREADS},
+                       {"runs": runs, "interleaved": inter, "ops": ops})
+    body = render()
     write_section("repbn", body)
     print(body)
 

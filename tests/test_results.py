@@ -41,3 +41,33 @@ def test_a_changed_number_is_caught(tmp_path, monkeypatch):
     text = page.read_text()
     tampered = re.sub(r"(\| float \| )(\d)", lambda m: m.group(1) + str((int(m.group(2)) + 1) % 10), text, count=1)
     assert tampered != text and render.render_page(tampered) != tampered
+
+
+# --- benchmarks ---------------------------------------------------------------------------------------
+
+_bspec = importlib.util.spec_from_file_location("normfx_benchmarks_render", ROOT / "benchmarks" / "render.py")
+bench_render = importlib.util.module_from_spec(_bspec)
+_bspec.loader.exec_module(bench_render)  # type: ignore[union-attr]
+
+
+def test_benchmarks_page_equals_its_stored_results():
+    """docs/benchmarks.md is what the stored raw measurements render to (python benchmarks/render.py)."""
+    text = (ROOT / "docs" / "benchmarks.md").read_text()
+    assert bench_render.render_page(text) == text, "run python benchmarks/render.py after a benchmark"
+
+
+def test_benchmark_results_are_raw_with_command_and_versions():
+    files = sorted((ROOT / "benchmarks" / "results").glob("*.json"))
+    assert files
+    for f in files:
+        data = json.loads(f.read_text())
+        assert data["command"].startswith("python benchmarks/"), f.name
+        assert data["raw"] and data["versions"]["torch"] and data["machine"]["cores"], f.name
+    # nothing in benchmarks/results that is not a raw JSON record
+    assert not [p.name for p in (ROOT / "benchmarks" / "results").iterdir() if p.suffix != ".json"]
+
+
+def test_a_changed_benchmark_number_is_caught():
+    text = (ROOT / "docs" / "benchmarks.md").read_text()
+    tampered = re.sub(r"(\| tune \| )(\d)", lambda m: m.group(1) + str((int(m.group(2)) + 1) % 10), text, count=1)
+    assert tampered != text and bench_render.render_page(tampered) != tampered
