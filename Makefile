@@ -33,6 +33,8 @@ examples: example
 	$(PY) examples/prepbn_vit.py
 	$(PY) examples/bn_only.py
 	$(PY) examples/fixed_point.py
+	$(PY) examples/evonorm.py
+	$(PY) examples/directpred.py
 	$(PY) examples/render.py
 
 lint: $(STAMP)
@@ -50,6 +52,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/export.py
 	$(PY) benchmarks/repbn.py
 	$(PY) benchmarks/fixed_point.py
+	$(PY) benchmarks/evonorm.py
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache

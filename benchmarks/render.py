@@ -17,7 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import DOC, replace_section  # noqa: E402
 
-SECTIONS = {"convbn": "convbn", "export": "export", "repbn": "repbn", "fixed_point": "fixed_point"}
+SECTIONS = {"convbn": "convbn", "export": "export", "repbn": "repbn", "fixed_point": "fixed_point",
+            "evonorm": "evonorm"}
 
 
 def render_page(text: str) -> str:

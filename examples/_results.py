@@ -44,8 +44,8 @@ def load(name: str, results: Path = RESULTS) -> dict:
     return json.loads((results / f"{name}.json").read_text())
 
 
-def mean_std(values: list[float], digits: int = 3) -> str:
-    """``mean ± std`` (sample standard deviation) over seeds."""
+def mean_std(values: list[float], digits: int = 3, signed: bool = False) -> str:
+    """``mean ± std`` (sample standard deviation) over seeds; ``signed`` shows the mean's sign."""
     m = statistics.fmean(values)
     s = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{m:.{digits}f} ± {s:.{digits}f}"
+    return f"{m:{'+' if signed else ''}.{digits}f} ± {s:.{digits}f}"

@@ -1,29 +1,35 @@
 """Training BatchNorm and only BatchNorm (Frankle, Schwab & Morcos, ICLR 2021) on scikit-learn's digits.
 
-    python examples/bn_only.py [--depth 14|32|56] [--epochs 15] [--seeds 0 1 2] [--out examples/out]
-                               [--results examples/results]
+    python examples/bn_only.py [--depths 14 20 32] [--epochs 15] [--seeds 0 1 2] [--bn-init ones|uniform]
+                               [--out examples/out] [--results examples/results]
 
 A CIFAR-style ResNet (He et al. 2016: 3 stages of 16/32/64 channels, depth 6n + 2; convs at
-Kaiming-normal init) is trained four ways from the same initial weights and the same batches:
+Kaiming-normal init) is trained six ways from the same initial weights and the same batches:
 
 * ``all``: every parameter;
-* ``bn_only``: ``normfx.freeze(model, keep=("norm",))``: only BatchNorm's γ and β;
-* ``random``: ``normfx.freeze(model, keep=(), random=N)`` with N the count BN-only trains: as many
-  entries, drawn uniformly at random from the frozen weights (a uniform control; the paper's draws
-  per output channel, which normfx does not offer yet);
-* ``head_only``: ``normfx.freeze(model, keep=("head",))``: a linear probe on random features.
+* ``bn_only``: ``normfx.freeze(model, keep=("norm",))``: only BatchNorm's γ and β (output layer frozen);
+* ``bn_head``: ``keep=("norm", "head")``: BatchNorm and the output layer;
+* ``random_channel``: ``keep=(), random="per_channel"``: the paper's control, two random entries in
+  each output channel of every conv/linear (as many as the BatchNorms after them hold, plus the
+  output layer's 2 × 10);
+* ``random_uniform``: ``keep=(), random=N`` with N the per-channel control's count, drawn uniformly
+  from every frozen tensor (a second control, not the paper's);
+* ``head_only``: ``keep=("head",)``: a linear probe on random features.
 
-Each seed draws its own initial weights, batch order and random control. The per-seed results go
-to ``results/bn_only_<E>ep.json`` (``examples/render.py`` renders the docs table from it). It prints
-a table (trainable entries, test accuracy, share of BN features with |γ| < 0.01, mean ± std over
-seeds) and saves the first seed's ``OUT/bn_only_gamma_<config>.png`` (|γ| per depth) and
-``OUT/bn_only_accuracy.png``.
+``--bn-init uniform`` draws γ ~ U[0, 1) and sets β = 0 first (the paper's code base, open_lth's
+``bn_initializers.uniform``); ``ones`` keeps torch's γ = 1, β = 0. Each depth in ``--depths`` is a
+run of its own; each seed draws its own initial weights, batch order and random control. Per depth,
+the per-seed results go to ``results/bn_only_resnet<D>_<E>ep_<init>.json`` (rendered into the docs
+by ``examples/render.py``): test accuracy, the share of BN features with |γ| < 0.01 and the share of
+ReLU units never positive on the test split (``normfx.lab.inactive_units``). The first seed's
+|γ| plots go to ``OUT/bn_only_gamma_<config>.png``.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import logging
+import statistics
 from pathlib import Path
 
 import torch
@@ -38,7 +44,9 @@ from _results import RESULTS, mean_std, record
 CONFIGS = {
     "all": None,
     "bn_only": dict(keep=("norm",)),
-    "random": dict(keep=()),  # + random=<BN-only's trainable count>, set in run()
+    "bn_head": dict(keep=("norm", "head")),
+    "random_channel": dict(keep=(), random="per_channel"),
+    "random_uniform": dict(keep=()),  # + random=<random_channel's trainable count>, set in run()
     "head_only": dict(keep=("head",)),
 }
 
@@ -85,18 +93,23 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-def run(args: argparse.Namespace, plots: bool = True) -> dict[str, dict]:
+def run(args: argparse.Namespace, depth: int, plots: bool = True) -> dict[str, dict]:
     torch.manual_seed(args.seed)
     x_tr, y_tr, x_te, y_te = load_digits(size=32)
-    base = CifarResNet(args.depth)
-    n_bn = normfx.trainable_summary(normfx.freeze(base, keep=("norm",))).trainable
+    base = CifarResNet(depth)
+    if args.bn_init == "uniform":  # open_lth's bn_initializers.uniform: γ ~ U[0, 1), β = 0
+        for m in base.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                nn.init.uniform_(m.weight, 0.0, 1.0)
+                nn.init.zeros_(m.bias)
+    n_channel = normfx.trainable_summary(normfx.freeze(base, keep=(), random="per_channel")).trainable
     models = {}
     for name, kwargs in CONFIGS.items():
         if name in args.configs:
             if kwargs is None:
                 models[name] = copy.deepcopy(base)
             else:
-                extra = dict(random=n_bn) if name == "random" else {}
+                extra = dict(random=n_channel) if name == "random_uniform" else {}
                 models[name] = normfx.freeze(base, seed=args.seed, **kwargs, **extra)
     opts = {k: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=args.lr, momentum=0.9,
                                weight_decay=args.wd) for k, m in models.items()}
@@ -104,7 +117,8 @@ def run(args: argparse.Namespace, plots: bool = True) -> dict[str, dict]:
     total = args.epochs * steps_per_epoch
     scheds = {k: torch.optim.lr_scheduler.OneCycleLR(o, args.lr, total_steps=total) for k, o in opts.items()}
     g = torch.Generator().manual_seed(args.seed)
-    with tqdm(total=total * len(models), desc=f"ResNet-{args.depth}, {len(models)} configs", unit="step") as bar:
+    desc = f"ResNet-{depth} seed {args.seed}, {len(models)} configs"
+    with tqdm(total=total * len(models), desc=desc, unit="step") as bar:
         for _ in range(args.epochs):
             perm = torch.randperm(len(y_tr), generator=g)  # one order per epoch, shared by every config
             for i in range(steps_per_epoch):
@@ -120,18 +134,24 @@ def run(args: argparse.Namespace, plots: bool = True) -> dict[str, dict]:
     results = {}
     for k, m in models.items():
         d = normfx.lab.disabled_features(m, plot=args.out / f"bn_only_gamma_{k}.png" if plots else None)
+        u = normfx.lab.inactive_units(m, x_te.split(128))
         results[k] = dict(trainable=normfx.trainable_summary(m).trainable, accuracy=accuracy(m, x_te, y_te),
-                          disabled=d.fraction)
+                          disabled=d.fraction, inactive=u.fraction)
     return results
+
+
+def result_name(depth: int, epochs: int, bn_init: str) -> str:
+    return f"bn_only_resnet{depth}_{epochs}ep_{bn_init}"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--depth", type=int, default=14, help="6n + 2: 14, 32, 56, ...")
+    ap.add_argument("--depths", type=int, nargs="+", default=[14], help="6n + 2: 14, 20, 32, 56, ...")
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--wd", type=float, default=5e-4)
+    ap.add_argument("--bn-init", choices=("ones", "uniform"), default="ones")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--out", type=Path, default=Path("examples/out"))
@@ -141,37 +161,22 @@ def main() -> None:
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     args.out.mkdir(parents=True, exist_ok=True)
 
-    runs = []
-    for i, seed in enumerate(args.seeds):
-        args.seed = seed
-        runs.append({"seed": seed, **run(args, plots=i == 0)})
-    config = {k: v for k, v in vars(args).items() if k not in ("out", "results", "seed")}
-    path = record(f"bn_only_{args.epochs}ep", config, runs, args.results)
-    results = runs[0]
-    print(f"\nResNet-{args.depth} on digits (32×32), {args.epochs} epochs, seeds {args.seeds} ({path})")
-    print(f"{'config':<10} {'trainable':>10} {'test acc':>15} {'|γ|<0.01':>9}")
-    for k in args.configs:
-        acc = mean_std([r[k]["accuracy"] for r in runs])
-        disabled = max(r[k]["disabled"] for r in runs)
-        print(f"{k:<10} {results[k]['trainable']:>10,} {acc:>15} {100 * disabled:>8.1f}%")
-    results = {k: v for k, v in results.items() if k != "seed"}
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    names = list(results)
-    ax.bar(names, [results[k]["accuracy"] for k in names], color="tab:blue")
-    for i, k in enumerate(names):
-        ax.text(i, results[k]["accuracy"] + 0.01, f"{results[k]['trainable']:,} trained", ha="center", fontsize=8)
-    ax.set_ylim(0, 1.1)
-    ax.set_ylabel("test accuracy")
-    ax.set_title(f"ResNet-{args.depth} on digits: what trains")
-    fig.tight_layout()
-    fig.savefig(args.out / "bn_only_accuracy.png", dpi=120)
-    print(f"plots in {args.out}/bn_only_*.png")
+    for depth in args.depths:
+        runs = []
+        for i, seed in enumerate(args.seeds):
+            args.seed = seed
+            runs.append({"seed": seed, **run(args, depth, plots=i == 0 and depth == args.depths[0])})
+        config = {k: v for k, v in vars(args).items() if k not in ("out", "results", "seed", "depths")}
+        path = record(result_name(depth, args.epochs, args.bn_init), {**config, "depth": depth}, runs, args.results)
+        print(f"\nResNet-{depth} on digits (32×32), {args.epochs} epochs, BN init {args.bn_init}, "
+              f"seeds {args.seeds} ({path})")
+        print(f"{'config':<15} {'trainable':>10} {'test acc':>15} {'|γ|<0.01':>9} {'ReLU dead':>10}")
+        for k in args.configs:
+            acc = mean_std([r[k]["accuracy"] for r in runs])
+            disabled = statistics.fmean(r[k]["disabled"] for r in runs)
+            inactive = statistics.fmean(r[k]["inactive"] for r in runs)
+            print(f"{k:<15} {runs[0][k]['trainable']:>10,} {acc:>15} {100 * disabled:>8.1f}% {100 * inactive:>9.1f}%")
+    print(f"|γ| plots in {args.out}/bn_only_gamma_*.png")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,10 @@ BatchNorm (a fixed-point multiply-add with 2-hot scales) and residual adds to ``
   calibration put it (the control that separates "training" from "learning the binary point");
 * ``QFX``: the same start, then the weights and every binary point are trained (straight-through).
 
+K-hot scales count their terms two ways (``k_hot_code``): ``csd`` (signed powers of two, normfx's
+default) and ``binary`` (ones of the magnitude's binary word, QFX's count). PTQ and QFX run with
+each; the table also gives the mean number of terms the deployed BN scales use.
+
 Each seed trains its own float model; the per-seed accuracies go to ``results/fixed_point.json``
 (``examples/render.py`` renders the docs table from it). The QFX model at the widest W of the first
 seed is exported to ONNX and checked bit for bit in ONNX Runtime (with its ``ap_fixed`` sidecar).
@@ -57,6 +61,23 @@ def _casts(model: torch.nn.Module) -> list:
     return [m for m in model.modules() if isinstance(m, normfx.nn.FixedPoint) and m.trainable]
 
 
+@torch.no_grad()
+def _mean_scale_terms(model: torch.nn.Module, code: str) -> float:
+    """Mean number of terms (``code``'s count) of the BN scales ``model`` computes with in eval mode."""
+    from normfx.functional import k_hot_terms
+
+    counts = []
+    for m in model.modules():
+        if isinstance(m, normfx.nn.FixedPointBatchNorm):
+            was = m.training
+            m.eval()
+            scale, _ = m.quantized_scale_shift(*m.scale_shift(m.running_mean.new_zeros(1, m.num_features)))
+            m.train(was)
+            step = float(2.0 ** (m.scale_q.integer_bits().reshape(-1)[0] - m.scale_q.bits))
+            counts.append(k_hot_terms(scale, step, code).double())
+    return float(torch.cat(counts).mean())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 6, 8])
@@ -82,7 +103,8 @@ def main() -> None:
         model = CifarResNet(args.depth)
         train(model, x_tr, y_tr, args.epochs, 3e-3, args.batch, f"float (seed {seed})", seed=seed)
         model.eval()
-        run: dict = {"seed": seed, "float": {}, "PTQ": {}, "QAT": {}, "QFX": {}, "QFX_moved": {}, "casts": {}}
+        run: dict = {"seed": seed, "float": {}, "PTQ": {}, "QAT": {}, "QFX": {}, "QFX_moved": {}, "casts": {},
+                     "PTQ_binary": {}, "QFX_binary": {}, "terms_csd": {}, "terms_binary": {}}
         for b in args.bits:
             run["float"][str(b)] = accuracy(model, x_te, y_te)
             q = normfx.fixed_point(model, bits=b, k_hot=args.k_hot).eval()
@@ -101,17 +123,24 @@ def main() -> None:
             # How many casts' binary points training moved (by at least one integer bit, per channel).
             run["QFX_moved"][str(b)] = sum(int(not torch.equal(s, c.integer_bits())) for s, c in zip(start, _casts(t)))
             run["casts"][str(b)] = len(start)
+            run["terms_csd"][str(b)] = _mean_scale_terms(t, "csd")
             if exported is None and b == max(args.bits):
                 exported = t
+            qb = normfx.fixed_point(model, bits=b, k_hot=args.k_hot, k_hot_code="binary").eval()
+            normfx.calibrate(qb, calib, progress=False)
+            run["PTQ_binary"][str(b)] = accuracy(qb, x_te, y_te)
+            train(qb, x_tr, y_tr, args.qat_epochs, 1e-3, args.batch, f"QFX {b}-bit binary", seed=seed)
+            run["QFX_binary"][str(b)] = accuracy(qb.eval(), x_te, y_te)
+            run["terms_binary"][str(b)] = _mean_scale_terms(qb, "binary")
         runs.append(run)
     config = {k: v for k, v in vars(args).items() if k not in ("out", "results")}
     path = record("fixed_point", config, runs, args.results)
 
     print(f"\nResNet-{args.depth} on digits ({args.size}x{args.size}), test accuracy over seeds {args.seeds}; casts on "
           f"weights, biases, activations, BatchNorm ({args.k_hot}-hot scales) and residual adds ({path})")
-    print(f"{'':<6}" + "".join(f"{f'W={b}':>17}" for b in args.bits))
-    for k in ("float", "PTQ", "QAT", "QFX"):
-        print(f"{k:<6}" + "".join(f"{mean_std([r[k][str(b)] for r in runs]):>17}" for b in args.bits))
+    print(f"{'':<10}" + "".join(f"{f'W={b}':>17}" for b in args.bits))
+    for k in ("float", "PTQ", "QAT", "QFX", "PTQ_binary", "QFX_binary"):
+        print(f"{k:<10}" + "".join(f"{mean_std([r[k][str(b)] for r in runs]):>17}" for b in args.bits))
 
     b = max(args.bits)
     report = normfx.export(exported, x_te[:8], args.out / f"fixed_point_{b}bit.onnx", rtol=0.0, atol=0.0)

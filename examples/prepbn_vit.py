@@ -3,13 +3,20 @@
     python examples/prepbn_vit.py [--epochs 40] [--seeds 0 1 2] [--out examples/out]
                                   [--results examples/results]
 
-Per seed, both runs start from the same initial weights and see the same batches. The PRepBN run
-moves λ from 1 (LayerNorm) to 0 (RepBN) over the first 3/4 of training (SLAB's progressive
-schedule); it is measured at λ = 0, then again after its BatchNorm statistics are recalibrated, then
-deployed (every RepBN folded into a Linear, no normalization left). The per-seed accuracies go to
-``results/prepbn_vit.json`` (``examples/render.py`` renders the docs table). The first seed's
-deployed model is exported to ONNX and verified in ONNX Runtime, and its accuracy and λ curves are
-plotted to ``OUT/prepbn_vit.png``.
+Per seed, every run starts from the same initial weights and sees the same batches:
+
+* ``LayerNorm``: the ViT as built;
+* ``PRepBN``: λ from 1 (LayerNorm) to 0 (RepBN) over the first 3/4 of training (SLAB's progressive
+  schedule: its DeiT-S config reaches λ = 0 after 300k of about 375k iterations);
+* ``PRepBN_ramp50``: the same, λ = 0 after half of training (a shorter ramp, longer at λ = 0);
+* ``PRepBN_warm``: λ = 1 for the first quarter (SLAB's ``warm``), then the ramp to 0 by 3/4;
+* ``RepBN``: λ = 0 from the first step (what SLAB's DeiT-T config does: ``norm_layer=RepBN``).
+
+Each RepBN run is measured at λ = 0 as training left it, then again after ``recalibrate_bn`` (two
+measurements, both stored). The ``PRepBN`` run is deployed (every RepBN folded into a Linear, no
+normalization left). The per-seed accuracies go to ``results/prepbn_vit.json`` (``examples/render.py``
+renders the docs tables). The first seed's deployed model is exported to ONNX and verified in ONNX
+Runtime, and its accuracy and λ curves are plotted to ``OUT/prepbn_vit.png``.
 """
 from __future__ import annotations
 
@@ -37,17 +44,27 @@ def make_vit() -> nn.Module:
     )
 
 
+# RepBN variants: (warm-up, end of the ramp) as fractions of training; λ = 0 from the start for RepBN.
+VARIANTS = {"PRepBN": (0.0, 0.75), "PRepBN_ramp50": (0.0, 0.5), "PRepBN_warm": (0.25, 0.75), "RepBN": (0.0, 0.0)}
+
+
 def run_seed(seed: int, args: argparse.Namespace, data: tuple) -> tuple[dict, dict, list[float], nn.Module]:
-    """Train LayerNorm and PRepBN ViTs from one initialization; the accuracies, curves and deployed model."""
+    """Train the LayerNorm ViT and each RepBN variant from one initialization; the accuracies, curves and
+    the deployed PRepBN model."""
     x_tr, y_tr, x_te, y_te = data
     torch.manual_seed(seed)
     steps_per_epoch = -(-len(y_tr) // args.batch)
     total = args.epochs * steps_per_epoch
-    ramp = int(0.75 * total)
 
     base = make_vit()
-    models = {"LayerNorm": copy.deepcopy(base), "PRepBN": normfx.repbn(base, total_steps=ramp)}
-    sched = normfx.RepBNScheduler(models["PRepBN"])
+    models = {"LayerNorm": copy.deepcopy(base)}
+    scheds = {}
+    for name in args.variants:
+        warm, end = VARIANTS[name]
+        models[name] = normfx.repbn(base, total_steps=max(1, int((end - warm) * total)))
+        scheds[name] = normfx.RepBNScheduler(models[name], warmup_steps=int(warm * total))
+        if end == 0.0:
+            scheds[name].step()   # λ = 0 before the first step
     opts = {k: torch.optim.AdamW(m.parameters(), lr=args.lr, weight_decay=0.05) for k, m in models.items()}
     lrs = {k: torch.optim.lr_scheduler.CosineAnnealingLR(o, total) for k, o in opts.items()}
     curves: dict[str, list[float]] = {k: [] for k in models}
@@ -65,16 +82,18 @@ def run_seed(seed: int, args: argparse.Namespace, data: tuple) -> tuple[dict, di
                 loss.backward()
                 opts[k].step()
                 lrs[k].step()
-            sched.step()
-        lams.append(sched.lam)
+            for sched in scheds.values():
+                sched.step()
+        lams.append(scheds["PRepBN"].lam)
         for k, m in models.items():
             curves[k].append(accuracy(m, x_te, y_te))
 
+    run = {"seed": seed, "LayerNorm": accuracy(models["LayerNorm"], x_te, y_te)}
+    for name in args.variants:
+        run[name] = accuracy(models[name], x_te, y_te)            # λ = 0, statistics as training left them
+        normfx.recalibrate_bn(models[name], (x_tr[i:i + 256] for i in range(0, len(y_tr), 256)), progress=False)
+        run[f"{name}_recalibrated"] = accuracy(models[name], x_te, y_te)
     prep = models["PRepBN"]
-    run = {"seed": seed, "LayerNorm": accuracy(models["LayerNorm"], x_te, y_te),
-           "PRepBN": accuracy(prep, x_te, y_te)}                 # λ = 0, statistics as training left them
-    normfx.recalibrate_bn(prep, (x_tr[i:i + 256] for i in range(0, len(y_tr), 256)), progress=False)
-    run["PRepBN_recalibrated"] = accuracy(prep, x_te, y_te)
     deployed = normfx.deploy(prep.eval())
     with torch.no_grad():
         run["deploy_rel_err"] = ((deployed(x_te) - prep(x_te)).norm() / prep(x_te).norm()).item()
@@ -91,9 +110,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                    help="RepBN runs next to LayerNorm (PRepBN is always run: it is the one deployed)")
     ap.add_argument("--out", type=Path, default=Path("examples/out"))
     ap.add_argument("--results", type=Path, default=RESULTS, help="where the per-seed JSON goes")
     args = ap.parse_args()
+    args.variants = ["PRepBN"] + [v for v in args.variants if v != "PRepBN"]
     logging.basicConfig(level=logging.WARNING)
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -112,14 +134,14 @@ def main() -> None:
     config = {k: v for k, v in vars(args).items() if k not in ("out", "results")}
     path = record("prepbn_vit", config, runs, args.results)
     print(f"test accuracy over seeds {args.seeds} ({path}):")
-    for key in ("LayerNorm", "PRepBN", "PRepBN_recalibrated", "deployed"):
-        print(f"  {key:<20} {mean_std([r[key] for r in runs])}")
+    keys = ["LayerNorm"] + [k for v in args.variants for k in (v, f"{v}_recalibrated")] + ["deployed"]
+    for key in keys:
+        print(f"  {key:<28} {mean_std([r[key] for r in runs])}")
     print(f"deployed: {runs[0]['normalization_left']} normalization modules left, {runs[0]['folded']} RepBNs folded, "
           f"relative error vs the PRepBN model {max(r['deploy_rel_err'] for r in runs):.1e} (worst seed)")
 
     print(f"ONNX: LayerNormalization {report.op_counts.get('LayerNormalization', 0)}, BatchNormalization "
           f"{report.op_counts.get('BatchNormalization', 0)}, max rel err {report.outputs[0].max_rel:.1e}")
-    print("test accuracy:", ", ".join(f"{k} {mean_std([r[k] for r in runs])}" for k in ("LayerNorm", "PRepBN")))
 
     import matplotlib
 
@@ -128,8 +150,8 @@ def main() -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     epochs = range(1, args.epochs + 1)
-    for k, c in curves.items():
-        ax.plot(epochs, c, label=f"{k} test accuracy")
+    for k in ("LayerNorm", "PRepBN"):
+        ax.plot(epochs, curves[k], label=f"{k} test accuracy")
     ax.plot(epochs, lams, "k--", label="λ (PRepBN)")
     ax.set_xlabel("epoch")
     ax.set_ylim(0, 1.02)

@@ -26,7 +26,9 @@ def fixed_point(data: dict) -> str:
     bits = data["config"]["bits"]
     rows = [("float", "float"), ("PTQ (calibrate only)", "PTQ"),
             ("QAT (weights trained, binary points fixed at calibration)", "QAT"),
-            ("QFX (weights and binary points trained)", "QFX")]
+            ("QFX (weights and binary points trained)", "QFX"),
+            ("PTQ, binary K-hot scales (`k_hot_code=\"binary\"`)", "PTQ_binary"),
+            ("QFX, binary K-hot scales", "QFX_binary")]
     lines = [f"| test accuracy, mean ± std over {len(runs)} seeds | " + " | ".join(f"W = {b}" for b in bits) + " |",
              "|---|" + "---|" * len(bits)]
     for label, key in rows:
@@ -35,49 +37,132 @@ def fixed_point(data: dict) -> str:
     moved = " | ".join(f"{sum(r['QFX_moved'][str(b)] for r in runs)} of {sum(r['casts'][str(b)] for r in runs)}"
                        for b in bits)
     lines.append(f"| binary points QFX training moved (over seeds) | {moved} |")
+    for code in ("csd", "binary"):
+        cells = " | ".join(f"{sum(r[f'terms_{code}'][str(b)] for r in runs) / len(runs):.2f}" for b in bits)
+        lines.append(f"| mean terms per BN scale after QFX, `{code}` count | {cells} |")
     lines.append("")
     lines.append(f"`{data['command']}`; seeds {', '.join(str(r['seed']) for r in runs)}; "
                  f"torch {data['versions']['torch']}.")
     return "\n".join(lines) + "\n"
 
 
+PREPBN_LABELS = {
+    "PRepBN": "PRepBN: λ 1 → 0 over the first 3/4 of training",
+    "PRepBN_ramp50": "PRepBN: λ 1 → 0 over the first half",
+    "PRepBN_warm": "PRepBN: λ = 1 for the first quarter (SLAB's `warm`), then 1 → 0 by 3/4",
+    "RepBN": "RepBN from the first step (λ = 0 throughout; SLAB's DeiT-T config)",
+}
+
+
 def prepbn_vit(data: dict) -> str:
     runs = data["runs"]
     r0 = runs[0]
-    rows = [("LayerNorm", "LayerNorm"), ("PRepBN (λ = 0)", "PRepBN"),
-            ("PRepBN after `recalibrate_bn`", "PRepBN_recalibrated"),
-            (f"deployed ({r0['folded']} RepBNs folded, {r0['normalization_left']} normalization modules left)",
-             "deployed")]
-    lines = [f"| model | test accuracy, mean ± std over {len(runs)} seeds |", "|---|---|"]
-    lines += [f"| {label} | {mean_std([r[key] for r in runs])} |" for label, key in rows]
+    variants = [v for v in PREPBN_LABELS if v in r0]
+    lines = ["| model | test accuracy at the end of training | after `recalibrate_bn` | "
+             "difference to LayerNorm (after recalibration) |", "|---|---|---|---|"]
+    ln = [r["LayerNorm"] for r in runs]
+    lines.append(f"| LayerNorm | {mean_std(ln)} | — | — |")
+    for v in variants:
+        diff = [r[f"{v}_recalibrated"] - r["LayerNorm"] for r in runs]
+        lines.append(f"| {PREPBN_LABELS[v]} | {mean_std([r[v] for r in runs])} | "
+                     f"{mean_std([r[f'{v}_recalibrated'] for r in runs])} | {mean_std(diff, signed=True)} |")
+    lines.append(f"| PRepBN deployed ({r0['folded']} RepBNs folded, {r0['normalization_left']} normalization "
+                 f"modules left) | {mean_std([r['deployed'] for r in runs])} | — | — |")
     onnx = r0["onnx"]
-    lines += ["", f"Deployed vs PRepBN model: at most {max(r['deploy_rel_err'] for r in runs):.1e} relative (over "
-              f"seeds). ONNX export of seed {r0['seed']}: {onnx['LayerNormalization']} `LayerNormalization`, "
-              f"{onnx['BatchNormalization']} `BatchNormalization`, ONNX Runtime vs PyTorch max rel err "
-              f"{onnx['max_rel']:.1e}. `{data['command']}`; seeds {', '.join(str(r['seed']) for r in runs)}; "
-              f"torch {data['versions']['torch']}."]
+    lines += ["", f"Mean ± std over {len(runs)} seeds (each its own initial weights and batch order, shared by "
+              f"every row). Deployed vs recalibrated PRepBN model: at most "
+              f"{max(r['deploy_rel_err'] for r in runs):.1e} relative (over seeds). ONNX export of seed "
+              f"{r0['seed']}: {onnx['LayerNormalization']} `LayerNormalization`, {onnx['BatchNormalization']} "
+              f"`BatchNormalization`, ONNX Runtime vs PyTorch max rel err {onnx['max_rel']:.1e}. "
+              f"`{data['command']}`; torch {data['versions']['torch']}."]
     return "\n".join(lines) + "\n"
 
 
+BN_ONLY_LABELS = {
+    "all": "all parameters",
+    "bn_only": 'BN only (`keep=("norm",)`), output layer frozen',
+    "bn_head": 'BN and output layer (`keep=("norm", "head")`)',
+    "random_channel": 'paper\'s control: 2 random entries per output channel (`keep=(), random="per_channel"`)',
+    "random_uniform": "uniform control: as many entries drawn from every frozen tensor (`keep=(), random=N`)",
+    "head_only": 'output layer only (`keep=("head",)`)',
+}
+BN_ONLY_SOURCES = ["bn_only_resnet14_15ep_ones", "bn_only_resnet20_15ep_ones", "bn_only_resnet32_15ep_ones",
+                   "bn_only_resnet14_15ep_uniform"]
 
+
+def _bn_column(data: dict) -> str:
+    c = data["config"]
+    return f"ResNet-{c['depth']}, γ {'~ U[0, 1)' if c['bn_init'] == 'uniform' else '= 1'}"
 
 
 def bn_only() -> str:
-    short, long = load("bn_only_15ep"), load("bn_only_30ep")
-    labels = {"all": "all parameters", "bn_only": 'BN only (`keep=("norm",)`)',
-              "random": f"random control (`keep=(), random={short['runs'][0]['bn_only']['trainable']}`)",
-              "head_only": 'head only (`keep=("head",)`)'}
-    n = len(short["runs"])
-    lines = [f"| config | trainable entries | test accuracy, {short['config']['epochs']} epochs | test accuracy, "
-             f"{long['config']['epochs']} epochs | \\|γ\\| < 0.01 (largest over seeds, {short['config']['epochs']} "
-             "epochs) |", "|---|---|---|---|---|"]
-    for key, label in labels.items():
-        disabled = max(r[key]["disabled"] for r in short["runs"])
-        lines.append(f"| {label} | {short['runs'][0][key]['trainable']:,} | "
-                     f"{mean_std([r[key]['accuracy'] for r in short['runs']])} | "
-                     f"{mean_std([r[key]['accuracy'] for r in long['runs']])} | {100 * disabled:.1f}% |")
-    lines += ["", f"Mean ± std over {n} seeds (each its own initial weights, batch order and random draw); "
-              f"`{short['command']}` and `{long['command']}`; torch {short['versions']['torch']}."]
+    results = [load(name) for name in BN_ONLY_SOURCES]
+    head = "| config | " + " | ".join(_bn_column(d) for d in results) + " |"
+    lines = ["Test accuracy (trainable entries):", "", head, "|---|" + "---|" * len(results)]
+    for key, label in BN_ONLY_LABELS.items():
+        cells = []
+        for d in results:
+            runs = d["runs"]
+            cells.append(f"{mean_std([r[key]['accuracy'] for r in runs])} ({runs[0][key]['trainable']:,})"
+                         if key in runs[0] else "not run")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "Disabled features, mean over seeds: share of BatchNorm channels with |γ| < 0.01 / share of "
+              "ReLU units never positive on the test split:", "", head, "|---|" + "---|" * len(results)]
+    for key, label in BN_ONLY_LABELS.items():
+        cells = []
+        for d in results:
+            runs = d["runs"]
+            if key not in runs[0]:
+                cells.append("not run")
+                continue
+            g = sum(r[key]["disabled"] for r in runs) / len(runs)
+            a = sum(r[key]["inactive"] for r in runs) / len(runs)
+            cells.append(f"{100 * g:.1f}% / {100 * a:.1f}%")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    n = len(results[0]["runs"])
+    lines += ["", f"Mean ± std over {n} seeds (each its own initial weights, batch order and random draw), "
+              f"{results[0]['config']['epochs']} epochs; " + "; ".join(f"`{d['command']}`" for d in results)
+              + f"; torch {results[0]['versions']['torch']}."]
+    return "\n".join(lines) + "\n"
+
+
+def evonorm(data: dict) -> str:
+    runs, c = data["runs"], data["config"]
+    batches = [str(b) for b in c["batches"]]
+    head = ("| model | " + " | ".join(f"test accuracy, batch {b}" for b in batches) + " | "
+            + " | ".join(f"step time ÷ BN-ReLU, batch {b}" for b in batches) + " |")
+    lines = [head, "|---|" + "---|" * (2 * len(batches))]
+    for k in ("BN-ReLU", "EvoNorm-B0", "EvoNorm-S0"):
+        acc = [mean_std([r[b][k]["accuracy"] for r in runs]) for b in batches]
+        ratio = [mean_std([r[b][k]["step_ms"] / r[b]["BN-ReLU"]["step_ms"] for r in runs], digits=2)
+                 for b in batches]
+        lines.append(f"| {k} | " + " | ".join(acc + ratio) + " |")
+    lines += ["", f"Mean ± std over {len(runs)} seeds (each its own initial weights and batch order, shared by the "
+              f"three models); step time: median training step per model, in the same process, steps "
+              f"interleaved. `{data['command']}`; torch {data['versions']['torch']}."]
+    return "\n".join(lines) + "\n"
+
+
+DIRECTPRED_LABELS = {
+    "two_layer_bn": "two-layer predictor with BatchNorm (trained; SimSiam's)",
+    "linear": "linear predictor (trained)",
+    "directpred": "DirectPred (`normfx.directpred(model)`)",
+    "directcopy": 'DirectCopy (`normfx.directpred(model, mode="directcopy")`)',
+}
+
+
+def directpred(data: dict) -> str:
+    runs = data["runs"]
+    lines = ["| predictor | kNN test accuracy (k = 5) | linear-probe test accuracy |", "|---|---|---|"]
+    for k, label in DIRECTPRED_LABELS.items():
+        lines.append(f"| {label} | {mean_std([r[k]['knn'] for r in runs])} | "
+                     f"{mean_std([r[k]['linear_probe'] for r in runs])} |")
+    last = [r["spectrum"][-1] for r in runs]
+    above = [sum(v > 0.01 for v in sp) for sp in last]
+    lines += ["", f"Mean ± std over {len(runs)} seeds (each its own initial weights, batches and augmentations, "
+              f"shared by the four runs), {data['config']['epochs']} epochs. At the end of training DirectPred's F "
+              f"has {min(above)}–{max(above)} of {len(last[0])} eigenvalues above 1% of the largest (over seeds). "
+              f"`{data['command']}`; torch {data['versions']['torch']}."]
     return "\n".join(lines) + "\n"
 
 
@@ -85,7 +170,9 @@ def bn_only() -> str:
 RENDERERS: dict[str, tuple] = {
     "fixed_point": (lambda: fixed_point(load("fixed_point")), ["fixed_point"]),
     "prepbn_vit": (lambda: prepbn_vit(load("prepbn_vit")), ["prepbn_vit"]),
-    "bn_only": (bn_only, ["bn_only_15ep", "bn_only_30ep"]),
+    "bn_only": (bn_only, BN_ONLY_SOURCES),
+    "evonorm": (lambda: evonorm(load("evonorm")), ["evonorm"]),
+    "directpred": (lambda: directpred(load("directpred")), ["directpred"]),
 }
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 
 from normfx import lab
-from normfx.api import calibrate, convbn, deploy, fixed_point, freeze, repbn
+from normfx.api import calibrate, convbn, deploy, directpred, evonorm, fixed_point, freeze, repbn
 from normfx.nn.repbn import RepBNScheduler, recalibrate_bn
 from normfx.errors import (AlreadyTransformedError, ExportError, NormfxError, RepBNNotFinishedError,
                            SpecializedCallError, TraceFailure, TrainingModeError)
@@ -21,6 +21,8 @@ __all__ = [
     "convbn",
     "deploy",
     "repbn",
+    "evonorm",
+    "directpred",
     "freeze",
     "trainable_summary",
     "TrainableSummary",

@@ -9,15 +9,19 @@ from torch.nn.utils import parametrize
 from tqdm import tqdm
 
 from normfx.errors import AlreadyTransformedError
-from normfx.functional import Overflow, Rounding, fixed_mode
+from normfx.functional import K_HOT_CODES, KHotCode, Overflow, Rounding, fixed_mode
 from normfx.nn.fixed_point import FixedPoint
+from normfx.match import set_module
+from normfx.nn.directpred import DirectPred, Mode
+from normfx.nn.evonorm import PRESETS, Preset
 from normfx.passes import DEPLOY_STEPS, Step
 from normfx.passes.fixed_point import TARGETS, Target, insert_fixed_point, insert_fixed_point_outside
+from normfx.passes.evonorm import swap_evonorm, swap_evonorm_outside
 from normfx.passes.fold_convbn import ConvBNMode, fold_convbn, fold_convbn_outside
 from normfx.passes.freeze import freeze_model
 from normfx.roles import ROLES
 from normfx.passes.swap_layernorm import swap_layernorm, swap_layernorm_outside
-from normfx.report import Report, attach_report
+from normfx.report import Change, PassResult, Report, attach_report
 from normfx.runner import copy_model, transform
 
 __all__ = ["convbn", "deploy", "repbn", "freeze", "fixed_point", "calibrate"]
@@ -118,11 +122,110 @@ def repbn(model: nn.Module, *, total_steps: int, eta_init: float = 1.0, inplace:
         inplace=inplace)
 
 
+def evonorm(model: nn.Module, *, variant: Literal["B0", "S0"] = "B0", groups: int = 32, eps: float | None = None,
+            preset: Preset = "paper", inplace: bool = False) -> nn.Module:
+    """BatchNorm and the activation after it → one EvoNorm layer (Liu et al., NeurIPS 2020).
+
+    Every ``BatchNorm2d`` a traced graph calls (stem included) and every timm ``BatchNormAct2d``:
+    with an activation (ReLU, SiLU, GELU, ... module, function or method) as its only user it
+    becomes ``normfx.nn.EvoNorm2dB0``/``EvoNorm2dS0`` with the nonlinearity and the activation goes;
+    with no activation after it, the variant without nonlinearity (``x·γ + β``). A BatchNorm whose
+    output feeds an activation and something else is skipped with its reason. γ and β are the
+    BatchNorm's own; ``v`` starts at 1; B0's running variance starts from the BatchNorm's.
+
+    It changes the function (a different normalization, meant to be trained): not exact.
+
+    Args:
+        model: any ``nn.Module``; never modified unless ``inplace=True``.
+        variant: ``"B0"`` (batch and instance statistics) or ``"S0"`` (group statistics, batch-free).
+        groups: S0's channel groups, lowered (with a warning) until they divide a layer's channels.
+        eps: ε under the square roots; ``None`` takes the preset's.
+        preset: ``"paper"`` (the authors' reference code: ε 1e-5, decay 0.9, biased running variance)
+            or ``"timm"`` (``timm/layers/evo_norm.py``: B0 ε 1e-3, unbiased running variance).
+        inplace: swap the caller's modules instead of a copy's.
+
+    Raises:
+        ValueError: an unknown variant or preset, or ``groups < 1``.
+
+    Example:
+        >>> m = normfx.evonorm(torchvision.models.resnet18(), variant="S0")
+        >>> normfx.last_report(m).summary().splitlines()[0]
+        'evonorm: 20 sites, 20 transformed, 0 skipped'
+    """
+    if variant not in ("B0", "S0"):
+        raise ValueError(f"variant must be 'B0' or 'S0', got {variant!r}")
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {list(PRESETS)}, got {preset!r}")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    if eps is not None and not eps > 0:
+        raise ValueError(f"eps must be positive, got {eps}")
+    opts: dict[str, Any] = dict(variant=variant, groups=groups, eps=eps, preset=preset)
+    return transform(model, [Step("evonorm", lambda gm: swap_evonorm(gm, **opts),
+                                  lambda m, o: swap_evonorm_outside(m, o), view="module")], inplace=inplace)
+
+
+def directpred(model: nn.Module, *, predictor: str = "predictor", rho: float = 0.3, eps: float = 0.01,
+               freq: int = 1, power: float = 0.5, mode: Mode = "directpred", dim: int | None = None,
+               inplace: bool = False) -> nn.Module:
+    """Replace the predictor of a BYOL/SimSiam-style model with ``normfx.nn.DirectPred`` (Tian et al.,
+    ICML 2021): a bias-free linear map set from its inputs' correlation, not trained by gradients.
+
+    After each optimizer step call ``normfx.nn.directpred.step_all(model)`` (or ``.step()`` on the
+    module): training forwards only collect ``E[f fᵀ]``; the step folds it into F and sets W.
+    ``normfx.deploy`` bakes W into a plain bias-free Linear.
+
+    Args:
+        model: any ``nn.Module``; never modified unless ``inplace=True``.
+        predictor: qualified name of the submodule to replace (any module, e.g. lightly's or
+            solo-learn's prediction head).
+        rho, eps, freq, power, mode: see ``normfx.nn.DirectPred`` (``mode="directcopy"``: Wang et
+            al.'s ``W = F/‖F‖ + εI``).
+        dim: the feature size; by default read from the predictor's first and last Linear.
+        inplace: swap the caller's module instead of a copy's.
+
+    Raises:
+        ValueError: no submodule ``predictor``; its feature size cannot be read (pass ``dim``) or
+            its input and output sizes differ.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(8, 4))
+        >>> net.add_module("predictor", nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 4)))
+        >>> m = normfx.directpred(net)
+        >>> m.predictor
+        DirectPred(4, mode='directpred', rho=0.3, eps=0.01, freq=1, power=0.5)
+    """
+    names = dict(model.named_modules())
+    if not predictor or predictor not in names:
+        close = [n for n in names if n and n.split(".")[-1] == predictor.split(".")[-1]]
+        raise ValueError(f"{type(model).__name__} has no submodule {predictor!r}"
+                         + (f"; did you mean {close[0]!r}?" if close else "; pass predictor='<qualified name>'"))
+    old = names[predictor]
+    if dim is None:
+        linears = [m for m in old.modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise ValueError(f"cannot read the feature size of {predictor!r} ({type(old).__name__}): pass dim=")
+        if linears[0].in_features != linears[-1].out_features:
+            raise ValueError(f"{predictor!r} maps {linears[0].in_features} features to {linears[-1].out_features}; "
+                             "a DirectPred predictor maps a space to itself")
+        dim = linears[0].in_features
+    new = DirectPred(int(dim), rho=rho, eps=eps, freq=freq, power=power, mode=mode)
+    ref = next(iter(old.parameters()), None)
+    if ref is not None:
+        new = new.to(device=ref.device)
+    out = model if inplace else copy_model(model, share_tensors=False)[0]
+    set_module(out, predictor, new.train(old.training))
+    attach_report(out, Report((PassResult("directpred", (Change(predictor, "directpred", f"{type(old).__name__} → "
+                                                                         f"{new.extra_repr()}"),), ()),), ()))
+    return out
+
+
 Role = Literal["norm", "head", "bias"]
 """A parameter role ``freeze(keep=...)`` can keep trainable (``normfx.roles.ROLES``)."""
 
 
-def freeze(model: nn.Module, *, keep: Sequence[Role] | Role = ("norm",), random: int | Literal["match"] = 0,
+def freeze(model: nn.Module, *, keep: Sequence[Role] | Role = ("norm",),
+           random: int | Literal["match", "per_channel"] = 0,
            seed: int = 0, freeze_stats: bool = False, inplace: bool = False) -> nn.Module:
     """Freeze every parameter except the roles in ``keep`` (Frankle et al.'s BatchNorm-only training).
 
@@ -132,9 +235,11 @@ def freeze(model: nn.Module, *, keep: Sequence[Role] | Role = ("norm",), random:
     biases). Every parameter's ``requires_grad`` is set: kept roles train, the rest is frozen at its
     current value.
 
-    ``random=N`` also trains N individual entries drawn uniformly (seeded) from the frozen
-    parameters (a uniform control; the paper's draws per output channel, not offered yet);
-    ``"match"`` draws as many as ``keep`` selects. Those entries live
+    ``random="per_channel"`` is the paper's control: it also trains two entries drawn at random
+    (seeded) in each output channel of every frozen conv/linear weight, as many as the BatchNorms
+    after them hold. ``random=N`` is a uniform control instead: N entries drawn uniformly from every
+    frozen tensor (biases and norm parameters included); ``"match"`` draws as many as ``keep``
+    selects. Those entries live
     in their own Parameter (``torch.nn.utils.parametrize``), so no optimizer, momentum or weight
     decay can move a frozen entry. State-dict keys stay the original ones; the control adds
     ``<layer>.parametrizations.<tensor>.0.values`` and ``.index``.
@@ -142,7 +247,8 @@ def freeze(model: nn.Module, *, keep: Sequence[Role] | Role = ("norm",), random:
     Args:
         model: any ``nn.Module`` (or a normfx result); never modified unless ``inplace=True``.
         keep: roles that stay trainable, any of ``"norm"``, ``"head"``, ``"bias"``; ``()`` freezes all.
-        random: number of random frozen entries to train, or ``"match"``.
+        random: ``"per_channel"`` (two per output channel of each frozen conv/linear), a number of
+            entries drawn uniformly from all frozen tensors, or ``"match"`` (as many as ``keep`` selects).
         seed: seed of the random draw.
         freeze_stats: BatchNorms whose γ/β are frozen also stop updating their running statistics:
             they run in eval mode (running statistics used) whatever ``model.train()`` says.
@@ -150,7 +256,8 @@ def freeze(model: nn.Module, *, keep: Sequence[Role] | Role = ("norm",), random:
 
     Raises:
         ValueError: an unknown role; a role in ``keep`` that selects nothing (a model without
-            normalization layers, a head that cannot be found); ``random`` out of range.
+            normalization layers, a head that cannot be found); ``random`` out of range;
+            ``random="per_channel"`` on a model with no frozen conv/linear weight.
 
     Example:
         >>> m = normfx.freeze(torchvision.models.resnet18(), keep=("norm",))
@@ -158,8 +265,9 @@ def freeze(model: nn.Module, *, keep: Sequence[Role] | Role = ("norm",), random:
         9600
     """
     keep_set = _check_keep(keep)
-    if not (random == "match" or (isinstance(random, int) and not isinstance(random, bool) and random >= 0)):
-        raise ValueError(f"random must be a non-negative int or 'match', got {random!r}")
+    if not (random in ("match", "per_channel")
+            or (isinstance(random, int) and not isinstance(random, bool) and random >= 0)):
+        raise ValueError(f"random must be a non-negative int, 'match' or 'per_channel', got {random!r}")
     # Flags only: the model keeps its module tree (no trace of it is returned); the copy owns its tensors.
     out = model if inplace else copy_model(model, share_tensors=False)[0]
     result, notes = freeze_model(out, keep_set, random, seed, freeze_stats)
@@ -179,7 +287,7 @@ def fixed_point(model: nn.Module, *, bits: int = 8, int_bits: float | None = Non
                 rounding: Rounding = "nearest_even", overflow: Overflow = "saturate",
                 targets: Sequence[Target] = TARGETS,
                 per_channel: bool = False, k_hot: int | None = None, k_hot_weights: bool = False,
-                fold_bn: bool = False, inplace: bool = False) -> nn.Module:
+                k_hot_code: KHotCode = "csd", fold_bn: bool = False, inplace: bool = False) -> nn.Module:
     """Insert trainable fixed-point casts (QFX): ``ap_fixed<bits, I, rounding, overflow>`` with a
     trainable binary point ``I`` on weights, biases, activations, BatchNorm and residual adds.
 
@@ -194,8 +302,10 @@ def fixed_point(model: nn.Module, *, bits: int = 8, int_bits: float | None = Non
             (AP_SAT_SYM), ``"wrap"`` (AP_WRAP).
         targets: which of ``"weight"``, ``"bias"``, ``"activation"``, ``"norm"``, ``"add"`` to cast.
         per_channel: one binary point per output channel for conv/linear weights.
-        k_hot: BatchNorm scales become sums of at most K signed powers of two (shift-and-add).
+        k_hot: BatchNorm scales become K-hot: at most K terms (a multiplier of K shifts and adds).
         k_hot_weights: conv/linear weights become K-hot too (needs ``k_hot``).
+        k_hot_code: how the K terms count: ``"csd"`` (signed powers of two ``±2^e``, canonical signed
+            digit) or ``"binary"`` (ones in the magnitude's binary word, QFX's count; fewer values).
         fold_bn: fold BatchNorm into its conv first (``convbn(mode="deploy")``; the model must be in
             eval mode) and quantize the folded weights, instead of keeping a fixed-point BN.
         inplace: transform the caller's modules instead of a copy.
@@ -215,11 +325,13 @@ def fixed_point(model: nn.Module, *, bits: int = 8, int_bits: float | None = Non
         raise ValueError(f"k_hot must be 1 to 4 terms, got {k_hot}")
     if k_hot_weights and not k_hot:
         raise ValueError("k_hot_weights=True needs k_hot=K (the number of signed powers of two)")
+    if k_hot_code not in K_HOT_CODES:
+        raise ValueError(f"k_hot_code must be one of {list(K_HOT_CODES)}, got {k_hot_code!r}")
     _refuse_existing_casts(model)
     opts: dict[str, Any] = dict(
         bits=int(bits), int_bits=int_bits, rounding=fixed_mode(rounding, "rounding"),
         overflow=fixed_mode(overflow, "overflow"), targets=tuple(targets), per_channel=per_channel, k_hot=k_hot,
-        k_hot_weights=k_hot_weights)
+        k_hot_weights=k_hot_weights, k_hot_code=k_hot_code)
     steps = [_convbn_step("deploy")] if fold_bn else []
     steps.append(Step("fixed_point", lambda gm: insert_fixed_point(gm, **opts),
                       lambda m, o: insert_fixed_point_outside(m, o, **opts), view="module"))

@@ -11,6 +11,7 @@ its dtype and loses nothing to the fold itself.
 """
 from __future__ import annotations
 
+import itertools
 from typing import Literal, NamedTuple
 
 import torch
@@ -19,7 +20,7 @@ __all__ = [
     "bn_scale_shift", "fold_bn_after", "fold_bn_before", "scale_is_safe", "out_channel_view",
     "ROUNDING", "OVERFLOW", "Rounding", "Overflow", "fixed_mode", "integer_range", "round_fixed", "overflow_fixed",
     "fixed_point_cast",
-    "k_hot_table", "k_hot_project",
+    "k_hot_table", "k_hot_project", "k_hot_terms", "KHotCode", "K_HOT_CODES",
 ]
 
 
@@ -253,13 +254,51 @@ def csd_terms(value: float, k: int, exponents: range) -> float:
     return min(cands, key=lambda c: (abs(c - value), abs(c)))
 
 
-def k_hot_table(k: int, exponents: range, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Every value with at most ``k`` non-zero signed-power-of-two terms from ``exponents``, sorted."""
+KHotCode = Literal["csd", "binary"]
+"""How a K-hot value counts its terms: ``"csd"`` — at most K signed powers of two ``±2^e`` (canonical
+signed digit; a shift-and-add/subtract multiplier); ``"binary"`` — at most K ones in the binary word
+of its magnitude, the sign applied separately (QFX's count; a shift-and-add multiplier)."""
+
+K_HOT_CODES: tuple[str, ...] = ("csd", "binary")
+
+
+def k_hot_table(k: int, exponents: range, dtype: torch.dtype = torch.float64, code: KHotCode = "csd") -> torch.Tensor:
+    """Every value with at most ``k`` terms ``2^e``, ``e`` in ``exponents``, sorted.
+
+    ``code="csd"``: terms are signed (``±2^e``, mixed signs allowed); ``code="binary"``: the terms are
+    distinct powers of two of one sign (at most ``k`` ones in the magnitude's binary word). Every
+    binary value is a CSD value; CSD reaches more (``7 = 8 − 1`` is 2-hot in CSD, 3-hot in binary).
+    """
+    if code == "binary":
+        mags = [sum(2.0 ** e for e in c) for r in range(k + 1) for c in itertools.combinations(exponents, r)]
+        m = torch.tensor(mags, dtype=torch.float64)
+        return (torch.unique(torch.cat([m, -m])) + 0.0).to(dtype)   # + 0.0: no negative zero
+    if code != "csd":
+        raise ValueError(f"unknown K-hot code {code!r}; use one of {K_HOT_CODES}")
     vals = torch.zeros(1, dtype=torch.float64)
     terms = torch.tensor([s * 2.0 ** e for e in exponents for s in (1, -1)], dtype=torch.float64)
     for _ in range(k):
         vals = torch.unique(torch.cat([vals, (vals[:, None] + terms[None, :]).reshape(-1)]))
     return vals.to(dtype)
+
+
+def k_hot_terms(x: torch.Tensor, step: float, code: KHotCode = "csd") -> torch.Tensor:
+    """How many terms each value of ``x`` (a multiple of ``step``) needs: non-zero digits of its
+    non-adjacent form (``"csd"``, the fewest signed powers of two) or ones in the binary word of
+    its magnitude (``"binary"``)."""
+    n = torch.round(x.double() / step).abs().to(torch.long)
+    count = torch.zeros_like(n)
+    if code == "binary":
+        while bool((n > 0).any()):
+            count += n & 1
+            n = n >> 1
+        return count
+    while bool((n > 0).any()):   # NAF: a digit ±1 wherever n is odd, chosen so n - d is divisible by 4
+        odd = n & 1
+        d = torch.where(odd.bool(), 2 - (n & 3), torch.zeros_like(n))
+        count += odd
+        n = (n - d) >> 1
+    return count
 
 
 def k_hot_project(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:

@@ -170,6 +170,28 @@ def test_k_hot_weights():
         normfx.fixed_point(_net(), k_hot_weights=True)
 
 
+def test_k_hot_binary_code_counts_ones_of_the_word():
+    """k_hot_code="binary": every BN scale has at most K ones in its magnitude's binary word (fewer
+    values than CSD's K signed terms: 7·2^-3 is 2-hot in CSD, 3-hot in binary); the code survives
+    deploy and shows in the report and repr."""
+    q = normfx.fixed_point(_net(), bits=6, k_hot=2, k_hot_code="binary").eval()
+    normfx.calibrate(q, [XQ])
+    d = normfx.deploy(q)
+    assert torch.equal(d(XQ), q(XQ))
+    step = 2.0 ** (float(d.bn1.scale_q.integer_bits()) - 6)
+    assert all(bin(abs(round(v / step))).count("1") <= 2 for v in d.bn1.deployed_scale.tolist())
+    binary = set(q.bn1.scale_q.k_hot_table().tolist())
+    csd = normfx.fixed_point(_net(), bits=6, k_hot=2).bn1.scale_q
+    with torch.no_grad():
+        csd.int_bits.copy_(q.bn1.scale_q.int_bits)
+    assert binary < set(csd.k_hot_table().tolist())
+    assert "k_hot_code='binary'" in repr(q.bn1.scale_q)
+    assert "(binary)" in next(c.detail for c in normfx.last_report(normfx.fixed_point(
+        _net(), k_hot=2, k_hot_code="binary")).changes if c.site == "bn1")
+    with pytest.raises(ValueError, match="k_hot_code must be one of"):
+        normfx.fixed_point(_net(), k_hot=2, k_hot_code="naf")
+
+
 def test_plain_bn_after_a_fixed_point_conv_is_not_folded():
     q = normfx.fixed_point(_net().eval(), bits=8, targets=("weight", "bias")).eval()
     d = normfx.deploy(q)

@@ -65,8 +65,9 @@ def _trainable_mask(model: nn.Module) -> dict[str, torch.Tensor]:
     lambda ps: torch.optim.AdamW(ps, lr=0.1, weight_decay=0.5),
 ], ids=["sgd_momentum", "adamw"])
 @pytest.mark.parametrize("kwargs", [dict(keep=("norm",)), dict(keep=("norm",), random=500),
-                                    dict(keep=(), random=9600), dict(keep=("head", "bias"))],
-                         ids=["bn_only", "bn_plus_random", "random_only", "head_bias"])
+                                    dict(keep=(), random=9600), dict(keep=("head", "bias")),
+                                    dict(keep=(), random="per_channel")],
+                         ids=["bn_only", "bn_plus_random", "random_only", "head_bias", "per_channel"])
 def test_frozen_entries_never_move(make_opt, kwargs):
     m = normfx.freeze(_resnet18(), **kwargs)
     before, mask = _snapshot(m), _trainable_mask(m)
@@ -148,6 +149,55 @@ def test_random_trains_exactly_n_entries_seeded():
     s = normfx.trainable_summary(m)
     assert s.by_role["random"] == s.by_role["norm"] == _norm_count(base)
     assert not any("bn" in n and n.endswith(".values") for n, _ in m.named_parameters())
+
+
+def test_per_channel_control_draws_two_entries_in_every_output_channel():
+    """Frankle et al.'s control: two trainable entries in each output channel of every frozen conv
+    and linear weight (ResNet-18: 2 × (9,600 / 2 BN channels + 10 classes)), none elsewhere; seeded."""
+    from normfx.nn.freeze import random_entries
+    from normfx.passes.freeze import output_channels
+
+    base = _resnet18()
+    m = normfx.freeze(base, keep=(), random="per_channel", seed=5)
+    s = normfx.trainable_summary(m)
+    assert s.trainable == s.by_role["random"] == _norm_count(base) + 2 * 10
+    layers = {n: x for n, x in base.named_modules() if isinstance(x, (nn.Conv2d, nn.Linear))}
+    drawn = {n: random_entries(x) for n, x in m.named_modules() if random_entries(x)}
+    assert set(drawn) == set(layers)
+    for name, entries in drawn.items():
+        assert set(entries) == {"weight"}
+        channels = output_channels(layers[name], layers[name].weight)[entries["weight"].index]
+        assert torch.equal(torch.bincount(channels), torch.full((layers[name].weight.shape[0],), 2))
+    again = normfx.freeze(base, keep=(), random="per_channel", seed=5)
+    other = normfx.freeze(base, keep=(), random="per_channel", seed=6)
+    idx = {n: b for n, b in m.named_buffers() if n.endswith(".index")}
+    assert all(torch.equal(idx[n], b) for n, b in again.named_buffers() if n.endswith(".index"))
+    assert any(not torch.equal(idx[n], b) for n, b in other.named_buffers() if n.endswith(".index"))
+    # with BN kept trainable too, the heads still count (they are frozen); a kept head is not drawn from
+    h = normfx.freeze(base, keep=("head",), random="per_channel")
+    assert normfx.trainable_summary(h).by_role["random"] == _norm_count(base)
+    # on its own output: the control in place is kept, nothing drawn twice
+    twice = normfx.freeze(m, keep=(), random="per_channel")
+    assert normfx.trainable_summary(twice).trainable == s.trainable
+
+
+@pytest.mark.parametrize("layer,shape", [(nn.ConvTranspose2d(6, 8, 3, groups=2), (2, 6, 5, 5)),
+                                         (nn.Conv1d(4, 6, 3, groups=2), (2, 4, 7)),
+                                         (nn.Linear(5, 3), (2, 5)), (nn.Conv2d(3, 4, 1), (2, 3, 4, 4))],
+                         ids=["convT_groups", "conv1d_groups", "linear", "conv1x1"])
+def test_output_channel_of_every_entry(layer, shape):
+    """The output channel an entry feeds, checked by perturbing it and seeing which output moves."""
+    from normfx.passes.freeze import output_channels
+
+    x = torch.randn(shape)
+    oc = output_channels(layer, layer.weight)
+    base = layer(x).detach()
+    for i in range(layer.weight.numel()):
+        with torch.no_grad():
+            layer.weight.view(-1)[i] += 1.0
+            moved = (layer(x) - base).abs().transpose(0, 1).reshape(base.shape[1], -1).amax(1)
+            layer.weight.view(-1)[i] -= 1.0
+        assert (moved > 1e-6).nonzero().reshape(-1).tolist() == [int(oc[i])], i
 
 
 def test_random_entries_start_at_the_original_values():
@@ -314,6 +364,11 @@ def test_bad_input_is_a_clear_error():
         normfx.freeze(_resnet18(), keep=(), random="match")
     with pytest.raises(ValueError, match="random must be"):
         normfx.freeze(_resnet18(), random=-1)
+    with pytest.raises(ValueError, match="random must be a non-negative int, 'match' or 'per_channel'"):
+        normfx.freeze(_resnet18(), random="per-channel")
+    ln_only = nn.Sequential(nn.LayerNorm(4))
+    with pytest.raises(ValueError, match="random='per_channel' found no frozen conv/linear weight"):
+        normfx.freeze(ln_only, keep=(), random="per_channel")
     mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     with pytest.raises(ValueError, match="Sequential has no normalization layer with parameters"):
         normfx.freeze(mlp, keep=("norm",))
@@ -346,3 +401,49 @@ def test_disabled_features_counts_and_plots(tmp_path):
     assert normfx.lab.disabled_features(m, threshold=0.5).disabled > d.disabled
     with pytest.raises(ValueError, match="no BatchNorm layer"):
         normfx.lab.disabled_features(nn.Linear(2, 2))
+
+
+class _ReluNet(nn.Module):
+    """Functional, method and module ReLUs, one module called twice; channel 0 of ``a`` is dead."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(4, 6)
+
+    def forward(self, x):
+        a = torch.nn.functional.relu(self.bn(self.conv(x)))
+        b = self.act(a - 10.0)                 # every channel dead
+        c = self.act(a)                        # the same module again: a site of its own
+        h = self.fc(c.mean((2, 3))).relu()
+        return h + b.mean() + 0 * a.sum()
+
+
+def test_inactive_units_counts_never_positive_channels():
+    m = _ReluNet()
+    with torch.no_grad():
+        m.bn.bias.copy_(torch.tensor([-100.0, 0.0, 0.0, 5.0]))   # channel 0 never fires, channel 3 always
+    batches = [torch.randn(8, 3, 6, 6) for _ in range(3)]
+    u = normfx.lab.inactive_units(m, batches)
+    sites = {s.name: s for s in u.sites}
+    assert len(sites) == 4 and u.samples == 24
+    assert sites["relu"].inactive == 1 and sites["relu"].channels == 4
+    assert sites["act"].inactive == 4                        # a − 10 ≤ 0 everywhere
+    assert sites["act_1"].inactive == 1                      # the second call of the same module
+    assert sites["relu_1"].channels == 6
+    assert u.inactive == sum(s.inactive for s in u.sites) and u.channels == 18
+    assert u.fraction == u.inactive / 18 and "never positive" in u.summary()
+    # read only: the caller's model keeps its mode, modules and output
+    m.train()
+    x = batches[0]
+    before = m.eval()(x)
+    m.train()
+    normfx.lab.inactive_units(m, batches)
+    assert m.training and not any("probe" in n for n, _ in m.named_modules())
+    assert torch.equal(m.eval()(x), before)
+    with pytest.raises(ValueError, match="no traced ReLU"):
+        normfx.lab.inactive_units(nn.Sequential(nn.Linear(2, 2)), [torch.randn(1, 2)])
+    with pytest.raises(ValueError, match="at least one batch"):
+        normfx.lab.inactive_units(m, [])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 
 import torch
 import torch.nn as nn
@@ -91,6 +92,36 @@ def test_bn_before_conv_folds_only_where_exact(case):
     assert rel_err(d(x), model(x)) < DEPLOY_RTOL
 
 
+def _binary_ones(value: float, lsb_exp: int) -> int:
+    """Ones in the binary word of ``|value|`` on the grid of ``2^lsb_exp``."""
+    n = round(value / 2.0 ** lsb_exp)
+    assert n * 2.0 ** lsb_exp == value, "value is off the grid"
+    return bin(abs(n)).count("1")
+
+
+@settings(max_examples=60, deadline=None)
+@given(k=st.integers(1, 3), lo=st.integers(-4, 2), width=st.integers(1, 6), code=st.sampled_from(["csd", "binary"]))
+def test_k_hot_table_is_every_value_with_k_terms(k, lo, width, code):
+    """The table holds exactly the grid values whose term count is at most K, and k_hot_terms counts
+    them as the reference counters do."""
+    from normfx.functional import k_hot_table, k_hot_terms
+
+    table = k_hot_table(k, range(lo, lo + width), code=code)
+    step = 2.0 ** lo
+    terms = [2.0 ** e for e in range(lo, lo + width)]
+    if code == "binary":   # distinct powers of one sign
+        sums = {sum(c) for r in range(k + 1) for c in itertools.combinations(terms, r)}
+    else:                  # any K signed powers, repeats allowed
+        signed = [s * t for t in terms for s in (1, -1)]
+        sums = {sum(c) for r in range(k + 1) for c in itertools.combinations_with_replacement(signed, r)}
+    expected = sums | {-v for v in sums} if code == "binary" else sums
+    assert set(table.tolist()) == {v + 0.0 for v in expected}
+    count = (lambda v: _signed_digit_terms(v, lo)) if code == "csd" else (lambda v: _binary_ones(v, lo))
+    assert all(count(v) <= k for v in table.tolist())
+    assert torch.equal(k_hot_terms(table, step, code), torch.tensor([count(v) for v in table.tolist()]))
+    assert not torch.signbit(table[table == 0]).any()
+
+
 def _signed_digit_terms(value: float, lsb_exp: int) -> int:
     """The fewest signed powers of two summing to ``value`` (its non-adjacent form's weight)."""
     n = round(value / 2.0 ** lsb_exp)
@@ -108,16 +139,18 @@ def _signed_digit_terms(value: float, lsb_exp: int) -> int:
 @given(per_channel=st.booleans(), k=st.integers(1, 3), bits=st.integers(3, 8),
        rounding=st.sampled_from(["nearest_even", "half_up", "floor", "trunc", "half_away"]),
        overflow=st.sampled_from(["saturate", "saturate_sym", "wrap", "saturate_zero"]),
-       int_bits=st.lists(st.integers(-2, 3), min_size=4, max_size=4), seed=st.integers(0, 2**16))
-def test_k_hot_weights_deploy_bit_for_bit(per_channel, k, bits, rounding, overflow, int_bits, seed):
+       int_bits=st.lists(st.integers(-2, 3), min_size=4, max_size=4), seed=st.integers(0, 2**16),
+       code=st.sampled_from(["csd", "binary"]))
+def test_k_hot_weights_deploy_bit_for_bit(per_channel, k, bits, rounding, overflow, int_bits, seed, code):
     """Issue 11.2: deploy bakes exactly the K-hot weights the trained model computed with, each a
-    sum of at most K signed powers of two on its own channel's grid."""
+    sum of at most K signed powers of two (``csd``) or with at most K ones in its magnitude's word
+    (``binary``) on its own channel's grid."""
     g = torch.Generator().manual_seed(seed)
     model = nn.Sequential(nn.Linear(6, 4))
     with torch.no_grad():
         model[0].weight.copy_(torch.randn(4, 6, generator=g) * 0.7)
     q = normfx.fixed_point(model, bits=bits, per_channel=per_channel, k_hot=k, k_hot_weights=True,
-                           rounding=rounding, overflow=overflow, targets=("weight",))
+                           rounding=rounding, overflow=overflow, targets=("weight",), k_hot_code=code)
     cast = q.get_submodule("0").parametrizations.weight[0]
     with torch.no_grad():  # binary points as training may leave them, different per channel
         cast.int_bits.copy_(torch.tensor(int_bits[: cast.int_bits.numel()], dtype=torch.float32))
@@ -132,4 +165,5 @@ def test_k_hot_weights_deploy_bit_for_bit(per_channel, k, bits, rounding, overfl
     for row, w_row in enumerate(deployed_w):
         lsb = int(ib[row if ib.numel() > 1 else 0]) - bits
         for v in w_row.tolist():
-            assert _signed_digit_terms(v, lsb) <= k, (v, lsb)
+            terms = _signed_digit_terms(v, lsb) if code == "csd" else _binary_ones(v, lsb)
+            assert terms <= k, (v, lsb, code)

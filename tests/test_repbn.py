@@ -128,6 +128,28 @@ def test_scheduler_sequence_and_state_dict():
     assert {float(m.lam) for m in p2.modules() if isinstance(m, ProgressiveRepBN)} == {0.75}
 
 
+def test_scheduler_warmup_holds_lambda_at_one_then_ramps():
+    """SLAB's ``warm``: λ stays 1 for warmup_steps, then falls over total_steps; the warm-up
+    survives a state_dict round trip mid-ramp; bad values are refused."""
+    p = normfx.repbn(_deit(), total_steps=4)
+    sched = normfx.RepBNScheduler(p, warmup_steps=2)
+    seen = []
+    for _ in range(8):
+        seen.append(sched.lam)
+        sched.step()
+    assert seen == [1.0, 1.0, 1.0, 0.75, 0.5, 0.25, 0.0, 0.0]
+    sched2 = normfx.RepBNScheduler(p)
+    sched = normfx.RepBNScheduler(p, warmup_steps=2)
+    for _ in range(4):
+        sched.step()
+    sched2.load_state_dict(sched.state_dict())
+    assert sched2.warmup_steps == 2 and sched2.lam == 0.5
+    assert {float(m.lam) for m in p.modules() if isinstance(m, ProgressiveRepBN)} == {0.5}
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="warmup_steps"):
+            normfx.RepBNScheduler(p, warmup_steps=bad)
+
+
 def test_forwards_do_not_move_lambda():
     p = normfx.repbn(_deit(), total_steps=10)
     sched = normfx.RepBNScheduler(p)

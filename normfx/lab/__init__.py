@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+from normfx.lab.activations import InactiveUnits, ReluSite, inactive_units
 from normfx.lab.features import DisabledFeatures, LayerGammas, disabled_features
 
-__all__ = ["disabled_features", "DisabledFeatures", "LayerGammas"]
+__all__ = ["disabled_features", "DisabledFeatures", "LayerGammas", "inactive_units", "InactiveUnits", "ReluSite"]

@@ -21,7 +21,7 @@ import math
 import torch
 import torch.nn as nn
 
-from normfx.functional import (OVERFLOW, ROUNDING, fixed_mode, integer_range, k_hot_project, k_hot_table,
+from normfx.functional import (OVERFLOW, ROUNDING, KHotCode, fixed_mode, integer_range, k_hot_project, k_hot_table,
                                 overflow_fixed, round_fixed)
 
 __all__ = ["FixedPoint", "fixed_point_qdq", "exporting"]
@@ -183,7 +183,8 @@ class FixedPoint(nn.Module):
         self.register_buffer("observed_max", torch.zeros(channels))
         self.observing = False
         self.export_form = False
-        self.k_hot: int | None = None  # project the cast value to at most K signed powers of two
+        self.k_hot: int | None = None  # project the cast value to at most K powers of two
+        self.k_hot_code: str = "csd"   # how the K terms count: signed powers of two, or ones of the word
         # What the fixed_point pass made this cast for: (role, layer) with role one of "weight",
         # "bias", "scale", "shift", "output", "inputs" and the layer relative to the module that
         # holds the cast ("" for the holder itself). Export's HLS sidecar reads it.
@@ -229,12 +230,13 @@ class FixedPoint(nn.Module):
         with ``int_bits`` integer bits (``e ≥ I − W``) and within its range, sorted. ``int_bits``
         defaults to the cast's own (a per-tensor cast's only one)."""
         ib = int(self.integer_bits().reshape(-1)[0]) if int_bits is None else int(int_bits)
-        key = (self.k_hot, ib, self.bits, self.signed, self.overflow, dtype, self.int_bits.device)
+        code: KHotCode = getattr(self, "k_hot_code", "csd")
+        key = (self.k_hot, code, ib, self.bits, self.signed, self.overflow, dtype, self.int_bits.device)
         cache = self.__dict__.setdefault("_k_hot_cache", {})
         if key not in cache:   # the binary point moves rarely: reuse the table
             lo, hi = self._range()
             step = 2.0 ** (ib - self.bits)
-            table = k_hot_table(self.k_hot or 1, range(ib - self.bits, ib), dtype=torch.float64)
+            table = k_hot_table(self.k_hot or 1, range(ib - self.bits, ib), dtype=torch.float64, code=code)
             table = table[(table >= lo * step) & (table <= hi * step)]
             cache[key] = table.to(device=self.int_bits.device, dtype=dtype)
         return cache[key]
@@ -296,5 +298,7 @@ class FixedPoint(nn.Module):
         i = int(ib[0]) if ib.numel() == 1 else f"per-channel[{ib.numel()}]"
         return (f"bits={self.bits}, int_bits={i}, signed={self.signed}, rounding={self.rounding}, "
                 f"overflow={self.overflow}, trainable={self.trainable}"
-                + (f", k_hot={self.k_hot}" if self.k_hot else ""))
+                + (f", k_hot={self.k_hot}" if self.k_hot else "")
+                + (f", k_hot_code={self.k_hot_code!r}" if self.k_hot and getattr(self, "k_hot_code", "csd") != "csd"
+                   else ""))
 

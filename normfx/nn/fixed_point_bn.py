@@ -31,18 +31,19 @@ class FixedPointBatchNorm(nn.BatchNorm2d):
     deployed_shift: torch.Tensor | None
 
     def __init__(self, num_features: int, *, scale_q: FixedPoint, shift_q: FixedPoint,
-                 k_hot: int | None = None, **kw) -> None:
+                 k_hot: int | None = None, k_hot_code: str = "csd", **kw) -> None:
         super().__init__(num_features, **kw)
         self.scale_q, self.shift_q = scale_q, shift_q
         self.k_hot = k_hot
         self.scale_q.k_hot = k_hot
+        self.scale_q.k_hot_code = k_hot_code
         self.register_buffer("deployed_scale", None)
         self.register_buffer("deployed_shift", None)
 
     @classmethod
     def from_bn(cls, bn: _BatchNorm, *, scale_q: FixedPoint, shift_q: FixedPoint,
-                k_hot: int | None) -> "FixedPointBatchNorm":
-        new = cls(bn.num_features, scale_q=scale_q, shift_q=shift_q, k_hot=k_hot, eps=bn.eps,
+                k_hot: int | None, k_hot_code: str = "csd") -> "FixedPointBatchNorm":
+        new = cls(bn.num_features, scale_q=scale_q, shift_q=shift_q, k_hot=k_hot, k_hot_code=k_hot_code, eps=bn.eps,
                   momentum=bn.momentum, affine=bn.affine, track_running_stats=bn.track_running_stats)
         for name in ("weight", "bias"):
             setattr(new, name, getattr(bn, name))

@@ -116,19 +116,25 @@ class ChannelAffine(nn.Module):
 
 class RepBNScheduler:
     """Moves λ of every ``ProgressiveRepBN`` in ``model`` linearly from 1 to 0 over the
-    ``total_steps`` they were made with (``normfx.repbn(model, total_steps=...)``: given once).
+    ``total_steps`` they were made with (``normfx.repbn(model, total_steps=...)``: given once),
+    after ``warmup_steps`` at λ = 1 (SLAB's ``warm``: LayerNorm alone first).
 
     Call ``step()`` once per optimizer step. Shaped like ``torch.optim.lr_scheduler``: ``state_dict()``
     and ``load_state_dict()`` resume exactly (λ also lives in each module's buffer).
 
+    Args:
+        model: a model with ``ProgressiveRepBN`` modules (``normfx.repbn``).
+        warmup_steps: steps at λ = 1 before λ starts to fall; λ reaches 0 after
+            ``warmup_steps + total_steps`` steps.
+
     Example:
         >>> m = normfx.repbn(torchvision.models.vit_b_16(), total_steps=1000)
-        >>> sched = normfx.RepBNScheduler(m)
-        >>> sched.total_steps
-        1000
+        >>> sched = normfx.RepBNScheduler(m, warmup_steps=100)
+        >>> sched.total_steps, sched.lam
+        (1000, 1.0)
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, *, warmup_steps: int = 0) -> None:
         self.modules = [m for m in model.modules() if isinstance(m, ProgressiveRepBN)]
         if not self.modules:
             raise ValueError(f"{type(model).__name__} has no ProgressiveRepBN; call normfx.repbn(model, ...) first")
@@ -136,13 +142,16 @@ class RepBNScheduler:
         if len(steps) > 1:
             raise ValueError(f"the ProgressiveRepBNs of {type(model).__name__} were made with different total_steps "
                              f"{sorted(steps)}; call normfx.repbn once on the whole model")
+        if isinstance(warmup_steps, bool) or int(warmup_steps) != warmup_steps or warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be a non-negative integer, got {warmup_steps!r}")
         self.total_steps = steps.pop()
+        self.warmup_steps = int(warmup_steps)
         self.last_step = 0
         self._apply()
 
     @property
     def lam(self) -> float:
-        return max(0.0, 1.0 - self.last_step / self.total_steps)
+        return min(1.0, max(0.0, 1.0 - (self.last_step - self.warmup_steps) / self.total_steps))
 
     def step(self) -> None:
         self.last_step += 1
@@ -153,11 +162,12 @@ class RepBNScheduler:
             m.lam.fill_(self.lam)
 
     def state_dict(self) -> dict:
-        return {"last_step": self.last_step, "total_steps": self.total_steps}
+        return {"last_step": self.last_step, "total_steps": self.total_steps, "warmup_steps": self.warmup_steps}
 
     def load_state_dict(self, state: dict) -> None:
         self.last_step = int(state["last_step"])
         self.total_steps = int(state["total_steps"])
+        self.warmup_steps = int(state.get("warmup_steps", 0))
         for m in self.modules:
             m.total_steps = self.total_steps
         self._apply()

@@ -14,6 +14,7 @@ from typing import Callable, Literal, NamedTuple
 import torch.fx as fx
 import torch.nn as nn
 
+from normfx.passes.directpred import bake_directpred, bake_directpred_outside
 from normfx.passes.fixed_point import (freeze_binary_points, freeze_binary_points_outside, insert_fixed_point,
                                        insert_fixed_point_outside)
 from normfx.passes.fold_affine import fold_repbn, fold_repbn_outside
@@ -26,7 +27,8 @@ from normfx.analysis import Outside
 __all__ = ["fold_convbn", "fold_convbn_outside", "fold_repbn", "fold_repbn_outside", "swap_layernorm",
            "swap_layernorm_outside", "freeze_model", "bake_random_entries", "bake_random_entries_outside",
            "insert_fixed_point", "insert_fixed_point_outside", "freeze_binary_points",
-           "freeze_binary_points_outside", "Step", "GraphPass", "OutsidePass", "DEPLOY_STEPS"]
+           "freeze_binary_points_outside", "bake_directpred", "bake_directpred_outside",
+           "Step", "GraphPass", "OutsidePass", "DEPLOY_STEPS"]
 
 GraphPass = Callable[[fx.GraphModule], PassResult]
 OutsidePass = Callable[[nn.Module, list[Outside]], PassResult]
@@ -46,6 +48,7 @@ class Step(NamedTuple):
 
 DEPLOY_STEPS: tuple[Step, ...] = (
     Step("bake_random_entries", bake_random_entries, bake_random_entries_outside),
+    Step("bake_directpred", bake_directpred, bake_directpred_outside),
     Step("freeze_binary_points", freeze_binary_points, freeze_binary_points_outside),
     Step("fold_repbn", fold_repbn, fold_repbn_outside),
     Step("fold_convbn", partial(fold_convbn, mode="deploy"), partial(fold_convbn_outside, mode="deploy")),

@@ -123,7 +123,8 @@ def _tensor_nodes(gm: fx.GraphModule) -> set[fx.Node]:
 def insert_fixed_point(gm: fx.GraphModule, *, bits: int = 8, int_bits: float | None = None,
                        rounding: str = "nearest_even", overflow: str = "saturate",
                        targets: Sequence[str] = TARGETS, per_channel: bool = False,
-                       k_hot: int | None = None, k_hot_weights: bool = False) -> PassResult:
+                       k_hot: int | None = None, k_hot_weights: bool = False,
+                       k_hot_code: str = "csd") -> PassResult:
     """Insert the casts in ``gm`` (in place); see the module docstring for the sites."""
     wanted = set(targets)
     changes: list[Change] = []
@@ -144,7 +145,7 @@ def insert_fixed_point(gm: fx.GraphModule, *, bits: int = 8, int_bits: float | N
             u.replace_input_with(after, new)
         changes.append(Change(name, "cast", q.extra_repr()))
 
-    opts = _Options(bits, int_bits, rounding, overflow, set(targets), per_channel, k_hot, k_hot_weights)
+    opts = _Options(bits, int_bits, rounding, overflow, set(targets), per_channel, k_hot, k_hot_weights, k_hot_code)
     for node in list(gm.graph.nodes):
         if node.op == "call_module":
             m = mods[node.target]
@@ -204,6 +205,7 @@ class _Options(NamedTuple):
     per_channel: bool
     k_hot: int | None
     k_hot_weights: bool
+    k_hot_code: str = "csd"
 
 
 def _cast_weights(m: nn.Module, site: str, o: _Options) -> list[Change]:
@@ -222,7 +224,7 @@ def _cast_weights(m: nn.Module, site: str, o: _Options) -> list[Change]:
         q.site = (t, "")
         _init_from(q, getattr(m, t), per)
         if o.k_hot_weights and t == "weight":
-            q.k_hot = o.k_hot
+            q.k_hot, q.k_hot_code = o.k_hot, o.k_hot_code
         keep_state_dict_keys(m)
         parametrize.register_parametrization(m, t, q, unsafe=True)
         changes.append(Change(f"{site}.{t}", "cast", q.extra_repr()))
@@ -237,20 +239,20 @@ def _quantize_bn(root: nn.Module, site: str, m: _BatchNorm, o: _Options) -> Chan
         return Skip(site, SkipReason.UNSUPPORTED, f"{type(m).__name__} is not a plain BatchNorm")
     scale_q, shift_q = (_q(o.bits, o.int_bits, o.rounding, o.overflow) for _ in range(2))
     scale_q.site, shift_q.site = ("scale", ""), ("shift", "")
-    fq = FixedPointBatchNorm.from_bn(m, scale_q=scale_q, shift_q=shift_q, k_hot=o.k_hot)
+    fq = FixedPointBatchNorm.from_bn(m, scale_q=scale_q, shift_q=shift_q, k_hot=o.k_hot, k_hot_code=o.k_hot_code)
     set_module(root, site, fq)
-    return Change(site, "fixed-point multiply-add", f"k_hot={o.k_hot}" if o.k_hot else "")
+    return Change(site, "fixed-point multiply-add", f"k_hot={o.k_hot} ({o.k_hot_code})" if o.k_hot else "")
 
 
 def insert_fixed_point_outside(model: nn.Module, outside: list[Outside], *, bits: int = 8,
                                int_bits: float | None = None, rounding: str = "nearest_even",
                                overflow: str = "saturate", targets: Sequence[str] = TARGETS,
                                per_channel: bool = False, k_hot: int | None = None,
-                               k_hot_weights: bool = False) -> PassResult:
+                               k_hot_weights: bool = False, k_hot_code: str = "csd") -> PassResult:
     """The casts that need no graph, on modules no traced region calls: weights and biases, and
     BatchNorms (leaf changes). Activations and residual adds inside an untraceable forward cannot
     be found without its graph: one skip per untraceable module says so."""
-    o = _Options(bits, int_bits, rounding, overflow, set(targets), per_channel, k_hot, k_hot_weights)
+    o = _Options(bits, int_bits, rounding, overflow, set(targets), per_channel, k_hot, k_hot_weights, k_hot_code)
     changes: list[Change] = []
     skips: list[Skip] = []
     for site, m, *_ in outside:

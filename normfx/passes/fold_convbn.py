@@ -28,6 +28,7 @@ from normfx.errors import TrainingModeError
 from normfx.functional import BNStats, bn_scale_shift, fold_bn_after, fold_bn_before, scale_is_safe
 from normfx.kinds import bn_kind, is_conv_like, original_class
 from normfx.match import get_attr, is_functional_bn, module_uses, set_module, set_param
+from normfx.nn.evonorm import EvoNorm2dB0, EvoNorm2dS0
 from normfx.nn.convbn import TuneBN, bn_stats, tune, tune_convbn, tune_convbn_functional, tuned_pair, untune
 from normfx.nn.fixed_point import FixedPoint
 from normfx.report import Change, PassResult, Skip, SkipReason
@@ -173,7 +174,7 @@ def fold_convbn(gm: fx.GraphModule, *, mode: ConvBNMode) -> PassResult:
     sites = []
     for node in list(graph.nodes):
         m = ctx.module(node) if node.op == "call_module" else None
-        if m is not None and (bn_kind(m) is not None or _looks_like_bn(m)):
+        if m is not None and (bn_kind(m) is not None or _looks_like_bn(m) or isinstance(m, EVONORMS)):
             sites.append(node)
         elif is_functional_bn(node) or _is_tune_node(node):
             sites.append(node)
@@ -189,7 +190,9 @@ def fold_convbn(gm: fx.GraphModule, *, mode: ConvBNMode) -> PassResult:
                         f"BatchNorm '{name}' is in training mode; call model.eval() before mode='deploy'"
                     )
     for node in sites:
-        result = _visit(ctx, node, mode)
+        m = ctx.module(node) if node.op == "call_module" else None
+        result = Skip(str(node.target), SkipReason.UNSUPPORTED, _EVONORM_WHY) if isinstance(m, EVONORMS) else \
+            _visit(ctx, node, mode)
         if isinstance(result, Change):
             changes.append(result)
         else:
@@ -204,9 +207,15 @@ def fold_convbn(gm: fx.GraphModule, *, mode: ConvBNMode) -> PassResult:
 def fold_convbn_outside(model: nn.Module, outside: list[Outside], *, mode: ConvBNMode) -> PassResult:
     """BatchNorms no traced region calls: a fold needs the conv that feeds them, which only a graph
     shows, so each is reported with the reason its forward was not traced."""
-    skips = [Skip(o.qualname, SkipReason.UNTRACEABLE, o.why) for o in outside
-             if bn_kind(o.module) is not None or _looks_like_bn(o.module)]
+    skips = [Skip(o.qualname, SkipReason.UNSUPPORTED, _EVONORM_WHY) if isinstance(o.module, EVONORMS)
+             else Skip(o.qualname, SkipReason.UNTRACEABLE, o.why) for o in outside
+             if bn_kind(o.module) is not None or _looks_like_bn(o.module) or isinstance(o.module, EVONORMS)]
     return PassResult("fold_convbn", (), tuple(skips))
+
+
+EVONORMS = (EvoNorm2dB0, EvoNorm2dS0)
+_EVONORM_WHY = ("EvoNorm is not folded: it normalizes with per-sample statistics (and B0 with per-batch ones "
+                "in training); it stays a layer of its own")
 
 
 def _looks_like_bn(m: Any | None) -> bool:

@@ -11,14 +11,19 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normfx.errors import AlreadyTransformedError
-from normfx.kinds import is_norm_layer
+from normfx.kinds import is_conv_like, is_norm_layer
 from normfx.match import set_param
 from normfx.nn.freeze import add_random_entries, keep_eval, random_entries
 from normfx.report import Change, PassResult, Skip, SkipReason
 from normfx.analysis import Outside
 from normfx.roles import find_heads, owner_layer, param_roles, summarize, tensor_name
 
-__all__ = ["freeze_model", "choose_entries", "bake_random_entries", "bake_random_entries_outside"]
+__all__ = ["freeze_model", "choose_entries", "choose_per_channel", "output_channels", "PER_CHANNEL",
+           "bake_random_entries", "bake_random_entries_outside"]
+
+PER_CHANNEL = 2
+"""Entries the ``random="per_channel"`` control trains in each output channel of a conv/linear
+weight: as many as a BatchNorm after it has (γ and β)."""
 
 logger = logging.getLogger("normfx")
 
@@ -51,6 +56,32 @@ def choose_entries(sizes: list[int], count: int, seed: int) -> list[torch.Tensor
         out.append(flat[lo:hi] - start)
         start += n
     return out
+
+
+def output_channels(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """The output channel of every entry of a conv/linear ``weight``, flattened (``long``).
+
+    Conv and Linear hold output channels on dim 0; a transposed conv holds ``(in, out/groups, ...)``:
+    the output channel of entry ``[i, j, ...]`` is ``(i // (in/groups)) · out/groups + j``."""
+    shape = weight.shape
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        per_group_in = shape[0] // module.groups
+        group = torch.arange(shape[0]) // per_group_in
+        oc = group[:, None] * shape[1] + torch.arange(shape[1])[None, :]
+        return oc.reshape(shape[0], shape[1], *([1] * (len(shape) - 2))).expand(shape).reshape(-1)
+    return torch.arange(shape[0]).reshape(-1, *([1] * (len(shape) - 1))).expand(shape).reshape(-1)
+
+
+def choose_per_channel(channels: torch.Tensor, per_channel: int, generator: torch.Generator) -> torch.Tensor:
+    """``per_channel`` distinct flat positions drawn uniformly within each output channel (all of a
+    channel's entries when it has fewer), sorted. ``channels[i]`` is entry ``i``'s output channel."""
+    keys = torch.rand(channels.numel(), generator=generator)
+    order = keys.argsort()
+    order = order[channels[order].argsort(stable=True)]          # by channel, random within a channel
+    sorted_ch = channels[order]
+    starts = torch.searchsorted(sorted_ch, sorted_ch, right=False)
+    rank = torch.arange(channels.numel()) - starts
+    return order[rank < per_channel].sort().values
 
 
 def _first_occurrence(x: torch.Tensor) -> torch.Tensor:
@@ -95,11 +126,12 @@ def freeze_model(model: nn.Module, keep: set[str], random: int | str, seed: int,
             f"random='match' draws as many entries as keep={tuple(sorted(keep))} selects, which is none here. "
             "For the paper's control pass the count: random=normfx.trainable_summary(normfx.freeze(model)).trainable"
         )
-    count = selected if random == "match" else int(random)
     existing = {f"{n}.{t}" if n else t: e for n, m in model.named_modules() for t, e in random_entries(m).items()}
     have = 0
     for e in existing.values():
         have += int(e.index.numel())
+    per_channel = random == "per_channel"
+    count = have if per_channel and existing else selected if random == "match" else 0 if per_channel else int(random)
     if existing and count and count != have:
         raise AlreadyTransformedError(
             f"{type(model).__name__} already has a random control of {have:,} entries (normfx.freeze(random=...)); "
@@ -112,6 +144,8 @@ def freeze_model(model: nn.Module, keep: set[str], random: int | str, seed: int,
             e.values.requires_grad_(True)
             skips.append(Skip(site, SkipReason.ALREADY_DONE,
                               f"random control already in place ({e.index.numel():,} entries)"))
+    elif per_channel:
+        skips += _add_per_channel(model, roles, keep, seed)
     elif count:
         skips += _add_random(model, roles, keep, count, seed)
     notes = []
@@ -151,10 +185,10 @@ def _check_selects(model: nn.Module, keep: set[str], roles: dict[str, frozenset[
         logger.warning("keep includes 'bias' but %s has no Linear/Conv bias", name)
 
 
-def _add_random(model: nn.Module, roles: dict[str, frozenset[str]], keep: set[str], count: int,
-                seed: int) -> list[Skip]:
-    """Train ``count`` random entries of the frozen parameters (each in a ``RandomEntries``)."""
-    skips = []
+def _pool(model: nn.Module, roles: dict[str, frozenset[str]], keep: set[str],
+          skips: list[Skip]) -> list[tuple[str, nn.Parameter]]:
+    """The frozen parameters a random control may draw from (tied and already parametrized ones are
+    reported in ``skips`` and left out)."""
     owners: dict[int, int] = {}
     for m in model.modules():
         for p in m._parameters.values():
@@ -168,6 +202,33 @@ def _add_random(model: nn.Module, roles: dict[str, frozenset[str]], keep: set[st
             skips.append(Skip(name, SkipReason.UNSUPPORTED, "already parametrized: not in the random control's pool"))
         else:
             pool.append((name, p))
+    return pool
+
+
+def _add_per_channel(model: nn.Module, roles: dict[str, frozenset[str]], keep: set[str], seed: int) -> list[Skip]:
+    """Frankle et al.'s control: ``PER_CHANNEL`` random entries in each output channel of every frozen
+    conv/linear weight. Other frozen tensors (biases, norm parameters, embeddings) are not drawn from."""
+    skips: list[Skip] = []
+    g = torch.Generator().manual_seed(seed)
+    drawn = 0
+    for name, p in _pool(model, roles, keep, skips):
+        layer = model.get_submodule(owner_layer(name))
+        if tensor_name(name) != "weight" or not is_conv_like(layer) or p.dim() < 2:
+            continue
+        index = choose_per_channel(output_channels(layer, p), PER_CHANNEL, g)
+        add_random_entries(layer, "weight", index)
+        drawn += index.numel()
+    if not drawn:
+        raise ValueError(f"random='per_channel' found no frozen conv/linear weight in {type(model).__name__} "
+                         "to draw from; use random=N to draw from every frozen tensor")
+    return skips
+
+
+def _add_random(model: nn.Module, roles: dict[str, frozenset[str]], keep: set[str], count: int,
+                seed: int) -> list[Skip]:
+    """Train ``count`` random entries of the frozen parameters (each in a ``RandomEntries``)."""
+    skips: list[Skip] = []
+    pool = _pool(model, roles, keep, skips)
     available = sum(p.numel() for _, p in pool)
     if count > available:
         raise ValueError(f"random={count:,} is more than the {available:,} frozen entries of "

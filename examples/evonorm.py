@@ -1,0 +1,103 @@
+"""EvoNorm-B0 and -S0 against BatchNorm + ReLU on scikit-learn's digits, at batch 128 and batch 4.
+
+    python examples/evonorm.py [--batches 128 4] [--epochs 8] [--seeds 0 1 2] [--results examples/results]
+
+A CIFAR-style ResNet-8 (the one from ``examples/bn_only.py``, 16×16 inputs) is built once per seed and
+trained three ways from the same initial weights on the same batches: as built (BatchNorm + ReLU),
+``normfx.evonorm(model, variant="B0")`` and ``normfx.evonorm(model, variant="S0", groups=8)``. The
+paper's point is the small-batch regime, where BatchNorm's batch statistics are noisy: batch 4 is
+that regime. SGD with momentum 0.9, one-cycle learning rate peaking at 0.1·batch/128 (linear
+scaling), weight decay 5·10⁻⁴, the same number of epochs at each batch size. Per seed: test accuracy
+and the median training-step time of each model (same process, steps interleaved). Results go to
+``results/evonorm.json`` (rendered into docs/evonorm.md by ``examples/render.py``).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import normfx
+from _digits import accuracy, load_digits
+from _results import RESULTS, mean_std, record
+from bn_only import CifarResNet
+
+MODELS = ("BN-ReLU", "EvoNorm-B0", "EvoNorm-S0")
+
+
+def build(seed: int, depth: int) -> dict[str, torch.nn.Module]:
+    torch.manual_seed(seed)
+    base = CifarResNet(depth)
+    return {"BN-ReLU": copy.deepcopy(base), "EvoNorm-B0": normfx.evonorm(base, variant="B0"),
+            "EvoNorm-S0": normfx.evonorm(base, variant="S0", groups=8)}
+
+
+def run(seed: int, batch: int, args: argparse.Namespace, data: tuple) -> dict:
+    x_tr, y_tr, x_te, y_te = data
+    models = build(seed, args.depth)
+    lr = 0.1 * batch / 128
+    steps = -(-len(y_tr) // batch)
+    opts = {k: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4) for k, m in models.items()}
+    scheds = {k: torch.optim.lr_scheduler.OneCycleLR(o, lr, total_steps=args.epochs * steps) for k, o in opts.items()}
+    times: dict[str, list[float]] = {k: [] for k in models}
+    g = torch.Generator().manual_seed(seed)
+    with tqdm(total=args.epochs * steps, desc=f"batch {batch}, seed {seed}", unit="step", leave=False) as bar:
+        for _ in range(args.epochs):
+            perm = torch.randperm(len(y_tr), generator=g)
+            for i in range(steps):
+                idx = perm[i * batch:(i + 1) * batch]
+                if len(idx) < 2:   # a batch of one has no batch statistics
+                    continue
+                for k, m in models.items():
+                    m.train()
+                    t0 = time.perf_counter()
+                    loss = F.cross_entropy(m(x_tr[idx]), y_tr[idx])
+                    opts[k].zero_grad(set_to_none=True)
+                    loss.backward()
+                    opts[k].step()
+                    times[k].append(time.perf_counter() - t0)
+                    scheds[k].step()
+                bar.update()
+    out: dict = {}
+    for k, m in models.items():
+        out[k] = {"accuracy": accuracy(m, x_te, y_te), "step_ms": 1e3 * statistics.median(times[k])}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", type=int, nargs="+", default=[128, 4])
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--depth", type=int, default=8)
+    ap.add_argument("--size", type=int, default=16)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--results", type=Path, default=RESULTS, help="where the per-seed JSON goes")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(min(torch.get_num_threads(), 2))
+    data = load_digits(size=args.size)
+    runs = []
+    for seed in args.seeds:
+        runs.append({"seed": seed, **{str(b): run(seed, b, args, data) for b in args.batches}})
+    config = {k: v for k, v in vars(args).items() if k != "results"}
+    path = record("evonorm", config, runs, args.results)
+    print(f"\nResNet-{args.depth} on digits ({args.size}×{args.size}), {args.epochs} epochs, "
+          f"seeds {args.seeds} ({path})")
+    for b in args.batches:
+        print(f"batch {b}:")
+        base = statistics.fmean(r[str(b)]["BN-ReLU"]["step_ms"] for r in runs)
+        for k in MODELS:
+            acc = mean_std([r[str(b)][k]["accuracy"] for r in runs])
+            ms = statistics.fmean(r[str(b)][k]["step_ms"] for r in runs)
+            print(f"  {k:<11} test accuracy {acc}   step {ms:6.1f} ms ({ms / base:.2f}× BN-ReLU)")
+
+
+if __name__ == "__main__":
+    main()
