@@ -8,7 +8,8 @@ from __future__ import annotations
 import logging
 
 from normfx import lab
-from normfx.api import calibrate, convbn, deploy, directpred, evonorm, fixed_point, freeze, repbn
+from normfx.api import (calibrate, convbn, deploy, directpred, evonorm, fixed_point, freeze, linear_attention,
+                        repbn)
 from normfx.nn.repbn import RepBNScheduler, recalibrate_bn
 from normfx.errors import (AlreadyTransformedError, ExportError, NormfxError, RepBNNotFinishedError,
                            SpecializedCallError, TraceFailure, TrainingModeError)
@@ -23,6 +24,7 @@ __all__ = [
     "repbn",
     "evonorm",
     "directpred",
+    "linear_attention",
     "freeze",
     "trainable_summary",
     "TrainableSummary",

@@ -17,6 +17,7 @@ from normfx.nn.evonorm import PRESETS, Preset
 from normfx.passes import DEPLOY_STEPS, Step
 from normfx.passes.fixed_point import TARGETS, Target, insert_fixed_point, insert_fixed_point_outside
 from normfx.passes.evonorm import swap_evonorm, swap_evonorm_outside
+from normfx.passes.linear_attention import swap_attention
 from normfx.passes.fold_convbn import ConvBNMode, fold_convbn, fold_convbn_outside
 from normfx.passes.freeze import freeze_model
 from normfx.roles import ROLES
@@ -217,6 +218,40 @@ def directpred(model: nn.Module, *, predictor: str = "predictor", rho: float = 0
     set_module(out, predictor, new.train(old.training))
     attach_report(out, Report((PassResult("directpred", (Change(predictor, "directpred", f"{type(old).__name__} → "
                                                                          f"{new.extra_repr()}"),), ()),), ()))
+    return out
+
+
+def linear_attention(model: nn.Module, *, kernel_size: int = 5, inplace: bool = False) -> nn.Module:
+    """Softmax self-attention → SLAB's Simplified Linear Attention (``normfx.nn.SimplifiedLinearAttention``):
+    ``ReLU(Q)(ReLU(K + P)ᵀV) / (ReLU(Q)·ΣReLU(K + P)) + DWC(V)``, cost linear in the number of tokens.
+
+    Sites: timm ``Attention`` (ViT, DeiT) and torchvision's ViT ``nn.MultiheadAttention`` self-attention;
+    each keeps its q/k/v and output projections (the same Parameters); the positional encoding P
+    starts at zero and the depthwise conv at torch's default init. Prefix tokens (cls, distillation)
+    attend linearly and are left out of the DWC term. Skipped with their reason: q/k-normalized or
+    gated attention, attention without a known token grid, dynamic image sizes, Swin window
+    attention. It changes the function: fine-tune after the swap (SLAB's recipe: with PRepBN,
+    ``normfx.repbn``; the softmax model can serve as a distillation teacher).
+
+    Args:
+        model: any ``nn.Module``; never modified unless ``inplace=True``.
+        kernel_size: the depthwise convolution's kernel (odd; SLAB uses 5).
+        inplace: swap the caller's modules instead of a copy's.
+
+    Raises:
+        ValueError: an even or non-positive ``kernel_size``.
+
+    Example:
+        >>> vit = torchvision.models.VisionTransformer(32, 8, 2, 2, 32, 64, num_classes=10)
+        >>> m = normfx.linear_attention(vit)
+        >>> normfx.last_report(m).summary().splitlines()[0]
+        'linear_attention: 2 sites, 2 transformed, 0 skipped'
+    """
+    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size!r}")
+    out = model if inplace else copy_model(model, share_tensors=False)[0]
+    result = swap_attention(out, kernel_size=kernel_size)
+    attach_report(out, Report((result,), (), ("linear_attention: the function changes; fine-tune after the swap",)))
     return out
 
 
