@@ -55,6 +55,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/repbn.py
 	$(PY) benchmarks/fixed_point.py
 	$(PY) benchmarks/evonorm.py
+	$(PY) benchmarks/linear_attention.py
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache

@@ -166,6 +166,45 @@ def directpred(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+GROKKING_LABELS = {"none": "no regularization", "wd": "weight decay 1.0", "bn": "BatchNorm (weight decay 0)"}
+
+
+def _corr(a: list[float], b: list[float]) -> float:
+    import statistics
+
+    return statistics.correlation(a, b) if len(set(a)) > 1 and len(set(b)) > 1 else float("nan")
+
+
+def grokking(data: dict) -> str:
+    import math
+
+    runs, c = data["runs"], data["config"]
+    lines = ["| run | accuracy on corrupted training labels | clean training accuracy | test accuracy | "
+             "mean IPR of hidden neurons |", "|---|---|---|---|---|"]
+    for k, label in GROKKING_LABELS.items():
+        cells = [mean_std([r[k]["final"][m] for r in runs]) for m in ("corrupted", "clean", "test")]
+        cells.append(mean_std([sum(r[k]["ipr"]) / len(r[k]["ipr"]) for r in runs]))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    fractions = c["prune_fractions"]
+    i = min(range(len(fractions)), key=lambda j: abs(fractions[j] - 0.3))
+    lines += ["", f"Pruning {100 * fractions[i]:.0f}% of the hidden neurons (`normfx.lab.prune_by_ipr`), "
+              "accuracy on corrupted labels / on clean training examples:", "",
+              "| run | lowest-IPR neurons pruned | highest-IPR neurons pruned |", "|---|---|---|"]
+    for k, label in GROKKING_LABELS.items():
+        cells = []
+        for order in ("lowest", "highest"):
+            cor = mean_std([r[k]["prune"][order][i]["corrupted"] for r in runs])
+            cle = mean_std([r[k]["prune"][order][i]["clean"] for r in runs])
+            cells.append(f"{cor} / {cle}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    corr = [_corr([math.log(max(g, 1e-12)) for g in r["bn"]["abs_gamma"]], r["bn"]["ipr"]) for r in runs]
+    lines += ["", f"BatchNorm run: correlation of log |γ| with IPR over neurons {mean_std(corr, digits=2)}. "
+              f"p = {c['p']}, train fraction {c['train_fraction']}, ξ = {c['corruption']}, batch {c['batch']}, "
+              f"{c['steps']} steps, width {c['width']}; mean ± std over {len(runs)} seeds. `{data['command']}`; "
+              f"torch {data['versions']['torch']}."]
+    return "\n".join(lines) + "\n"
+
+
 # Each docs table: how to render it, and the stored results it is rendered from.
 RENDERERS: dict[str, tuple] = {
     "fixed_point": (lambda: fixed_point(load("fixed_point")), ["fixed_point"]),
@@ -173,6 +212,7 @@ RENDERERS: dict[str, tuple] = {
     "bn_only": (bn_only, BN_ONLY_SOURCES),
     "evonorm": (lambda: evonorm(load("evonorm")), ["evonorm"]),
     "directpred": (lambda: directpred(load("directpred")), ["directpred"]),
+    "grokking": (lambda: grokking(load("grokking")), ["grokking"]),
 }
 
 
