@@ -37,6 +37,8 @@ examples: example
 	$(PY) examples/fixed_point.py
 	$(PY) examples/evonorm.py
 	$(PY) examples/directpred.py
+	$(PY) examples/grokking.py
+	$(PY) examples/slab_vit.py
 	$(PY) examples/render.py
 
 lint: $(STAMP)

@@ -1,0 +1,109 @@
+"""SLAB on a small ViT: softmax attention + LayerNorm vs SLA + LayerNorm vs SLA + PRepBN, on digits.
+
+    python examples/slab_vit.py [--epochs 40] [--seeds 0 1 2] [--results examples/results]
+
+The ViT of ``examples/prepbn_vit.py`` (16×16 digits, 4×4 patches, 4 layers, 4 heads, width 64) is
+built once per seed; three runs share its initial weights and every batch:
+
+* ``softmax_ln``: as built;
+* ``sla_ln``: ``normfx.linear_attention(model)`` (the attention changes, LayerNorm stays);
+* ``slab``: ``normfx.repbn(normfx.linear_attention(model), total_steps=...)``: SLA + PRepBN, λ from 1
+  to 0 over the first 3/4 of training, then ``recalibrate_bn`` and ``normfx.deploy`` (no
+  normalization, no softmax attention left).
+
+AdamW (lr 2e-3, weight decay 0.05, cosine), batch 64. Per seed: test accuracy of each run and the
+eval latency of each final model (batch 1, median of repeated runs, the three interleaved in one
+process). Results: ``results/slab_vit.json`` (rendered into docs/linear_attention.md).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import normfx
+from _digits import accuracy, load_digits
+from _results import RESULTS, mean_std, record
+from prepbn_vit import make_vit
+
+RUNS = ("softmax_ln", "sla_ln", "slab")
+
+
+@torch.no_grad()
+def latencies(models: dict[str, nn.Module], x: torch.Tensor, reps: int = 50) -> dict[str, float]:
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for m in models.values():
+        m.eval()(x)
+    for _ in range(reps):
+        for k, m in models.items():
+            t0 = time.perf_counter()
+            m(x)
+            times[k].append(time.perf_counter() - t0)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+
+
+def run(seed: int, args: argparse.Namespace, data: tuple) -> dict:
+    x_tr, y_tr, x_te, y_te = data
+    torch.manual_seed(seed)
+    steps = -(-len(y_tr) // args.batch)
+    total = args.epochs * steps
+    base = make_vit()
+    models = {"softmax_ln": copy.deepcopy(base), "sla_ln": normfx.linear_attention(base),
+              "slab": normfx.repbn(normfx.linear_attention(base), total_steps=int(0.75 * total))}
+    sched = normfx.RepBNScheduler(models["slab"])
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=args.lr, weight_decay=0.05) for k, m in models.items()}
+    lrs = {k: torch.optim.lr_scheduler.CosineAnnealingLR(o, total) for k, o in opts.items()}
+    g = torch.Generator().manual_seed(1000 + seed)
+    for _ in tqdm(range(args.epochs), desc=f"seed {seed}", leave=False):
+        perm = torch.randperm(len(y_tr), generator=g)
+        for i in range(steps):
+            idx = perm[i * args.batch:(i + 1) * args.batch]
+            for k, m in models.items():
+                m.train()
+                loss = F.cross_entropy(m(x_tr[idx]), y_tr[idx])
+                opts[k].zero_grad(set_to_none=True)
+                loss.backward()
+                opts[k].step()
+                lrs[k].step()
+            sched.step()
+    normfx.recalibrate_bn(models["slab"], (x_tr[i:i + 256] for i in range(0, len(y_tr), 256)), progress=False)
+    deployed = normfx.deploy(models["slab"].eval())
+    finals = {"softmax_ln": models["softmax_ln"], "sla_ln": models["sla_ln"], "slab": deployed}
+    out: dict = {k: {"accuracy": accuracy(m, x_te, y_te)} for k, m in finals.items()}
+    out["slab"]["normalization_left"] = sum(isinstance(m, (nn.LayerNorm, nn.modules.batchnorm._BatchNorm))
+                                            for m in deployed.modules())
+    out["slab"]["softmax_left"] = sum(isinstance(m, nn.MultiheadAttention) for m in deployed.modules())
+    for k, ms in latencies(finals, x_te[:1]).items():
+        out[k]["latency_ms"] = ms
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--results", type=Path, default=RESULTS, help="where the per-seed JSON goes")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(min(torch.get_num_threads(), 2))
+    data = load_digits()
+    runs = [{"seed": s, **run(s, args, data)} for s in args.seeds]
+    path = record("slab_vit", {k: v for k, v in vars(args).items() if k != "results"}, runs, args.results)
+    print(f"\nViT on digits, {args.epochs} epochs, seeds {args.seeds} ({path})")
+    for k in RUNS:
+        print(f"  {k:<11} test accuracy {mean_std([r[k]['accuracy'] for r in runs])}   "
+              f"eval latency {statistics.fmean(r[k]['latency_ms'] for r in runs):.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
