@@ -86,8 +86,7 @@ BN_ONLY_LABELS = {
     "random_uniform": "uniform control: as many entries drawn from every frozen tensor (`keep=(), random=N`)",
     "head_only": 'output layer only (`keep=("head",)`)',
 }
-BN_ONLY_SOURCES = ["bn_only_resnet14_15ep_ones", "bn_only_resnet20_15ep_ones", "bn_only_resnet32_15ep_ones",
-                   "bn_only_resnet14_15ep_uniform"]
+BN_ONLY_SOURCES = ["bn_only_resnet14_15ep_ones", "bn_only_resnet20_15ep_ones"]
 
 
 def _bn_column(data: dict) -> str:
