@@ -14,7 +14,9 @@ share the encoder's initial weights and every batch and augmentation; only the p
 * ``directcopy``: ``normfx.directpred(model, mode="directcopy")``: W = F/‖F‖ + εI.
 
 Evaluation on the frozen encoder: kNN (k = 5, cosine) and a linear probe (logistic regression on
-the training split), test accuracy. The eigenvalues of DirectPred's F (normalized by the largest)
+the training split), test accuracy; ``init`` is the same evaluation of the encoder before training
+(what a random conv encoder gives on digits, the floor the four runs are read against). The
+eigenvalues of DirectPred's F (normalized by the largest)
 are recorded over training and plotted for the first seed (``OUT/directpred_spectrum.png``). Results:
 ``results/directpred.json`` (rendered into docs/directpred.md by ``examples/render.py``).
 """
@@ -106,6 +108,7 @@ def linear_probe(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Ten
 def run(seed: int, args: argparse.Namespace, data: tuple) -> dict:
     x_tr, y_tr, x_te, y_te = data
     models = build(seed)
+    init = copy.deepcopy(models["two_layer_bn"])       # the shared encoder before any training: the floor
     opts = {k: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=args.lr, momentum=0.9,
                                weight_decay=5e-4) for k, m in models.items()}
     steps = len(y_tr) // args.batch
@@ -131,7 +134,7 @@ def run(seed: int, args: argparse.Namespace, data: tuple) -> dict:
             eig = torch.linalg.eigvalsh(0.5 * (corr + corr.T)).flip(0)
             spectrum.append((eig / eig[0]).tolist())
     out: dict = {"spectrum": spectrum}
-    for k, m in models.items():
+    for k, m in {"init": init, **models}.items():
         ftr, fte = features(m, x_tr), features(m, x_te)
         out[k] = {"knn": knn(ftr, y_tr, fte, y_te), "linear_probe": linear_probe(ftr, y_tr, fte, y_te)}
     return out

@@ -143,6 +143,7 @@ def evonorm(data: dict) -> str:
 
 
 DIRECTPRED_LABELS = {
+    "init": "encoder at initialization (no training; the floor)",
     "two_layer_bn": "two-layer predictor with BatchNorm (trained; SimSiam's)",
     "linear": "linear predictor (trained)",
     "directpred": "DirectPred (`normfx.directpred(model)`)",
@@ -154,6 +155,8 @@ def directpred(data: dict) -> str:
     runs = data["runs"]
     lines = ["| predictor | kNN test accuracy (k = 5) | linear-probe test accuracy |", "|---|---|---|"]
     for k, label in DIRECTPRED_LABELS.items():
+        if k not in runs[0]:
+            continue
         lines.append(f"| {label} | {mean_std([r[k]['knn'] for r in runs])} | "
                      f"{mean_std([r[k]['linear_probe'] for r in runs])} |")
     last = [r["spectrum"][-1] for r in runs]
