@@ -33,6 +33,7 @@ examples: example
 	$(PY) examples/prepbn_vit.py
 	$(PY) examples/bn_only.py --depths 14
 	$(PY) examples/bn_only.py --depths 20 --configs all bn_only bn_head random_channel head_only
+	$(PY) examples/bn_only.py --depths 32 --configs all bn_only bn_head random_channel
 	$(PY) examples/bn_only.py --depths 14 --bn-init uniform --configs all bn_only bn_head random_channel
 	$(PY) examples/fixed_point.py
 	$(PY) examples/evonorm.py

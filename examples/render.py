@@ -86,7 +86,8 @@ BN_ONLY_LABELS = {
     "random_uniform": "uniform control: as many entries drawn from every frozen tensor (`keep=(), random=N`)",
     "head_only": 'output layer only (`keep=("head",)`)',
 }
-BN_ONLY_SOURCES = ["bn_only_resnet14_15ep_ones", "bn_only_resnet20_15ep_ones"]
+BN_ONLY_SOURCES = ["bn_only_resnet14_15ep_ones", "bn_only_resnet20_15ep_ones", "bn_only_resnet32_15ep_ones",
+                   "bn_only_resnet14_15ep_uniform"]
 
 
 def _bn_column(data: dict) -> str:
