@@ -22,16 +22,21 @@ def _run(script: str, *args: str, cwd: Path) -> str:
 
 @pytest.mark.slow
 def test_bn_only_example(tmp_path):
-    out = _run("bn_only.py", "--depth", "8", "--epochs", "1", "--configs", "bn_only", "random", "head_only",
-               "--seeds", "0", "--out", str(tmp_path), "--results", str(tmp_path), cwd=tmp_path)
-    (stored,) = json.loads((tmp_path / "bn_only_1ep.json").read_text())["runs"]
-    assert stored["seed"] == 0 and stored["bn_only"]["trainable"] == stored["random"]["trainable"]
+    out = _run("bn_only.py", "--depths", "8", "--epochs", "1", "--configs", "bn_only", "random_channel",
+               "random_uniform", "head_only", "--seeds", "0", "--out", str(tmp_path), "--results", str(tmp_path),
+               cwd=tmp_path)
+    (stored,) = json.loads((tmp_path / "bn_only_resnet8_1ep_ones.json").read_text())["runs"]
+    assert stored["seed"] == 0
+    # the paper's control trains two entries per output channel: BN's γ/β count plus 2 × 10 in the head
+    assert stored["random_channel"]["trainable"] == stored["bn_only"]["trainable"] + 20
+    assert stored["random_uniform"]["trainable"] == stored["random_channel"]["trainable"]
+    assert all(0.0 <= stored[k]["inactive"] <= 1.0 and 0.0 <= stored[k]["disabled"] <= 1.0 for k in stored
+               if k != "seed")
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] and
-            line.split()[0] in ("bn_only", "random", "head_only")}
-    assert set(rows) == {"bn_only", "random", "head_only"}
-    assert rows["bn_only"][1] == rows["random"][1]  # the control trains as many entries as BN-only
+            line.split()[0] in ("bn_only", "random_channel", "random_uniform", "head_only")}
+    assert set(rows) == {"bn_only", "random_channel", "random_uniform", "head_only"}
     assert rows["head_only"][1] == "650"            # 64 features x 10 classes + 10
-    for name in ("bn_only_accuracy.png", "bn_only_gamma_bn_only.png", "bn_only_gamma_random.png"):
+    for name in ("bn_only_gamma_bn_only.png", "bn_only_gamma_random_channel.png"):
         assert (tmp_path / name).stat().st_size > 5_000
 
 
@@ -39,9 +44,10 @@ def test_bn_only_example(tmp_path):
 def test_prepbn_vit_example(tmp_path):
     out = _run("prepbn_vit.py", "--epochs", "1", "--seeds", "0", "--out", str(tmp_path), "--results", str(tmp_path),
                cwd=tmp_path)
-    assert "test accuracy:" in out and (tmp_path / "prepbn_vit.png").exists()
+    assert "test accuracy over seeds" in out and (tmp_path / "prepbn_vit.png").exists()
     (run,) = json.loads((tmp_path / "prepbn_vit.json").read_text())["runs"]
-    assert {"LayerNorm", "PRepBN", "PRepBN_recalibrated", "deployed"} <= set(run)
+    variants = ("PRepBN", "PRepBN_ramp50", "PRepBN_warm", "RepBN")
+    assert {"LayerNorm", "deployed", *variants, *(f"{v}_recalibrated" for v in variants)} <= set(run)
     assert run["normalization_left"] == 0 and run["deploy_rel_err"] < 1e-4
 
 
@@ -53,5 +59,46 @@ def test_fixed_point_example(tmp_path):
     assert (tmp_path / "fixed_point_8bit.onnx").exists() and (tmp_path / "fixed_point_8bit.fixed_point.json").exists()
     stored = json.loads((tmp_path / "fixed_point.json").read_text())
     assert [r["seed"] for r in stored["runs"]] == [0, 1]
-    assert set(stored["runs"][0]) == {"seed", "float", "PTQ", "QAT", "QFX", "QFX_moved", "casts"}
+    assert set(stored["runs"][0]) == {"seed", "float", "PTQ", "QAT", "QFX", "QFX_moved", "casts", "PTQ_binary",
+                                      "QFX_binary", "terms_csd", "terms_binary"}
+    assert all(1.0 <= stored["runs"][0][f"terms_{c}"]["8"] <= 2.0 for c in ("csd", "binary"))   # 2-hot scales
     assert stored["command"].startswith("python examples/fixed_point.py") and stored["versions"]["torch"]
+
+
+@pytest.mark.slow
+def test_evonorm_example(tmp_path):
+    out = _run("evonorm.py", "--batches", "64", "--epochs", "1", "--seeds", "0", "--results", str(tmp_path),
+               cwd=tmp_path)
+    (run,) = json.loads((tmp_path / "evonorm.json").read_text())["runs"]
+    assert set(run["64"]) == {"BN-ReLU", "EvoNorm-B0", "EvoNorm-S0"}
+    assert all(0.0 <= v["accuracy"] <= 1.0 and v["step_ms"] > 0 for v in run["64"].values())
+    assert "EvoNorm-S0" in out
+
+
+@pytest.mark.slow
+def test_directpred_example(tmp_path):
+    _run("directpred.py", "--epochs", "1", "--seeds", "0", "--out", str(tmp_path), "--results", str(tmp_path),
+         cwd=tmp_path)
+    (run,) = json.loads((tmp_path / "directpred.json").read_text())["runs"]
+    assert {"init", "two_layer_bn", "linear", "directpred", "directcopy"} <= set(run)
+    assert len(run["spectrum"]) == 1 and max(run["spectrum"][0]) == 1.0
+    assert (tmp_path / "directpred_spectrum.png").stat().st_size > 5_000
+
+
+@pytest.mark.slow
+def test_grokking_example(tmp_path):
+    _run("grokking.py", "--p", "23", "--steps", "200", "--width", "64", "--seeds", "0", "--out", str(tmp_path),
+         "--results", str(tmp_path), cwd=tmp_path)
+    (run,) = json.loads((tmp_path / "grokking.json").read_text())["runs"]
+    assert {"none", "wd", "bn"} <= set(run) and len(run["bn"]["abs_gamma"]) == 64
+    assert run["bn"]["prune"]["lowest"][0]["fraction"] == 0.0
+    for name in ("grokking_curves.png", "grokking_ipr.png"):
+        assert (tmp_path / name).stat().st_size > 5_000
+
+
+@pytest.mark.slow
+def test_slab_vit_example(tmp_path):
+    _run("slab_vit.py", "--epochs", "1", "--seeds", "0", "--results", str(tmp_path), cwd=tmp_path)
+    (run,) = json.loads((tmp_path / "slab_vit.json").read_text())["runs"]
+    assert run["slab"]["normalization_left"] == 0 and run["slab"]["softmax_left"] == 0
+    assert all(run[k]["latency_ms"] > 0 for k in ("softmax_ln", "sla_ln", "slab"))
