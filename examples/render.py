@@ -230,6 +230,20 @@ def slab_vit(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def grokking_batch(data: dict) -> str:
+    runs, c = data["runs"], data["config"]
+    lines = ["| batch | steps | corrupted labels, no regularization | corrupted labels, BatchNorm | "
+             "clean training / test accuracy (both runs, lowest over seeds) |", "|---|---|---|---|---|"]
+    for b in c["batch_sweep"]:
+        cells = [mean_std([r[str(b)][k]["corrupted"] for r in runs]) for k in ("none", "bn")]
+        low = min(min(r[str(b)][k][m] for r in runs for k in ("none", "bn")) for m in ("clean", "test"))
+        lines.append(f"| {b} | {2000 * 256 // b:,} | {cells[0]} | {cells[1]} | ≥ {low:.3f} |")
+    lines += ["", f"p = {c['p']}, N = {c['width']}, train fraction {c['train_fraction']}, ξ = {c['corruption']}, "
+              f"weight decay 0; mean ± std over {len(runs)} seeds. `{data['command']}`; "
+              f"torch {data['versions']['torch']}."]
+    return "\n".join(lines) + "\n"
+
+
 # Each docs table: how to render it, and the stored results it is rendered from.
 RENDERERS: dict[str, tuple] = {
     "fixed_point": (lambda: fixed_point(load("fixed_point")), ["fixed_point"]),
@@ -238,6 +252,7 @@ RENDERERS: dict[str, tuple] = {
     "evonorm": (lambda: evonorm(load("evonorm")), ["evonorm"]),
     "directpred": (lambda: directpred(load("directpred")), ["directpred"]),
     "grokking": (lambda: grokking(load("grokking")), ["grokking"]),
+    "grokking_batch": (lambda: grokking_batch(load("grokking_batch")), ["grokking_batch"]),
     "slab_vit": (lambda: slab_vit(load("slab_vit")), ["slab_vit"]),
 }
 

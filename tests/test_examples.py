@@ -94,6 +94,10 @@ def test_grokking_example(tmp_path):
     assert run["bn"]["prune"]["lowest"][0]["fraction"] == 0.0
     for name in ("grokking_curves.png", "grokking_ipr.png"):
         assert (tmp_path / name).stat().st_size > 5_000
+    _run("grokking.py", "--p", "11", "--width", "16", "--batch-sweep", "256", "128", "--seeds", "0", "--out",
+         str(tmp_path), "--results", str(tmp_path), cwd=tmp_path)
+    (sweep,) = json.loads((tmp_path / "grokking_batch.json").read_text())["runs"]
+    assert set(sweep["256"]) == {"none", "bn"} and set(sweep["128"]["bn"]) == {"corrupted", "clean", "test"}
 
 
 @pytest.mark.slow
