@@ -244,25 +244,6 @@ def grokking_batch(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def grokking_phase(data: dict) -> str:
-    (ph,) = data["runs"]
-    c = data["config"]
-    lines = []
-    for name, label in (("wd", "weight decay 1.0"), ("bn", "BatchNorm (weight decay 0)")):
-        lines += [f"{label}: accuracy on corrupted labels / test accuracy", "",
-                  "| train fraction | " + " | ".join(f"ξ = {x}" for x in ph["corruption"]) + " |",
-                  "|---|" + "---|" * len(ph["corruption"])]
-        for tf, row in zip(ph["train_fraction"], ph[name]):
-            cells = [("— " if cell["corrupted"] != cell["corrupted"] else f"{cell['corrupted']:.2f} ")
-                     + f"/ {cell['test']:.2f}" for cell in row]
-            lines.append(f"| {tf} | " + " | ".join(cells) + " |")
-        lines.append("")
-    lines.append(f"One seed ({ph['seed']}), p = {c['p']}, N = {c['width']}, batch {c['batch']}, {c['steps']} steps per "
-                 f"cell; the 50 runs took {ph['seconds'] / 60:.1f} min. `{data['command']}`; "
-                 f"torch {data['versions']['torch']}.")
-    return "\n".join(lines) + "\n"
-
-
 # Each docs table: how to render it, and the stored results it is rendered from.
 RENDERERS: dict[str, tuple] = {
     "fixed_point": (lambda: fixed_point(load("fixed_point")), ["fixed_point"]),
@@ -272,7 +253,6 @@ RENDERERS: dict[str, tuple] = {
     "directpred": (lambda: directpred(load("directpred")), ["directpred"]),
     "grokking": (lambda: grokking(load("grokking")), ["grokking"]),
     "grokking_batch": (lambda: grokking_batch(load("grokking_batch")), ["grokking_batch"]),
-    "grokking_phase": (lambda: grokking_phase(load("grokking_phase")), ["grokking_phase"]),
     "slab_vit": (lambda: slab_vit(load("slab_vit")), ["slab_vit"]),
 }
 
