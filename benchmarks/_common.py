@@ -132,6 +132,28 @@ def torchvision_model(name: str) -> torch.nn.Module:
     return m.eval()
 
 
+def train_step_ms(model: torch.nn.Module, batch: int, size: int, steps: int, warmup: int = 3) -> float:
+    """Median wall time (ms) of one SGD step (forward, cross-entropy on 1000 classes, backward,
+    update) on a fixed random batch, after ``warmup`` untimed steps."""
+    import statistics
+    import time
+
+    import torch.nn.functional as F
+
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    x = torch.randn(batch, 3, size, size)
+    y = torch.randint(0, 1000, (batch,))
+    times = []
+    for i in range(steps + warmup):
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
 def interleaved_ratio(run_a, run_b, pairs: int) -> float:
     """Median over ``pairs`` of ``time(run_b()) / time(run_a())``, the two run back to back in one
     process, which goes first alternating: a drift-free cross-check of ratios taken between

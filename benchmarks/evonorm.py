@@ -19,7 +19,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 NAME = "evonorm"
 VARIANTS = ["bn_relu", "b0", "s0"]
@@ -39,19 +38,11 @@ def _model(variant: str) -> torch.nn.Module:
 
 
 def child(variant: str, steps: int) -> dict:
+    from _common import train_step_ms
+
     torch.set_num_threads(2)
-    model = _model(variant).train()
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    x = torch.randn(BATCH, 3, SIZE, SIZE)
-    y = torch.randint(0, 1000, (BATCH,))
-    step = []
-    for i in range(steps + 3):
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-        if i >= 3:
-            step.append(time.perf_counter() - t0)
+    model = _model(variant)
+    step_ms = train_step_ms(model.train(), BATCH, SIZE, steps)
     model.eval()
     xe = torch.randn(1, 3, 224, 224)
     lat = []
@@ -61,7 +52,7 @@ def child(variant: str, steps: int) -> dict:
             model(xe)
             if i >= 3:
                 lat.append(time.perf_counter() - t0)
-    return {"step_ms": 1e3 * statistics.median(step), "eval_ms": 1e3 * statistics.median(lat)}
+    return {"step_ms": step_ms, "eval_ms": 1e3 * statistics.median(lat)}
 
 
 def child_transform(repeats: int) -> dict:

@@ -11,15 +11,12 @@ with 2-hot BatchNorm scales. Target: ≤ 1.5 × the float step.
 from __future__ import annotations
 
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 BATCH, SIZE = 16, 64
 VARIANTS = ["float", "fixed8", "fixed8_k2"]
@@ -27,26 +24,14 @@ VARIANTS = ["float", "fixed8", "fixed8_k2"]
 
 def child(variant: str, steps: int) -> dict:
     import normfx
-    from _common import torchvision_model
+    from _common import torchvision_model, train_step_ms
 
     torch.set_num_threads(2)
     model = torchvision_model("resnet18")
     if variant != "float":
         model = normfx.fixed_point(model, bits=8, k_hot=2 if variant.endswith("k2") else None)
         normfx.calibrate(model, [torch.randn(BATCH, 3, SIZE, SIZE)])
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    x = torch.randn(BATCH, 3, SIZE, SIZE)
-    y = torch.randint(0, 1000, (BATCH,))
-    times = []
-    for i in range(steps + 3):
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-        if i >= 3:
-            times.append(time.perf_counter() - t0)
-    return {"step_ms": 1e3 * statistics.median(times)}
+    return {"step_ms": train_step_ms(model.train(), BATCH, SIZE, steps)}
 
 
 NAME = "fixed_point"

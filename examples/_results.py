@@ -9,7 +9,9 @@ when a docs table and its stored result disagree.
 """
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 import platform
 import statistics
 import sys
@@ -38,6 +40,21 @@ def record(name: str, config: dict, runs: list[dict], results: Path = RESULTS) -
     }
     path.write_text(json.dumps(data, indent=1) + "\n")
     return path
+
+
+def parse(ap: argparse.ArgumentParser, *, out: bool = True) -> argparse.Namespace:
+    """Add the options every example shares (``--seeds``, ``--out`` for plots and files, ``--results``),
+    parse, and set up: warnings-only logging, at most 2 threads, the ``--out`` folder."""
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    if out:
+        ap.add_argument("--out", type=Path, default=Path("examples/out"))
+    ap.add_argument("--results", type=Path, default=RESULTS, help="where the per-seed JSON goes")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(min(torch.get_num_threads(), 2))
+    if out:
+        args.out.mkdir(parents=True, exist_ok=True)
+    return args
 
 
 def load(name: str, results: Path = RESULTS) -> dict:

@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import logging
 import statistics
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -39,7 +37,7 @@ from tqdm import tqdm
 
 import normfx
 from _digits import accuracy, load_digits
-from _results import RESULTS, mean_std, record
+from _results import mean_std, parse, record
 
 CONFIGS = {
     "all": None,
@@ -152,14 +150,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--wd", type=float, default=5e-4)
     ap.add_argument("--bn-init", choices=("ones", "uniform"), default="ones")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    ap.add_argument("--out", type=Path, default=Path("examples/out"))
-    ap.add_argument("--results", type=Path, default=RESULTS, help="where the per-seed JSON goes")
-    args = ap.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(min(torch.get_num_threads(), 2))
-    args.out.mkdir(parents=True, exist_ok=True)
+    args = parse(ap)
 
     for depth in args.depths:
         runs = []

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import logging
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -34,7 +32,7 @@ from tqdm import tqdm
 
 import normfx
 from _digits import load_digits
-from _results import RESULTS, mean_std, record
+from _results import mean_std, parse, record
 from normfx.nn.directpred import step_all
 
 PREDICTORS = ("two_layer_bn", "linear", "directpred", "directcopy")
@@ -145,13 +143,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=0.05)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--out", type=Path, default=Path("examples/out"))
-    ap.add_argument("--results", type=Path, default=RESULTS, help="where the per-seed JSON goes")
-    args = ap.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(min(torch.get_num_threads(), 2))
-    args.out.mkdir(parents=True, exist_ok=True)
+    args = parse(ap)
     x_tr, y_tr, x_te, y_te = load_digits(size=16)
     data = (x_tr[:, :1], y_tr, x_te[:, :1], y_te)     # one channel
     runs = [{"seed": s, **run(s, args, data)} for s in args.seeds]

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import logging
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +24,7 @@ from tqdm import tqdm
 
 import normfx
 from _digits import accuracy, load_digits
-from _results import RESULTS, mean_std, record
+from _results import mean_std, parse, record
 from bn_only import CifarResNet
 
 MODELS = ("BN-ReLU", "EvoNorm-B0", "EvoNorm-S0")
@@ -77,11 +75,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--depth", type=int, default=8)
     ap.add_argument("--size", type=int, default=16)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--results", type=Path, default=RESULTS, help="where the per-seed JSON goes")
-    args = ap.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(min(torch.get_num_threads(), 2))
+    args = parse(ap, out=False)
     data = load_digits(size=args.size)
     runs = []
     for seed in args.seeds:

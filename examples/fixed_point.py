@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import logging
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +31,7 @@ from tqdm import tqdm
 
 import normfx
 from _digits import accuracy, load_digits
-from _results import RESULTS, mean_std, record
+from _results import mean_std, parse, record
 from bn_only import CifarResNet
 
 
@@ -87,13 +85,7 @@ def main() -> None:
     ap.add_argument("--qat-epochs", type=int, default=6)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--k-hot", type=int, default=2)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--out", type=Path, default=Path("examples/out"))
-    ap.add_argument("--results", type=Path, default=RESULTS, help="where the per-seed JSON goes")
-    args = ap.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(min(torch.get_num_threads(), 2))
-    args.out.mkdir(parents=True, exist_ok=True)
+    args = parse(ap)
 
     x_tr, y_tr, x_te, y_te = load_digits(size=args.size)
     calib = [x_tr[i:i + 256] for i in range(0, len(x_tr), 256)]

@@ -17,10 +17,8 @@ time). Results: ``results/grokking.json``; plots in ``OUT``.
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import time
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -28,7 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import normfx
-from _results import RESULTS, mean_std, record
+from _results import mean_std, parse, record
 
 RUNS = {"none": dict(bn=False, wd=0.0), "wd": dict(bn=False, wd=1.0), "bn": dict(bn=True, wd=0.0)}
 
@@ -120,17 +118,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--width", type=int, default=256)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--phase", action="store_true", help="also a 5×5 phase diagram (train fraction × ξ), one seed")
     ap.add_argument("--batch-sweep", type=int, nargs="+", metavar="BATCH",
                     help="instead of the three runs: no regularization vs BN at each batch size (steps "
                          "2000·256/batch, lr scaled as in the paper), stored as results/grokking_batch.json")
-    ap.add_argument("--out", type=Path, default=Path("examples/out"))
-    ap.add_argument("--results", type=Path, default=RESULTS, help="where the per-seed JSON goes")
-    args = ap.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(min(torch.get_num_threads(), 2))
-    args.out.mkdir(parents=True, exist_ok=True)
+    args = parse(ap)
 
     if args.batch_sweep:
         batch_sweep(args)

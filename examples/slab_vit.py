@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import logging
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -31,7 +29,7 @@ from tqdm import tqdm
 
 import normfx
 from _digits import accuracy, load_digits
-from _results import RESULTS, mean_std, record
+from _results import mean_std, parse, record
 from prepbn_vit import make_vit
 
 RUNS = ("softmax_ln", "sla_ln", "slab")
@@ -91,11 +89,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--results", type=Path, default=RESULTS, help="where the per-seed JSON goes")
-    args = ap.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(min(torch.get_num_threads(), 2))
+    args = parse(ap, out=False)
     data = load_digits()
     runs = [{"seed": s, **run(s, args, data)} for s in args.seeds]
     path = record("slab_vit", {k: v for k, v in vars(args).items() if k != "results"}, runs, args.results)

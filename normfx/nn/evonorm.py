@@ -45,15 +45,15 @@ PRESETS: dict[str, EvoNormPreset] = {
 }
 
 
-def fit_groups(channels: int, groups: int, where: str = "") -> int:
+def fit_groups(channels: int, groups: int, where: str = "", *, warn: bool = True) -> int:
     """The largest group count ≤ ``groups`` that divides ``channels`` (the reference code's rule),
-    with a warning when it had to be lowered."""
+    with a warning (unless ``warn=False``) when it had to be lowered."""
     if groups < 1:
         raise ValueError(f"groups must be at least 1, got {groups}")
     g = min(groups, channels)
     while channels % g:
         g -= 1
-    if g != groups:
+    if g != groups and warn:
         logger.warning("EvoNorm-S0%s: %d channels are not divisible by groups=%d; using %d groups",
                        f" at {where}" if where else "", channels, groups, g)
     return g

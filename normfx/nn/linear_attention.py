@@ -105,9 +105,9 @@ def _core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``Q(KᵀV) / (Q·ΣK + 1e-6)`` per head, the association order picked by cost."""
     n, d = q.shape[-2], q.shape[-1]
     z = 1.0 / (torch.einsum("bhnd,bhd->bhn", q, k.sum(dim=2)) + 1e-6)
-    if n * n * 2 * d > d * d * 2 * n:                 # N > d: Q(KᵀV) is O(N·d²)
+    if n > d:                                         # Q(KᵀV) is O(N·d²), (QKᵀ)V is O(N²·d)
         out = q @ (k.transpose(-2, -1) @ v)
-    else:                                             # N ≤ d: (QKᵀ)V is O(N²·d)
+    else:
         out = (q @ k.transpose(-2, -1)) @ v
     return out * z.unsqueeze(-1)
 

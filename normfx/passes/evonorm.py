@@ -66,8 +66,7 @@ def _make(bn: Any, variant: str, apply_act: bool, groups: int, eps: float | None
             with torch.no_grad():
                 new.running_var.copy_(bn.running_var)
     else:
-        # groups only matter with the nonlinearity: lowered quietly for the affine-only layer
-        g = fit_groups(c, groups, site) if apply_act else next(d for d in range(min(groups, c), 0, -1) if c % d == 0)
+        g = fit_groups(c, groups, site, warn=apply_act)   # groups only matter with the nonlinearity
         new = EvoNorm2dS0(c, groups=g, apply_act=apply_act, eps=p.eps_s0 if eps is None else eps)
     ref = bn.weight if getattr(bn, "weight", None) is not None else getattr(bn, "running_var", None)
     if ref is not None:
