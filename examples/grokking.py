@@ -1,7 +1,7 @@
 """BatchNorm against memorization on corrupted modular arithmetic (Doshi et al., ICLR 2024).
 
     python examples/grokking.py [--p 97] [--train-fraction 0.5] [--corruption 0.3] [--batch 64]
-                                [--steps 4000] [--width 256] [--seeds 0 1 2] [--phase]
+                                [--steps 4000] [--width 256] [--seeds 0 1 2] [--phase | --batch-sweep B ...]
                                 [--out examples/out] [--results examples/results]
 
 The paper's model, as its code builds it: Linear(2p → N, no bias) → x² → [BatchNorm1d(N)] →
@@ -10,9 +10,11 @@ AdamW(β = (0.9, 0.98)), lr = 1e-2·√(batch/256). Three runs on the same corru
 ``none`` (no regularization), ``wd`` (weight decay 1.0), ``bn`` (BatchNorm, weight decay 0). Per run:
 accuracy on the corrupted training examples (against their wrong labels), on the clean ones, on the
 test split, over training; IPR of every hidden neuron; for the BN run |γ| against IPR; and a pruning
-curve (lowest- vs highest-IPR neurons first). ``--phase`` adds a coarse phase diagram (train fraction
-× ξ, 5 × 5, for ``wd`` and ``bn``, one seed, stored as ``results/grokking_phase.json`` with its run
-time). Results: ``results/grokking.json``; plots in ``OUT``.
+curve (lowest- vs highest-IPR neurons first). Results: ``results/grokking.json``; plots in ``OUT``.
+
+``--phase`` runs instead a coarse phase diagram: train fraction × ξ, 5 × 5, for ``wd`` and ``bn``, every
+seed (about 2.5 min per seed at the defaults), stored as ``results/grokking_phase.json`` with each seed's
+run time. ``--batch-sweep B ...`` runs instead ``none`` against ``bn`` at each batch size.
 """
 from __future__ import annotations
 
@@ -109,6 +111,38 @@ def batch_sweep(args: argparse.Namespace) -> None:
         print(f"  batch {b:<4} " + "   ".join(cells))
 
 
+PHASE_TRAIN_FRACTIONS = [0.3, 0.4, 0.5, 0.6, 0.7]
+PHASE_CORRUPTIONS = [0.0, 0.1, 0.2, 0.3, 0.4]
+
+
+def phase_diagram(args: argparse.Namespace) -> None:
+    """Weight decay and BatchNorm over train fraction × ξ, each cell on its own data, every seed."""
+    runs = []
+    for seed in args.seeds:
+        t0 = time.perf_counter()
+        run: dict = {"seed": seed, "wd": [], "bn": []}
+        for tf in tqdm(PHASE_TRAIN_FRACTIONS, desc=f"phase, seed {seed}"):
+            for name in ("wd", "bn"):
+                row = []
+                for xi in PHASE_CORRUPTIONS:
+                    d = normfx.lab.modular_arithmetic(args.p, args.op, tf, xi, seed=seed)
+                    row.append(accuracies(train(d, args, seed, RUNS[name]["bn"], RUNS[name]["wd"])[0], d))
+                run[name].append(row)
+        run["seconds"] = time.perf_counter() - t0
+        runs.append(run)
+    config = {k: v for k, v in vars(args).items() if k not in ("out", "results")}
+    config.update(train_fractions=PHASE_TRAIN_FRACTIONS, corruptions=PHASE_CORRUPTIONS)
+    path = record("grokking_phase", config, runs, args.results)
+    print(f"\nphase diagram, seeds {args.seeds}: corrupted-label / test accuracy, mean over seeds ({path})")
+    for name in ("wd", "bn"):
+        print(f"  {name}")
+        for i, tf in enumerate(PHASE_TRAIN_FRACTIONS):
+            cells = [f"{sum(r[name][i][j]['corrupted'] for r in runs) / len(runs):.2f}/"
+                     f"{sum(r[name][i][j]['test'] for r in runs) / len(runs):.2f}"
+                     for j in range(len(PHASE_CORRUPTIONS))]
+            print(f"    tf {tf}: " + "  ".join(cells))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--p", type=int, default=97)
@@ -118,7 +152,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--width", type=int, default=256)
-    ap.add_argument("--phase", action="store_true", help="also a 5×5 phase diagram (train fraction × ξ), one seed")
+    ap.add_argument("--phase", action="store_true",
+                    help="instead of the three runs: a 5×5 phase diagram (train fraction × ξ) for weight decay and "
+                         "BN, every seed, stored as results/grokking_phase.json")
     ap.add_argument("--batch-sweep", type=int, nargs="+", metavar="BATCH",
                     help="instead of the three runs: no regularization vs BN at each batch size (steps "
                          "2000·256/batch, lr scaled as in the paper), stored as results/grokking_batch.json")
@@ -126,6 +162,9 @@ def main() -> None:
 
     if args.batch_sweep:
         batch_sweep(args)
+        return
+    if args.phase:
+        phase_diagram(args)
         return
     fractions = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
     runs = []
@@ -143,22 +182,8 @@ def main() -> None:
             if seed == args.seeds[0]:
                 first_models[name] = m
         runs.append(run)
-    phase = None
-    if args.phase:
-        t0 = time.perf_counter()
-        grid = [0.3, 0.4, 0.5, 0.6, 0.7]
-        xis = [0.0, 0.1, 0.2, 0.3, 0.4]
-        phase = {"train_fraction": grid, "corruption": xis, "seed": args.seeds[0]}
-        for name in ("wd", "bn"):
-            phase[name] = [[accuracies(train(normfx.lab.modular_arithmetic(args.p, args.op, tf, xi, seed=args.seeds[0]),
-                                             args, args.seeds[0], RUNS[name]["bn"], RUNS[name]["wd"])[0],
-                                       normfx.lab.modular_arithmetic(args.p, args.op, tf, xi, seed=args.seeds[0]))
-                            for xi in xis] for tf in tqdm(grid, desc=f"phase {name}")]
-        phase["seconds"] = time.perf_counter() - t0
     config = {k: v for k, v in vars(args).items() if k not in ("out", "results")}
     path = record("grokking", {**config, "prune_fractions": fractions}, runs, args.results)
-    if phase is not None:
-        record("grokking_phase", config, [phase], args.results)
 
     print(f"\np = {args.p}, train fraction {args.train_fraction}, ξ = {args.corruption}, batch {args.batch}, "
           f"{args.steps} steps, seeds {args.seeds} ({path})")

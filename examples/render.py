@@ -210,23 +210,28 @@ def grokking(data: dict) -> str:
 
 SLAB_LABELS = {"softmax_ln": "softmax attention + LayerNorm (as built)",
                "sla_ln": "SLA + LayerNorm (`normfx.linear_attention`)",
-               "slab": "SLAB: SLA + PRepBN, recalibrated and deployed"}
+               "slab": "SLAB: SLA + PRepBN, recalibrated and deployed",
+               "slab_distill": "SLAB distilled from the trained softmax + LN model"}
 
 
 def slab_vit(data: dict) -> str:
     runs = data["runs"]
     lines = ["| model | test accuracy | eval latency, batch 1 (ms) | latency ÷ softmax + LN |", "|---|---|---|---|"]
     for k, label in SLAB_LABELS.items():
+        if k not in runs[0]:
+            continue
         ratio = [r[k]["latency_ms"] / r["softmax_ln"]["latency_ms"] for r in runs]
         lat = [r[k]["latency_ms"] for r in runs]
         lines.append(f"| {label} | {mean_std([r[k]['accuracy'] for r in runs])} | {mean_std(lat, digits=2)} | "
                      f"{mean_std(ratio, digits=2)} |")
-    r0 = runs[0]["slab"]
+    r0, c = runs[0]["slab"], data["config"]
+    distill = (f" Distillation: loss (1 − α)·CE + α·τ²·KL(teacher ‖ student), α = {c['alpha']}, τ = {c['tau']}, "
+               "the teacher the seed's trained softmax + LN model." if "alpha" in c else "")
     lines += ["", f"Mean ± std over {len(runs)} seeds (each its own initial weights and batch order, shared by the "
-              f"three runs), {data['config']['epochs']} epochs; 17 tokens (16 patches and the class token); latency: "
-              f"median of 50 single-image runs per model, the three interleaved in one process. The deployed SLAB "
+              f"runs), {c['epochs']} epochs; 17 tokens (16 patches and the class token); latency: "
+              f"median of 50 single-image runs per model, the models interleaved in one process. The deployed SLAB "
               f"model has {r0['normalization_left']} normalization modules and {r0['softmax_left']} softmax "
-              f"attention modules left. `{data['command']}`; torch {data['versions']['torch']}."]
+              f"attention modules left.{distill} `{data['command']}`; torch {data['versions']['torch']}."]
     return "\n".join(lines) + "\n"
 
 
@@ -244,6 +249,29 @@ def grokking_batch(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def grokking_phase(data: dict) -> str:
+    runs, c = data["runs"], data["config"]
+    tfs, xis = c["train_fractions"], c["corruptions"]
+    lines = []
+    for name, label in (("wd", "weight decay 1.0"), ("bn", "BatchNorm (weight decay 0)")):
+        lines += [f"{label}: accuracy on corrupted training labels / test accuracy", "",
+                  "| train fraction | " + " | ".join(f"ξ = {x}" for x in xis) + " |", "|---|" + "---|" * len(xis)]
+        for i, tf in enumerate(tfs):
+            cells = []
+            for j in range(len(xis)):
+                cor = [r[name][i][j]["corrupted"] for r in runs]
+                test = mean_std([r[name][i][j]["test"] for r in runs], digits=2)
+                cells.append(("—" if any(v != v for v in cor) else mean_std(cor, digits=2)) + f" / {test}")
+            lines.append(f"| {tf} | " + " | ".join(cells) + " |")
+        lines.append("")
+    minutes = [r["seconds"] / 60 for r in runs]
+    took = f"{min(minutes):.1f}" + (f"–{max(minutes):.1f}" if f"{min(minutes):.1f}" != f"{max(minutes):.1f}" else "")
+    lines.append(f"Mean ± std over {len(runs)} seeds (each cell its own data split and corruption per seed), "
+                 f"p = {c['p']}, N = {c['width']}, batch {c['batch']}, {c['steps']} steps per cell; the 50 runs of "
+                 f"one seed took {took} min. `{data['command']}`; torch {data['versions']['torch']}.")
+    return "\n".join(lines) + "\n"
+
+
 # Each docs table: how to render it, and the stored results it is rendered from.
 RENDERERS: dict[str, tuple] = {
     "fixed_point": (lambda: fixed_point(load("fixed_point")), ["fixed_point"]),
@@ -253,6 +281,7 @@ RENDERERS: dict[str, tuple] = {
     "directpred": (lambda: directpred(load("directpred")), ["directpred"]),
     "grokking": (lambda: grokking(load("grokking")), ["grokking"]),
     "grokking_batch": (lambda: grokking_batch(load("grokking_batch")), ["grokking_batch"]),
+    "grokking_phase": (lambda: grokking_phase(load("grokking_phase")), ["grokking_phase"]),
     "slab_vit": (lambda: slab_vit(load("slab_vit")), ["slab_vit"]),
 }
 

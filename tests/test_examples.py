@@ -98,11 +98,23 @@ def test_grokking_example(tmp_path):
          str(tmp_path), "--results", str(tmp_path), cwd=tmp_path)
     (sweep,) = json.loads((tmp_path / "grokking_batch.json").read_text())["runs"]
     assert set(sweep["256"]) == {"none", "bn"} and set(sweep["128"]["bn"]) == {"corrupted", "clean", "test"}
+    _run("grokking.py", "--p", "11", "--width", "16", "--steps", "20", "--phase", "--seeds", "0", "1", "--out",
+         str(tmp_path), "--results", str(tmp_path), cwd=tmp_path)
+    phase = json.loads((tmp_path / "grokking_phase.json").read_text())
+    assert [r["seed"] for r in phase["runs"]] == [0, 1]
+    for r in phase["runs"]:
+        assert r["seconds"] > 0
+        for name in ("wd", "bn"):
+            assert len(r[name]) == 5 and all(len(row) == 5 for row in r[name])
+            assert all(row[0]["corrupted"] != row[0]["corrupted"] for row in r[name])    # ξ = 0: nothing corrupted
+            assert all(0 <= cell["test"] <= 1 for row in r[name] for cell in row)
 
 
 @pytest.mark.slow
 def test_slab_vit_example(tmp_path):
     _run("slab_vit.py", "--epochs", "1", "--seeds", "0", "--results", str(tmp_path), cwd=tmp_path)
     (run,) = json.loads((tmp_path / "slab_vit.json").read_text())["runs"]
-    assert run["slab"]["normalization_left"] == 0 and run["slab"]["softmax_left"] == 0
-    assert all(run[k]["latency_ms"] > 0 for k in ("softmax_ln", "sla_ln", "slab"))
+    for k in ("slab", "slab_distill"):
+        assert run[k]["normalization_left"] == 0 and run[k]["softmax_left"] == 0
+    assert all(run[k]["latency_ms"] > 0 and 0 <= run[k]["accuracy"] <= 1
+               for k in ("softmax_ln", "sla_ln", "slab", "slab_distill"))
