@@ -9,7 +9,10 @@ built once per seed; three runs share its initial weights and every batch:
 * ``sla_ln``: ``normfx.linear_attention(model)`` (the attention changes, LayerNorm stays);
 * ``slab``: ``normfx.repbn(normfx.linear_attention(model), total_steps=...)``: SLA + PRepBN, λ from 1
   to 0 over the first 3/4 of training, then ``recalibrate_bn`` and ``normfx.deploy`` (no
-  normalization, no softmax attention left).
+  normalization, no softmax attention left);
+* ``slab_distill``: the same SLAB model trained afterwards on the same batches with the trained
+  ``softmax_ln`` model as its teacher: loss ``(1 − α)·CE(student, y) + α·τ²·KL(teacher ‖ student)`` at
+  temperature τ (DeiT's soft distillation; ``--alpha``, ``--tau``).
 
 AdamW (lr 2e-3, weight decay 0.05, cosine), batch 64. Per seed: test accuracy of each run and the
 eval latency of each final model (batch 1, median of repeated runs, the three interleaved in one
@@ -32,7 +35,7 @@ from _digits import accuracy, load_digits
 from _results import mean_std, parse, record
 from prepbn_vit import make_vit
 
-RUNS = ("softmax_ln", "sla_ln", "slab")
+RUNS = ("softmax_ln", "sla_ln", "slab", "slab_distill")
 
 
 @torch.no_grad()
@@ -48,6 +51,39 @@ def latencies(models: dict[str, nn.Module], x: torch.Tensor, reps: int = 50) -> 
     return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
+def train(models: dict[str, nn.Module], perms: list[torch.Tensor], args: argparse.Namespace, data: tuple,
+          total: int, teacher: nn.Module | None = None) -> None:
+    """Train ``models`` side by side on the batches ``perms`` gives (AdamW, cosine); with ``teacher``, soft
+    distillation from its logits. A PRepBN model's λ follows its ``RepBNScheduler``."""
+    x_tr, y_tr = data[0], data[1]
+    scheds = [normfx.RepBNScheduler(m) for m in models.values()
+              if any(isinstance(x, normfx.nn.ProgressiveRepBN) for x in m.modules())]
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=args.lr, weight_decay=0.05) for k, m in models.items()}
+    lrs = {k: torch.optim.lr_scheduler.CosineAnnealingLR(o, total) for k, o in opts.items()}
+    steps = -(-len(y_tr) // args.batch)
+    for perm in tqdm(perms, desc=", ".join(models) + (" (distilled)" if teacher is not None else ""), leave=False):
+        for i in range(steps):
+            idx = perm[i * args.batch:(i + 1) * args.batch]
+            xb, yb = x_tr[idx], y_tr[idx]
+            soft = None
+            if teacher is not None:
+                with torch.no_grad():
+                    soft = F.softmax(teacher(xb) / args.tau, dim=1)
+            for k, m in models.items():
+                m.train()
+                logits = m(xb)
+                loss = F.cross_entropy(logits, yb)
+                if soft is not None:
+                    kl = F.kl_div(F.log_softmax(logits / args.tau, dim=1), soft, reduction="batchmean")
+                    loss = (1 - args.alpha) * loss + args.alpha * args.tau ** 2 * kl
+                opts[k].zero_grad(set_to_none=True)
+                loss.backward()
+                opts[k].step()
+                lrs[k].step()
+            for sched in scheds:
+                sched.step()
+
+
 def run(seed: int, args: argparse.Namespace, data: tuple) -> dict:
     x_tr, y_tr, x_te, y_te = data
     torch.manual_seed(seed)
@@ -56,29 +92,22 @@ def run(seed: int, args: argparse.Namespace, data: tuple) -> dict:
     base = make_vit()
     models = {"softmax_ln": copy.deepcopy(base), "sla_ln": normfx.linear_attention(base),
               "slab": normfx.repbn(normfx.linear_attention(base), total_steps=int(0.75 * total))}
-    sched = normfx.RepBNScheduler(models["slab"])
-    opts = {k: torch.optim.AdamW(m.parameters(), lr=args.lr, weight_decay=0.05) for k, m in models.items()}
-    lrs = {k: torch.optim.lr_scheduler.CosineAnnealingLR(o, total) for k, o in opts.items()}
+    student = normfx.repbn(normfx.linear_attention(base), total_steps=int(0.75 * total))
     g = torch.Generator().manual_seed(1000 + seed)
-    for _ in tqdm(range(args.epochs), desc=f"seed {seed}", leave=False):
-        perm = torch.randperm(len(y_tr), generator=g)
-        for i in range(steps):
-            idx = perm[i * args.batch:(i + 1) * args.batch]
-            for k, m in models.items():
-                m.train()
-                loss = F.cross_entropy(m(x_tr[idx]), y_tr[idx])
-                opts[k].zero_grad(set_to_none=True)
-                loss.backward()
-                opts[k].step()
-                lrs[k].step()
-            sched.step()
-    normfx.recalibrate_bn(models["slab"], (x_tr[i:i + 256] for i in range(0, len(y_tr), 256)), progress=False)
-    deployed = normfx.deploy(models["slab"].eval())
-    finals = {"softmax_ln": models["softmax_ln"], "sla_ln": models["sla_ln"], "slab": deployed}
-    out: dict = {k: {"accuracy": accuracy(m, x_te, y_te)} for k, m in finals.items()}
-    out["slab"]["normalization_left"] = sum(isinstance(m, (nn.LayerNorm, nn.modules.batchnorm._BatchNorm))
-                                            for m in deployed.modules())
-    out["slab"]["softmax_left"] = sum(isinstance(m, nn.MultiheadAttention) for m in deployed.modules())
+    perms = [torch.randperm(len(y_tr), generator=g) for _ in range(args.epochs)]
+    train(models, perms, args, data, total)
+    teacher = models["softmax_ln"].eval()
+    train({"slab_distill": student}, perms, args, data, total, teacher=teacher)
+    finals = {"softmax_ln": teacher, "sla_ln": models["sla_ln"]}
+    out: dict = {}
+    for k, m in (("slab", models["slab"]), ("slab_distill", student)):
+        normfx.recalibrate_bn(m, (x_tr[i:i + 256] for i in range(0, len(y_tr), 256)), progress=False)
+        finals[k] = deployed = normfx.deploy(m.eval())
+        out[k] = {"normalization_left": sum(isinstance(x, (nn.LayerNorm, nn.modules.batchnorm._BatchNorm))
+                                            for x in deployed.modules()),
+                  "softmax_left": sum(isinstance(x, nn.MultiheadAttention) for x in deployed.modules())}
+    for k, m in finals.items():
+        out.setdefault(k, {})["accuracy"] = accuracy(m, x_te, y_te)
     for k, ms in latencies(finals, x_te[:1]).items():
         out[k]["latency_ms"] = ms
     return out
@@ -89,6 +118,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--alpha", type=float, default=0.5, help="weight of the distillation term (slab_distill)")
+    ap.add_argument("--tau", type=float, default=1.0, help="distillation temperature (slab_distill)")
     args = parse(ap, out=False)
     data = load_digits()
     runs = [{"seed": s, **run(s, args, data)} for s in args.seeds]

@@ -17,7 +17,7 @@ from normfx.nn.evonorm import PRESETS, Preset
 from normfx.passes import DEPLOY_STEPS, Step
 from normfx.passes.fixed_point import TARGETS, Target, insert_fixed_point, insert_fixed_point_outside
 from normfx.passes.evonorm import swap_evonorm, swap_evonorm_outside
-from normfx.passes.linear_attention import swap_attention
+from normfx.passes.linear_attention import drop_class_token, swap_attention
 from normfx.passes.fold_convbn import ConvBNMode, fold_convbn, fold_convbn_outside
 from normfx.passes.freeze import freeze_model
 from normfx.roles import ROLES
@@ -221,37 +221,64 @@ def directpred(model: nn.Module, *, predictor: str = "predictor", rho: float = 0
     return out
 
 
-def linear_attention(model: nn.Module, *, kernel_size: int = 5, inplace: bool = False) -> nn.Module:
+def linear_attention(model: nn.Module, *, kernel_size: int = 5, stages: Sequence[int] | None = None,
+                     cls_token: Literal["exclude", "drop"] = "exclude", image_size: int | tuple[int, int] | None = None,
+                     inplace: bool = False) -> nn.Module:
     """Softmax self-attention → SLAB's Simplified Linear Attention (``normfx.nn.SimplifiedLinearAttention``):
     ``ReLU(Q)(ReLU(K + P)ᵀV) / (ReLU(Q)·ΣReLU(K + P)) + DWC(V)``, cost linear in the number of tokens.
 
-    Sites: timm ``Attention`` (ViT, DeiT) and torchvision's ViT ``nn.MultiheadAttention`` self-attention;
-    each keeps its q/k/v and output projections (the same Parameters); the positional encoding P
-    starts at zero and the depthwise conv at torch's default init. Prefix tokens (cls, distillation)
-    attend linearly and are left out of the DWC term. Skipped with their reason: q/k-normalized or
-    gated attention, attention without a known token grid, dynamic image sizes, Swin window
-    attention. It changes the function: fine-tune after the swap (SLAB's recipe: with PRepBN,
-    ``normfx.repbn``; the softmax model can serve as a distillation teacher).
+    Sites: timm ``Attention`` (ViT, DeiT), torchvision's ViT ``nn.MultiheadAttention`` self-attention,
+    and Swin window attention (timm ``WindowAttention``, torchvision ``ShiftedWindowAttention``) in the
+    selected stages, where as in SLAB's Swin the window is widened to the stage's resolution and the
+    shift dropped. Each keeps its q/k/v and output projections (the same Parameters); the positional
+    encoding P starts at zero and the depthwise conv at torch's default init. Skipped with their reason:
+    q/k-normalized or gated attention, attention without a known token grid (cross-attention, text),
+    dynamic image sizes, Swin V2's cosine attention, stages not selected. It changes the function:
+    fine-tune after the swap (SLAB's recipe: with PRepBN, ``normfx.repbn``; the softmax model can serve
+    as a distillation teacher).
 
     Args:
         model: any ``nn.Module``; never modified unless ``inplace=True``.
         kernel_size: the depthwise convolution's kernel (odd; SLAB uses 5).
+        stages: the stages to swap, numbered from 0 by resolution (a ViT is stage 0). ``None``: a ViT's
+            attention, and the first half of a Swin's stages (SLAB's ``LLSS``: softmax window attention
+            stays in the low-resolution stages).
+        cls_token: ``"exclude"``: prefix tokens (class, distillation) attend linearly and stay out of the
+            DWC term. ``"drop"``: SLAB-DeiT's head, the class token removed and the patch tokens
+            average-pooled (timm ViTs; ``cls_token`` leaves the ``state_dict``).
+        image_size: the input's ``(H, W)`` (or one int), needed for torchvision's Swin, which does not
+            record it; the swapped model then takes that size only.
         inplace: swap the caller's modules instead of a copy's.
 
     Raises:
-        ValueError: an even or non-positive ``kernel_size``.
+        ValueError: an even or non-positive ``kernel_size``; ``stages`` the model does not have;
+            ``cls_token="drop"`` on a model whose head reads the class token (torchvision's ViT, a
+            distilled DeiT).
 
     Example:
         >>> vit = torchvision.models.VisionTransformer(32, 8, 2, 2, 32, 64, num_classes=10)
         >>> m = normfx.linear_attention(vit)
         >>> normfx.last_report(m).summary().splitlines()[0]
         'linear_attention: 2 sites, 2 transformed, 0 skipped'
+        >>> swin = torchvision.models.SwinTransformer([4, 4], 32, [2, 2], [2, 4], [4, 4], num_classes=10)
+        >>> m = normfx.linear_attention(swin, image_size=32)     # stages 8×8 and 4×4: the first swapped
+        >>> [c.site for c in normfx.last_report(m).changes]
+        ['features.1.0.attn', 'features.1.1.attn']
     """
     if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
         raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size!r}")
+    if cls_token not in ("exclude", "drop"):
+        raise ValueError(f"cls_token must be 'exclude' or 'drop', got {cls_token!r}")
+    if stages is not None and (isinstance(stages, (int, str)) or
+                               not all(isinstance(s, int) and not isinstance(s, bool) for s in stages)):
+        raise ValueError(f"stages must be a sequence of stage indices, e.g. (0, 1), got {stages!r}")
+    size = (image_size, image_size) if isinstance(image_size, int) else image_size
     out = model if inplace else copy_model(model, share_tensors=False)[0]
-    result = swap_attention(out, kernel_size=kernel_size)
-    attach_report(out, Report((result,), (), ("linear_attention: the function changes; fine-tune after the swap",)))
+    notes = ["linear_attention: the function changes; fine-tune after the swap"]
+    if cls_token == "drop":
+        notes.append(drop_class_token(out))
+    result = swap_attention(out, kernel_size=kernel_size, stages=stages, image_size=size)
+    attach_report(out, Report((result,), (), tuple(notes)))
     return out
 
 

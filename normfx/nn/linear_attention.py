@@ -65,18 +65,32 @@ class SimplifiedLinearAttention(nn.Module):
         if qkv.out_features != 3 * dim or qkv.in_features != dim or proj.out_features != dim:
             raise ValueError(f"qkv {qkv.in_features}→{qkv.out_features} and proj {proj.in_features}→"
                              f"{proj.out_features} are not a self-attention of width {dim}")
-        new = cls(dim, num_heads, grid, num_prefix_tokens=num_prefix_tokens, kernel_size=kernel_size,
-                  qkv_bias=qkv.bias is not None, attn_drop=attn_drop, proj_drop=proj_drop)
+        with torch.device("meta"):                     # no throwaway q/k/v and output projections
+            new = cls(dim, num_heads, grid, num_prefix_tokens=num_prefix_tokens, kernel_size=kernel_size,
+                      qkv_bias=qkv.bias is not None, attn_drop=attn_drop, proj_drop=proj_drop)
         new.qkv, new.proj = qkv, proj
         ref = qkv.weight
-        new.dwc.to(device=ref.device, dtype=ref.dtype)
-        new.positional_encoding.data = new.positional_encoding.data.to(device=ref.device, dtype=ref.dtype)
+        new.dwc = new.dwc.to_empty(device=ref.device).to(ref.dtype)
+        new.dwc.reset_parameters()                    # torch's default init, as a freshly built conv
+        new.positional_encoding = nn.Parameter(torch.zeros(new.positional_encoding.shape, device=ref.device,
+                                                           dtype=ref.dtype))
         return new
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        if attn_mask is not None or is_causal:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False, *,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``x``: ``[B, N, C]`` tokens (prefix tokens, then the grid row by row), or ``[B, H, W, C]``, the
+        grid itself (torchvision's Swin attention calling convention), returned in the same layout.
+        ``attn_mask``/``is_causal`` (torch's names) and ``mask`` (timm's Swin) must be unset: SLA has no
+        attention map to mask."""
+        if attn_mask is not None or is_causal or mask is not None:
             raise ValueError("SimplifiedLinearAttention has no attention map to mask: masks and causal attention "
-                             "are not supported")
+                             "are not supported (a Swin block must attend over its whole stage, unshifted)")
+        if x.dim() == 4:
+            b, gh, gw, c = x.shape
+            if (gh, gw) != self.grid or self.num_prefix_tokens:
+                raise ValueError(f"SimplifiedLinearAttention expects a [B, {self.grid[0]}, {self.grid[1]}, "
+                                 f"{self.dim}] grid, got {tuple(x.shape)}")
+            return self.forward(x.reshape(b, gh * gw, c)).reshape(b, gh, gw, c)
         b, n, c = x.shape
         p, (gh, gw) = self.num_prefix_tokens, self.grid
         if n != p + gh * gw or c != self.dim:

@@ -1,46 +1,99 @@
 """Softmax self-attention → Simplified Linear Attention (SLAB), reusing the q/k/v and output projections.
 
-Sites: timm's ``Attention`` (ViT, DeiT: the token grid from ``patch_embed.grid_size``, the prefix
-tokens from ``num_prefix_tokens``) and torchvision's ViT ``EncoderBlock.self_attention``
-(``nn.MultiheadAttention``; grid ``image_size // patch_size``, one class token). Leaf swaps: each
-attention module's slot gets the new module, the model's tree stays as it is. Skipped with their
-reason: attention with q/k normalization, gating or a separate q/k/v projection, attention in a model
-whose token grid is unknown (another ``nn.MultiheadAttention``: cross-attention, text), a dynamic
-image size, and Swin's window attention (not supported).
+Sites, in the module tree's order:
+
+* timm's ``Attention`` (ViT, DeiT: the token grid from ``patch_embed.grid_size``, the prefix tokens
+  from ``num_prefix_tokens``) and torchvision's ViT ``EncoderBlock.self_attention``
+  (``nn.MultiheadAttention``; grid ``image_size // patch_size``, one class token). A ViT is one stage
+  (stage 0).
+* Swin window attention: timm's ``swin_transformer.WindowAttention`` (the stage resolution from its
+  block's ``input_resolution``) and torchvision's ``ShiftedWindowAttention`` (the stage resolution from
+  one probe forward at ``image_size``: torchvision's Swin does not record its input size). As in
+  SLAB's Swin, the window is widened to the stage's resolution and the shift dropped: the SLA attends
+  over the whole stage map. Stages are numbered 0, 1, ... by resolution, in order; by default the
+  first half of them (SLAB's ``LLSS`` for the four stages of Swin-T/S/B).
+
+Leaf swaps: each attention module's slot gets the new module (timm's Swin block also gets its window
+set to the stage resolution, its shift to 0 and its mask removed); the model's tree stays as it is.
+Skipped with their reason: attention with q/k normalization, gating or a separate q/k/v projection,
+attention in a model whose token grid is unknown (another ``nn.MultiheadAttention``: cross-attention,
+text), a dynamic image size, Swin V2's cosine attention, a torchvision Swin without ``image_size``,
+stages not selected.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from normfx.match import set_module
 from normfx.nn.linear_attention import SelfAttentionSLA, SimplifiedLinearAttention
 from normfx.report import Change, PassResult, Skip, SkipReason
 
-__all__ = ["swap_attention"]
-
+__all__ = ["swap_attention", "drop_class_token"]
 
 def _timm_attention(m: nn.Module) -> bool:
     return type(m).__name__ == "Attention" and type(m).__module__.startswith("timm.")
 
 
-def _is_swin(m: nn.Module) -> bool:
-    return "WindowAttention" in type(m).__name__ or type(m).__name__ == "ShiftedWindowAttention"
+def _swin_kind(m: nn.Module) -> str | None:
+    """``"timm"``, ``"torchvision"`` (Swin V1 window attention normfx maps), ``"other"`` (another window
+    attention: Swin V2's cosine attention) or ``None``."""
+    cls, mod = type(m).__name__, type(m).__module__
+    if cls == "WindowAttention" and mod == "timm.models.swin_transformer":
+        return "timm"
+    if cls == "ShiftedWindowAttention" and mod.startswith("torchvision."):
+        return "torchvision"
+    if "WindowAttention" in cls:
+        return "other"
+    return None
 
 
-def swap_attention(model: nn.Module, *, kernel_size: int = 5) -> PassResult:
-    """Every supported softmax self-attention of ``model`` becomes an SLA (in place)."""
+def swap_attention(model: nn.Module, *, kernel_size: int = 5, stages: Sequence[int] | None = None,
+                   image_size: tuple[int, int] | None = None) -> PassResult:
+    """Every supported softmax self-attention of ``model`` in the selected stages becomes an SLA (in place)."""
     changes: list[Change] = []
     skips: list[Skip] = []
     grid, prefix, dynamic = _token_grid(model)
-    for name, m in list(model.named_modules()):
-        if not name:
-            continue
-        if _is_swin(m):
-            skips.append(Skip(name, SkipReason.UNSUPPORTED, "Swin window attention is not supported yet"))
+    named = [(n, m) for n, m in model.named_modules() if n]
+    swin = [(n, m) for n, m in named if _swin_kind(m) in ("timm", "torchvision")]
+    resolution = _swin_resolutions(model, swin, image_size)
+    order = list(dict.fromkeys(r for r in resolution.values()))
+    n_stages = len(order) if order else 1
+    selected = set(range(max(1, n_stages // 2)) if order else range(1)) if stages is None else set(stages)
+    known = bool(order) or not swin            # a torchvision Swin without image_size: its stages are unknown
+    if stages is not None and known and (not selected or not selected <= set(range(n_stages))):
+        raise ValueError(f"stages={tuple(stages)}: the model's attention is in stages 0..{n_stages - 1}")
+
+    def unselected(stage: int) -> str:
+        return f"stage {stage} not selected (stages={sorted(selected)})"
+
+    for name, m in named:
+        kind = _swin_kind(m)
+        if kind == "other":
+            skips.append(Skip(name, SkipReason.UNSUPPORTED,
+                              f"{type(m).__name__}: Swin V2's cosine window attention is not supported"))
+        elif kind is not None:
+            if name not in resolution:
+                skips.append(Skip(name, SkipReason.UNSUPPORTED, "torchvision's SwinTransformer does not record its "
+                                  "input size: pass image_size=(H, W) to map its stages"))
+                continue
+            res, stage = resolution[name], order.index(resolution[name])
+            if stage not in selected:
+                skips.append(Skip(name, SkipReason.UNSUPPORTED, unselected(stage)))
+                continue
+            sla = SimplifiedLinearAttention.from_projections(m.qkv, m.proj, m.num_heads, res, kernel_size=kernel_size,
+                                                             attn_drop=_p(m, "attn_drop", "attention_dropout"),
+                                                             proj_drop=_p(m, "proj_drop", "dropout"))
+            if kind == "timm":
+                _widen_timm_block(model.get_submodule(name.rpartition(".")[0]), res)
+            set_module(model, name, sla.train(m.training))
+            changes.append(Change(name, "linear attention", f"stage {stage}, {m.num_heads} heads, window widened to "
+                                  f"the stage's {res[0]}×{res[1]} tokens, no shift, DWC {kernel_size}×{kernel_size}"))
         elif _timm_attention(m) or isinstance(m, nn.MultiheadAttention):
-            why = _why_not(m, grid, dynamic)
+            why = _why_not(m, grid, dynamic) or (None if 0 in selected else unselected(0))
             if why:
                 skips.append(Skip(name, SkipReason.UNSUPPORTED, why))
                 continue
@@ -52,6 +105,95 @@ def swap_attention(model: nn.Module, *, kernel_size: int = 5) -> PassResult:
                       f"DWC {kernel_size}×{kernel_size}")
             changes.append(Change(name, "linear attention", detail))
     return PassResult("linear_attention", tuple(changes), tuple(skips))
+
+
+def _p(m: nn.Module, *names: str) -> float:
+    """A dropout probability stored as an ``nn.Dropout`` (timm) or a float (torchvision)."""
+    for n in names:
+        v = getattr(m, n, None)
+        if isinstance(v, nn.Dropout):
+            return float(v.p)
+        if isinstance(v, (int, float)):
+            return float(v)
+    return 0.0
+
+
+def _widen_timm_block(block: Any, res: tuple[int, int]) -> None:
+    """timm's Swin block partitions and shifts around its attention: one window of the stage's size, no
+    shift, no mask (what SLAB's Swin block does once its window reaches the stage resolution)."""
+    block.window_size, block.shift_size = tuple(res), (0, 0)
+    block.window_area = res[0] * res[1]
+    block.dynamic_mask = False
+    block.attn_mask = None
+
+
+def _swin_resolutions(model: nn.Module, sites: list[tuple[str, nn.Module]],
+                      image_size: tuple[int, int] | None) -> dict[str, tuple[int, int]]:
+    """The ``(H, W)`` of the map each Swin window attention sees: timm's from its block, torchvision's by
+    one forward of zeros at ``image_size`` (omitted when it is not given)."""
+    out: dict[str, tuple[int, int]] = {}
+    probe = []
+    for name, m in sites:
+        if _swin_kind(m) == "timm":
+            block = model.get_submodule(name.rpartition(".")[0])
+            out[name] = tuple(int(v) for v in block.input_resolution)  # type: ignore[assignment]
+        else:
+            probe.append((name, m))
+    if probe and image_size is not None:
+        seen: dict[str, tuple[int, int]] = {}
+        hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: seen.__setitem__(n, tuple(args[0].shape[1:3])))
+                 for n, m in probe]
+        conv = next(c for c in model.modules() if isinstance(c, nn.Conv2d))
+        modes = {m: m.training for m in model.modules()}
+        try:
+            model.eval()
+            with torch.no_grad():
+                model(torch.zeros(1, conv.in_channels, *image_size, device=conv.weight.device,
+                                  dtype=conv.weight.dtype))
+        finally:
+            for h in hooks:
+                h.remove()
+            for m, t in modes.items():
+                m.training = t
+        out.update(seen)
+    return out
+
+
+def drop_class_token(model: nn.Module) -> str:
+    """SLAB-DeiT's head: a timm ViT without its class token, average-pooling the patch tokens (in place).
+
+    Removes ``cls_token`` (and its position in ``pos_embed``), lowers ``num_prefix_tokens`` by one and
+    sets ``global_pool="avg"``; ``state_dict`` loses ``cls_token`` and ``pos_embed`` one position.
+
+    Returns:
+        A sentence for the report saying what changed.
+
+    Raises:
+        ValueError: not a timm ``VisionTransformer`` with a class token, a distilled model (its head reads
+            the class and distillation tokens) or a dynamic image size.
+    """
+    name = type(model).__name__
+    if not type(model).__module__.startswith("timm.") or getattr(model, "cls_token", None) is None \
+            or not hasattr(model, "global_pool"):
+        raise ValueError(f"cls_token='drop' needs a timm VisionTransformer with a class token; {name} has none "
+                         "normfx can drop (torchvision's VisionTransformer.forward reads x[:, 0]): use "
+                         "cls_token='exclude'")
+    if getattr(model, "dist_token", None) is not None:
+        raise ValueError(f"cls_token='drop': {name} is distilled, its head reads the class and distillation "
+                         "tokens; use cls_token='exclude'")
+    if getattr(model, "dynamic_img_size", False):
+        raise ValueError(f"cls_token='drop': {name} takes dynamic image sizes; build it with a fixed img_size")
+    m: Any = model
+    m.cls_token = None
+    if m.pos_embed is not None and not m.no_embed_class:
+        m.pos_embed = nn.Parameter(m.pos_embed.detach()[:, 1:].clone(), requires_grad=m.pos_embed.requires_grad)
+    m.num_prefix_tokens -= 1
+    if hasattr(m, "has_class_token"):
+        m.has_class_token = False
+    pooled = m.global_pool
+    m.global_pool = "avg"
+    return (f"cls_token='drop': {name}'s class token removed, the head average-pools the patch tokens "
+            f"(was global_pool={pooled!r})")
 
 
 def _token_grid(model: nn.Module) -> tuple[tuple[int, int] | None, int, bool]:
@@ -92,7 +234,8 @@ def _why_not(m: Any, grid: tuple[int, int] | None, dynamic: bool) -> str | None:
 def _build(m: Any, grid: tuple[int, int], prefix: int, kernel_size: int) -> nn.Module:
     if isinstance(m, nn.MultiheadAttention):
         dim = m.embed_dim
-        qkv = nn.Linear(dim, 3 * dim, bias=m.in_proj_bias is not None)
+        with torch.device("meta"):
+            qkv = nn.Linear(dim, 3 * dim, bias=m.in_proj_bias is not None)
         qkv.weight = m.in_proj_weight          # the same Parameters, not copies
         if m.in_proj_bias is not None:
             qkv.bias = m.in_proj_bias
