@@ -43,13 +43,17 @@ def _quiet_denormals() -> None:
 def build(name: str, variant: str) -> torch.nn.Module:
     import torchvision
 
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)().eval()
+    return model if variant == "ln" else deploy_prepbn(model)
+
+
+def deploy_prepbn(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` after PRepBN training, as far as speed goes: ``normfx.repbn`` with λ = 0 and randomized
+    statistics, then ``normfx.deploy`` (no normalization left)."""
     import normfx
     from normfx.nn import ProgressiveRepBN
 
-    torch.manual_seed(0)
-    model = getattr(torchvision.models, name)().eval()
-    if variant == "ln":
-        return model
     m = normfx.repbn(model, total_steps=1)
     g = torch.Generator().manual_seed(0)
     for mod in m.modules():
