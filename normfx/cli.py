@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
-from normfx.api import convbn, fixed_point, freeze, repbn
+from normfx.api import convbn, evonorm, fixed_point, freeze, repbn
 from normfx.errors import NormfxError
 from normfx.spec import SPEC_HELP, SpecError, default_input_shape, first_line, load_spec
 from normfx.kinds import is_norm_layer
@@ -25,7 +25,7 @@ __all__ = ["main", "load_spec", "SpecError", "inspect_model"]
 
 logger = logging.getLogger("normfx")
 
-COLUMNS = ("convbn_tune", "convbn_deploy", "repbn", "freeze", "fixed_point")
+COLUMNS = ("convbn_tune", "convbn_deploy", "repbn", "freeze", "fixed_point", "evonorm")
 """What ``inspect`` shows per site: each pass's action there, or ``skip: <reason>``."""
 
 
@@ -34,7 +34,8 @@ def inspect_model(model: nn.Module) -> dict:
 
     Per site: ``convbn_tune`` / ``convbn_deploy`` (Tune block, fold, or why not), ``repbn``
     (LayerNorm → PRepBN), ``freeze`` (whether ``normfx.freeze``'s default, BN-only training, trains
-    the layer) and ``fixed_point`` (the BatchNorm's fixed-point multiply-add). Returns
+    the layer), ``fixed_point`` (the BatchNorm's fixed-point multiply-add) and ``evonorm`` (BatchNorm2d
+    + activation → EvoNorm-B0). Returns
     ``{"sites": [{"site", "kind", "shape", *COLUMNS}], "totals": {...}}``.
 
     Example:
@@ -49,6 +50,7 @@ def inspect_model(model: nn.Module) -> dict:
         "repbn": lambda: repbn(model, total_steps=1),
         "freeze": lambda: freeze(model, keep=("norm",)),
         "fixed_point": lambda: fixed_point(model, targets=("norm",)),
+        "evonorm": lambda: evonorm(model),
     }
     actions: dict[str, dict[str, str]] = {}
     for column, run in runs.items():

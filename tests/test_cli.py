@@ -89,9 +89,9 @@ def test_inspect_table(capsys):
     out = capsys.readouterr().out
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("layer1.0.bn1 ")}
     assert rows["layer1.0.bn1"][1:] == ["BatchNorm2d", "64", "tune", "fold", "—", "train", "fixed-point",
-                                        "multiply-add"]
+                                        "multiply-add", "evonorm"]
     assert ("20 normalization sites; convbn tune: 20 transformed; convbn deploy: 20 transformed; repbn: 0 "
-            "transformed; freeze: 20 transformed; fixed point: 20 transformed") in out
+            "transformed; freeze: 20 transformed; fixed point: 20 transformed; evonorm: 20 transformed") in out
 
 
 def test_inspect_shows_every_pass(capsys):
@@ -100,7 +100,8 @@ def test_inspect_shows_every_pass(capsys):
     data = json.loads(capsys.readouterr().out)
     rows = {r["site"]: r for r in data["sites"]}
     assert data["totals"] == {"sites": 25, "convbn_tune": "0 transformed", "convbn_deploy": "0 transformed",
-                              "repbn": "25 transformed", "freeze": "25 transformed", "fixed_point": "0 transformed"}
+                              "repbn": "25 transformed", "freeze": "25 transformed", "fixed_point": "0 transformed",
+                              "evonorm": "0 transformed"}
     assert rows["encoder.ln"]["repbn"] == "prepbn" and rows["encoder.ln"]["freeze"] == "train"
 
 
@@ -112,6 +113,8 @@ def test_inspect_json_reports_skips(capsys):
     assert rows["features.denseblock1.denselayer1.norm1"]["convbn_deploy"] == "skip: no adjacent conv/linear"
     assert "features.conv0" not in rows  # convs are not normalization sites
     assert rows["features.norm0"]["convbn_deploy"] == "fold"
+    # DenseNet's norm0 feeds relu0 alone; a dense layer's norm1 follows the concatenation and feeds relu1
+    assert rows["features.norm0"]["evonorm"] == "evonorm"
 
 
 def test_export_ok(tmp_path, capsys):
