@@ -268,13 +268,39 @@ def test_twice_and_bad_input():
     assert [s.reason for s in one_d.skips] == [normfx.SkipReason.UNSUPPORTED]
 
 
-def test_deploy_reports_evonorm_as_not_folded():
-    m = normfx.evonorm(randomize_bn(torchvision.models.resnet18(), torch.randn(4, 3, 64, 64)), variant="S0").eval()
+@pytest.mark.parametrize("variant", ["B0", "S0"])
+def test_deploy_folds_evonorm_without_nonlinearity_only(variant):
+    """ResNet-18: the 11 BatchNorms without an activation after them (bn2 before the residual add, the
+    downsample ones) became x·γ + β and fold into their convs; the 9 EvoNorms with one stay."""
+    torch.manual_seed(0)
+    m = normfx.evonorm(randomize_bn(torchvision.models.resnet18(), torch.randn(4, 3, 64, 64)), variant=variant)
+    evos = (normfx.nn.EvoNorm2dB0, normfx.nn.EvoNorm2dS0)
+    with torch.no_grad():                       # trained-looking γ, β and running statistics
+        for k in m.modules():
+            if isinstance(k, evos):
+                k.weight.normal_(1, 0.3)
+                k.bias.normal_(0, 0.3)
+        m.train()
+        for _ in range(3):
+            m(torch.randn(8, 3, 64, 64))
+    m.eval()
     d = normfx.deploy(m)
-    skips = normfx.last_report(d).get("fold_convbn").skips
-    assert len(skips) == 20 and all("EvoNorm is not folded" in s.detail for s in skips)
+    r = normfx.last_report(d).get("fold_convbn")
+    assert len(r.changes) == 11 and all(c.action == "fold" and "x·γ + β" in c.detail for c in r.changes)
+    assert len(r.skips) == 9 and all("EvoNorm is not folded" in s.detail for s in r.skips)
+    assert sum(isinstance(k, evos) for k in d.modules()) == 9 and sum(isinstance(k, evos) for k in m.modules()) == 20
     x = torch.randn(2, 3, 64, 64)
-    assert torch.equal(d(x), m(x))
+    assert rel_err(d(x), m(x)) < 1e-5
+
+
+def test_evonorm_without_nonlinearity_skips_with_its_reason():
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Identity(), normfx.nn.EvoNorm2dB0(4, apply_act=False)).eval()
+    seq = nn.Sequential(plain[0], nn.ReLU(), plain[2]).eval()          # fed by a ReLU, not a conv
+    skip = normfx.last_report(normfx.deploy(seq)).get("fold_convbn").skips
+    assert [s.detail for s in skip] == ["EvoNorm without nonlinearity (x·γ + β): not fed by a conv/linear"]
+    tuned = normfx.last_report(normfx.convbn(plain, mode="tune")).get("fold_convbn").skips
+    assert [s.detail for s in tuned] == ["EvoNorm without nonlinearity (x·γ + β): no statistics to tune with; "
+                                         "Deploy folds it"]
 
 
 ZOO = [("torchvision", "resnet18"), ("torchvision", "mobilenet_v3_small"), ("torchvision", "efficientnet_b0"),

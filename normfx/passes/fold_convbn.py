@@ -191,8 +191,7 @@ def fold_convbn(gm: fx.GraphModule, *, mode: ConvBNMode) -> PassResult:
                     )
     for node in sites:
         m = ctx.module(node) if node.op == "call_module" else None
-        result = Skip(str(node.target), SkipReason.UNSUPPORTED, _EVONORM_WHY) if isinstance(m, EVONORMS) else \
-            _visit(ctx, node, mode)
+        result = _visit_evonorm(ctx, node, mode) if isinstance(m, EVONORMS) else _visit(ctx, node, mode)
         if isinstance(result, Change):
             changes.append(result)
         else:
@@ -216,6 +215,43 @@ def fold_convbn_outside(model: nn.Module, outside: list[Outside], *, mode: ConvB
 EVONORMS = (EvoNorm2dB0, EvoNorm2dS0)
 _EVONORM_WHY = ("EvoNorm is not folded: it normalizes with per-sample statistics (and B0 with per-batch ones "
                 "in training); it stays a layer of its own")
+
+
+def _visit_evonorm(ctx: _Ctx, node: Any, mode: ConvBNMode) -> Change | Skip:
+    """An EvoNorm with its nonlinearity normalizes with per-sample statistics: not foldable. Without it,
+    it is ``x·γ + β`` in training and in eval alike (the paper's definition), so Deploy folds it into the
+    conv that produces it, as a BatchNorm's affine."""
+    m, name = ctx.module(node), str(node.target)
+    if m.apply_act:
+        return Skip(name, SkipReason.UNSUPPORTED, _EVONORM_WHY)
+    what = "EvoNorm without nonlinearity (x·γ + β)"
+    if mode == "tune":
+        return Skip(name, SkipReason.UNSUPPORTED, f"{what}: no statistics to tune with; Deploy folds it")
+    producer = node.args[0] if len(node.args) == 1 and not node.kwargs else None
+    conv = ctx.module(producer) if isinstance(producer, fx.Node) and producer.op == "call_module" else None
+    why = None
+    if not is_conv_like(conv):
+        why = "not fed by a conv/linear"
+    elif ctx.uses[id(m)] > 1:
+        return Skip(name, SkipReason.SHARED_MODULE, f"{what}: called at several places")
+    elif len(producer.users) > 1:
+        return Skip(name, SkipReason.MULTI_USER, f"{what}: output of '{producer.target}' has other users")
+    elif ctx.uses[id(conv)] > 1:
+        return Skip(name, SkipReason.SHARED_MODULE, f"{what}: '{producer.target}' is called at several places")
+    elif len(producer.args) != 1 or producer.kwargs:
+        why = f"'{producer.target}' is called with extra arguments"
+    elif getattr(conv, "out_channels", None) != m.num_features:     # a Linear has none: not channels-first
+        why = f"'{producer.target}' is not a conv with {m.num_features} output channels"
+    if why or conv is None:
+        return Skip(name, SkipReason.UNSUPPORTED, f"{what}: {why}")
+    gamma, beta = m.weight.detach().to(torch.float64), m.bias.detach().to(torch.float64)
+    w, b = fold_bn_after(conv.weight, conv.bias, None, transposed=bool(getattr(conv, "transposed", False)),
+                         groups=getattr(conv, "groups", 1), scale_shift=(gamma, beta))
+    set_param(conv, "weight", w, requires_grad=conv.weight.requires_grad or m.weight.requires_grad)
+    set_param(conv, "bias", b, requires_grad=(conv.bias is not None and conv.bias.requires_grad)
+              or m.weight.requires_grad or m.bias.requires_grad)
+    set_module(ctx.gm, name, nn.Identity().train(m.training))
+    return Change(name, "fold", f"{what} into {producer.target}")
 
 
 def _looks_like_bn(m: Any | None) -> bool:
