@@ -275,9 +275,12 @@ def linear_attention(model: nn.Module, *, kernel_size: int = 5, stages: Sequence
     size = (image_size, image_size) if isinstance(image_size, int) else image_size
     out = model if inplace else copy_model(model, share_tensors=False)[0]
     notes = ["linear_attention: the function changes; fine-tune after the swap"]
-    if cls_token == "drop":
+    drop = cls_token == "drop"
+    if drop:
+        drop_class_token(model, check_only=True)          # every error before anything changes
+    result = swap_attention(out, kernel_size=kernel_size, stages=stages, image_size=size, dropped_prefix=int(drop))
+    if drop:
         notes.append(drop_class_token(out))
-    result = swap_attention(out, kernel_size=kernel_size, stages=stages, image_size=size)
     attach_report(out, Report((result,), (), tuple(notes)))
     return out
 

@@ -209,6 +209,10 @@ def test_stage_and_cls_token_errors():
         normfx.linear_attention(MODELS["torchvision_vit"](), cls_token="drop")
     with pytest.raises(ValueError, match="distilled"):
         normfx.linear_attention(MODELS["timm_deit_distilled"](), cls_token="drop")
+    vit = MODELS["timm_vit"]()
+    with pytest.raises(ValueError, match="stages 0..0"):                   # nothing changed, even in place
+        normfx.linear_attention(vit, cls_token="drop", stages=(1,), inplace=True)
+    assert vit.cls_token is not None and vit.num_prefix_tokens == 1 and vit.global_pool == "token"
 
 
 def test_cls_token_drop_is_slab_deits_average_pooling():

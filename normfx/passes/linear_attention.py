@@ -52,11 +52,14 @@ def _swin_kind(m: nn.Module) -> str | None:
 
 
 def swap_attention(model: nn.Module, *, kernel_size: int = 5, stages: Sequence[int] | None = None,
-                   image_size: tuple[int, int] | None = None) -> PassResult:
-    """Every supported softmax self-attention of ``model`` in the selected stages becomes an SLA (in place)."""
+                   image_size: tuple[int, int] | None = None, dropped_prefix: int = 0) -> PassResult:
+    """Every supported softmax self-attention of ``model`` in the selected stages becomes an SLA (in place).
+
+    ``dropped_prefix``: prefix tokens the caller removes after the swap (``drop_class_token``)."""
     changes: list[Change] = []
     skips: list[Skip] = []
     grid, prefix, dynamic = _token_grid(model)
+    prefix -= dropped_prefix
     named = [(n, m) for n, m in model.named_modules() if n]
     swin = [(n, m) for n, m in named if _swin_kind(m) in ("timm", "torchvision")]
     resolution = _swin_resolutions(model, swin, image_size)
@@ -159,11 +162,12 @@ def _swin_resolutions(model: nn.Module, sites: list[tuple[str, nn.Module]],
     return out
 
 
-def drop_class_token(model: nn.Module) -> str:
+def drop_class_token(model: nn.Module, *, check_only: bool = False) -> str:
     """SLAB-DeiT's head: a timm ViT without its class token, average-pooling the patch tokens (in place).
 
     Removes ``cls_token`` (and its position in ``pos_embed``), lowers ``num_prefix_tokens`` by one and
     sets ``global_pool="avg"``; ``state_dict`` loses ``cls_token`` and ``pos_embed`` one position.
+    ``check_only``: raise if it cannot, change nothing.
 
     Returns:
         A sentence for the report saying what changed.
@@ -183,6 +187,8 @@ def drop_class_token(model: nn.Module) -> str:
                          "tokens; use cls_token='exclude'")
     if getattr(model, "dynamic_img_size", False):
         raise ValueError(f"cls_token='drop': {name} takes dynamic image sizes; build it with a fixed img_size")
+    if check_only:
+        return ""
     m: Any = model
     m.cls_token = None
     if m.pos_embed is not None and not m.no_embed_class:
