@@ -43,16 +43,24 @@ def child(variant: str, steps: int) -> dict:
     torch.set_num_threads(2)
     model = _model(variant)
     step_ms = train_step_ms(model.train(), BATCH, SIZE, steps)
+    import normfx
+
     model.eval()
     xe = torch.randn(1, 3, 224, 224)
+    return {"step_ms": step_ms, "eval_ms": _latency_ms(model, xe, steps),
+            "deployed_ms": _latency_ms(normfx.deploy(model), xe, steps)}
+
+
+def _latency_ms(model: torch.nn.Module, x: torch.Tensor, steps: int) -> float:
+    """Median of ``steps`` inference runs after 3 warm-up runs."""
     lat = []
     with torch.inference_mode():
         for i in range(steps + 3):
             t0 = time.perf_counter()
-            model(xe)
+            model(x)
             if i >= 3:
                 lat.append(time.perf_counter() - t0)
-    return {"step_ms": step_ms, "eval_ms": 1e3 * statistics.median(lat)}
+    return 1e3 * statistics.median(lat)
 
 
 def child_transform(repeats: int) -> dict:
@@ -72,6 +80,10 @@ def child_transform(repeats: int) -> dict:
     return {"transform_ms": 1e3 * statistics.median(times), "first_ms": 1e3 * times[0]}
 
 
+DEPLOYED = (" Deployed: `normfx.deploy` of each eval model: every BatchNorm of `bn_relu` folds into its "
+            "conv; in `b0`/`s0` the EvoNorms without nonlinearity (x·γ + β) fold and those with it stay.")
+
+
 def render() -> str:
     """The docs section, from the stored raw result."""
     from _common import load, machine_line, median, ratio_cell, table
@@ -82,8 +94,16 @@ def render() -> str:
     for v in VARIANTS:
         step = [r["step_ms"] / b["step_ms"] for r, b in zip(runs[v], runs["bn_relu"])]
         ev = [r["eval_ms"] / b["eval_ms"] for r, b in zip(runs[v], runs["bn_relu"])]
-        rows.append([v, f"{median(r['step_ms'] for r in runs[v]):.1f}", ratio_cell(step),
-                     f"{median(r['eval_ms'] for r in runs[v]):.1f}", ratio_cell(ev)])
+        row = [v, f"{median(r['step_ms'] for r in runs[v]):.1f}", ratio_cell(step),
+               f"{median(r['eval_ms'] for r in runs[v]):.1f}", ratio_cell(ev)]
+        if "deployed_ms" in runs[v][0]:
+            dep = [r["deployed_ms"] / b["deployed_ms"] for r, b in zip(runs[v], runs["bn_relu"])]
+            row += [f"{median(r['deployed_ms'] for r in runs[v]):.1f}", ratio_cell(dep)]
+        rows.append(row)
+    deployed = "deployed_ms" in runs["bn_relu"][0]
+    header = ["variant", "train step (ms)", "step ÷ bn_relu", "eval latency (ms)", "eval ÷ bn_relu"]
+    if deployed:
+        header += ["deployed eval latency (ms)", "deployed ÷ bn_relu deployed"]
     tr = data["raw"]["transform"]
     return f"""## EvoNorm (`benchmarks/evonorm.py`)
 
@@ -92,9 +112,9 @@ mode, and eval latency at batch 1, 224×224. `bn_relu` is the model as built; `b
 `normfx.evonorm(model, variant=...)`. Each variant its own process, alternating over {c['rounds']} round(s);
 medians of {c['steps']} runs per process, then across rounds; ratios are medians of per-round ratios
 [range]. EvoNorm computes its statistics in float32 with plain tensor ops (no fused kernel, as
-BatchNorm has), so it is expected to cost more per layer. `{data['command']}`.
+BatchNorm has), so it is expected to cost more per layer.{DEPLOYED if deployed else ""} `{data['command']}`.
 
-{table(["variant", "train step (ms)", "step ÷ bn_relu", "eval latency (ms)", "eval ÷ bn_relu"], rows)}
+{table(header, rows)}
 
 `normfx.evonorm` on ResNet-50 (53 BatchNorms): {median(r['transform_ms'] for r in tr):.0f} ms per call
 (median over {len(tr)} process(es) of {c['repeats']} calls each; the first call in a process
