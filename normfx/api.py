@@ -273,6 +273,9 @@ def linear_attention(model: nn.Module, *, kernel_size: int = 5, stages: Sequence
                                not all(isinstance(s, int) and not isinstance(s, bool) for s in stages)):
         raise ValueError(f"stages must be a sequence of stage indices, e.g. (0, 1), got {stages!r}")
     size = (image_size, image_size) if isinstance(image_size, int) else image_size
+    if size is not None and (len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                                       for v in size)):
+        raise ValueError(f"image_size must be a positive int or (H, W), got {image_size!r}")
     out = model if inplace else copy_model(model, share_tensors=False)[0]
     notes = ["linear_attention: the function changes; fine-tune after the swap"]
     drop = cls_token == "drop"

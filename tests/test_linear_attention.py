@@ -199,6 +199,10 @@ def test_swin_stage_attends_over_the_whole_stage(name):
 def test_stage_and_cls_token_errors():
     with pytest.raises(ValueError, match="stages 0..3"):
         normfx.linear_attention(_tv_swin(), stages=(4,), image_size=64)
+    with pytest.raises(ValueError, match="image_size must be"):
+        normfx.linear_attention(_tv_swin(), image_size=(64, 0))
+    with pytest.raises(ValueError, match="one forward of Sequential on a \\[1, 3, 64, 64\\] input failed"):
+        normfx.linear_attention(nn.Sequential(_tv_swin(), nn.Linear(7, 2)), image_size=64)   # 10 logits ≠ 7
     with pytest.raises(ValueError, match="sequence of stage indices"):
         normfx.linear_attention(_tv_swin(), stages=1, image_size=64)     # type: ignore[arg-type]
     with pytest.raises(ValueError, match="stages 0..0"):

@@ -146,13 +146,20 @@ def _swin_resolutions(model: nn.Module, sites: list[tuple[str, nn.Module]],
         seen: dict[str, tuple[int, int]] = {}
         hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: seen.__setitem__(n, tuple(args[0].shape[1:3])))
                  for n, m in probe]
-        conv = next(c for c in model.modules() if isinstance(c, nn.Conv2d))
+        conv = next((c for c in model.modules() if isinstance(c, nn.Conv2d)), None)
+        if conv is None:
+            raise ValueError(f"image_size={image_size}: {type(model).__name__} has no Conv2d patch embedding to read "
+                             "the input channels from, so its Swin stages cannot be probed")
         modes = {m: m.training for m in model.modules()}
         try:
             model.eval()
             with torch.no_grad():
                 model(torch.zeros(1, conv.in_channels, *image_size, device=conv.weight.device,
                                   dtype=conv.weight.dtype))
+        except Exception as e:
+            raise ValueError(f"image_size={image_size}: one forward of {type(model).__name__} on a "
+                             f"[1, {conv.in_channels}, {image_size[0]}, {image_size[1]}] input failed ({e}); pass the "
+                             "size the model takes") from e
         finally:
             for h in hooks:
                 h.remove()
