@@ -214,7 +214,11 @@ SLAB_LABELS = {"softmax_ln": "softmax attention + LayerNorm (as built)",
                "slab_distill": "SLAB distilled from the trained softmax + LN model"}
 
 
-def slab_vit(data: dict) -> str:
+SLAB_TOKENS = {"vit": "17 tokens (16 patches and the class token)",
+               "swin": "stages of 8×8 and 4×4 tokens, SLA in the first, softmax windows of 4×4 in the second"}
+
+
+def slab(data: dict) -> str:
     runs = data["runs"]
     lines = ["| model | test accuracy | eval latency, batch 1 (ms) | latency ÷ softmax + LN |", "|---|---|---|---|"]
     for k, label in SLAB_LABELS.items():
@@ -227,10 +231,11 @@ def slab_vit(data: dict) -> str:
     r0, c = runs[0]["slab"], data["config"]
     distill = (f" Distillation: loss (1 − α)·CE + α·τ²·KL(teacher ‖ student), α = {c['alpha']}, τ = {c['tau']}, "
                "the teacher the seed's trained softmax + LN model." if "alpha" in c else "")
+    before = f" of {r0['softmax_before']}" if "softmax_before" in r0 else ""
     lines += ["", f"Mean ± std over {len(runs)} seeds (each its own initial weights and batch order, shared by the "
-              f"runs), {c['epochs']} epochs; 17 tokens (16 patches and the class token); latency: "
+              f"runs), {c['epochs']} epochs; {SLAB_TOKENS[c.get('model', 'vit')]}; latency: "
               f"median of 50 single-image runs per model, the models interleaved in one process. The deployed SLAB "
-              f"model has {r0['normalization_left']} normalization modules and {r0['softmax_left']} softmax "
+              f"model has {r0['normalization_left']} normalization modules and {r0['softmax_left']}{before} softmax "
               f"attention modules left.{distill} `{data['command']}`; torch {data['versions']['torch']}."]
     return "\n".join(lines) + "\n"
 
@@ -282,7 +287,8 @@ RENDERERS: dict[str, tuple] = {
     "grokking": (lambda: grokking(load("grokking")), ["grokking"]),
     "grokking_batch": (lambda: grokking_batch(load("grokking_batch")), ["grokking_batch"]),
     "grokking_phase": (lambda: grokking_phase(load("grokking_phase")), ["grokking_phase"]),
-    "slab_vit": (lambda: slab_vit(load("slab_vit")), ["slab_vit"]),
+    "slab_vit": (lambda: slab(load("slab_vit")), ["slab_vit"]),
+    "slab_swin": (lambda: slab(load("slab_swin")), ["slab_swin"]),
 }
 
 

@@ -1,9 +1,12 @@
-"""SLAB on a small ViT: softmax attention + LayerNorm vs SLA + LayerNorm vs SLA + PRepBN, on digits.
+"""SLAB on a small ViT or Swin: softmax attention + LayerNorm vs SLA + LayerNorm vs SLA + PRepBN, on digits.
 
-    python examples/slab_vit.py [--epochs 40] [--seeds 0 1 2] [--results examples/results]
+    python examples/slab_vit.py [--model vit|swin] [--epochs 40] [--seeds 0 1 2] [--results examples/results]
 
-The ViT of ``examples/prepbn_vit.py`` (16×16 digits, 4×4 patches, 4 layers, 4 heads, width 64) is
-built once per seed; three runs share its initial weights and every batch:
+``--model vit`` (default): the ViT of ``examples/prepbn_vit.py`` (16×16 digits, 4×4 patches, 4 layers,
+4 heads, width 64). ``--model swin``: a two-stage torchvision Swin (2×2 patches, stages of 8×8 and 4×4
+tokens, windows 4×4, 2 blocks each, widths 64/128, 4/8 heads); ``normfx.linear_attention`` swaps its
+first stage (SLAB's ``LLSS`` is the first half of the stages) and the second keeps softmax windows.
+The model is built once per seed; the runs share its initial weights and every batch:
 
 * ``softmax_ln``: as built;
 * ``sla_ln``: ``normfx.linear_attention(model)`` (the attention changes, LayerNorm stays);
@@ -16,7 +19,8 @@ built once per seed; three runs share its initial weights and every batch:
 
 AdamW (lr 2e-3, weight decay 0.05, cosine), batch 64. Per seed: test accuracy of each run and the
 eval latency of each final model (batch 1, median of repeated runs, the three interleaved in one
-process). Results: ``results/slab_vit.json`` (rendered into docs/linear_attention.md).
+process). Results: ``results/slab_vit.json`` / ``results/slab_swin.json`` (rendered into
+docs/linear_attention.md).
 """
 from __future__ import annotations
 
@@ -36,6 +40,22 @@ from _results import mean_std, parse, record
 from prepbn_vit import make_vit
 
 RUNS = ("softmax_ln", "sla_ln", "slab", "slab_distill")
+
+
+def make_swin() -> nn.Module:
+    import torchvision
+
+    return torchvision.models.SwinTransformer(patch_size=[2, 2], embed_dim=64, depths=[2, 2], num_heads=[4, 8],
+                                              window_size=[4, 4], stochastic_depth_prob=0.0, num_classes=10)
+
+
+# model: (builder, normfx.linear_attention keywords)
+MODELS = {"vit": (make_vit, {}), "swin": (make_swin, {"image_size": 16})}
+
+
+def softmax_attention(m: nn.Module) -> int:
+    """Softmax attention modules left: MultiheadAttention (torchvision's ViT), window attention (Swin)."""
+    return sum(isinstance(x, nn.MultiheadAttention) or "WindowAttention" in type(x).__name__ for x in m.modules())
 
 
 @torch.no_grad()
@@ -89,10 +109,11 @@ def run(seed: int, args: argparse.Namespace, data: tuple) -> dict:
     torch.manual_seed(seed)
     steps = -(-len(y_tr) // args.batch)
     total = args.epochs * steps
-    base = make_vit()
-    models = {"softmax_ln": copy.deepcopy(base), "sla_ln": normfx.linear_attention(base),
-              "slab": normfx.repbn(normfx.linear_attention(base), total_steps=int(0.75 * total))}
-    student = normfx.repbn(normfx.linear_attention(base), total_steps=int(0.75 * total))
+    build, kw = MODELS[args.model]
+    base = build()
+    models = {"softmax_ln": copy.deepcopy(base), "sla_ln": normfx.linear_attention(base, **kw),
+              "slab": normfx.repbn(normfx.linear_attention(base, **kw), total_steps=int(0.75 * total))}
+    student = normfx.repbn(normfx.linear_attention(base, **kw), total_steps=int(0.75 * total))
     g = torch.Generator().manual_seed(1000 + seed)
     perms = [torch.randperm(len(y_tr), generator=g) for _ in range(args.epochs)]
     train(models, perms, args, data, total)
@@ -105,7 +126,8 @@ def run(seed: int, args: argparse.Namespace, data: tuple) -> dict:
         finals[k] = deployed = normfx.deploy(m.eval())
         out[k] = {"normalization_left": sum(isinstance(x, (nn.LayerNorm, nn.modules.batchnorm._BatchNorm))
                                             for x in deployed.modules()),
-                  "softmax_left": sum(isinstance(x, nn.MultiheadAttention) for x in deployed.modules())}
+                  "softmax_left": softmax_attention(deployed),
+                  "softmax_before": softmax_attention(base)}
     for k, m in finals.items():
         out.setdefault(k, {})["accuracy"] = accuracy(m, x_te, y_te)
     for k, ms in latencies(finals, x_te[:1]).items():
@@ -115,6 +137,7 @@ def run(seed: int, args: argparse.Namespace, data: tuple) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="vit", choices=list(MODELS))
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -123,8 +146,9 @@ def main() -> None:
     args = parse(ap, out=False)
     data = load_digits()
     runs = [{"seed": s, **run(s, args, data)} for s in args.seeds]
-    path = record("slab_vit", {k: v for k, v in vars(args).items() if k != "results"}, runs, args.results)
-    print(f"\nViT on digits, {args.epochs} epochs, seeds {args.seeds} ({path})")
+    path = record(f"slab_{args.model}", {k: v for k, v in vars(args).items() if k != "results"}, runs,
+                  args.results)
+    print(f"\n{args.model} on digits, {args.epochs} epochs, seeds {args.seeds} ({path})")
     for k in RUNS:
         print(f"  {k:<11} test accuracy {mean_std([r[k]['accuracy'] for r in runs])}   "
               f"eval latency {statistics.fmean(r[k]['latency_ms'] for r in runs):.2f} ms")

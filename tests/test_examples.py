@@ -118,3 +118,8 @@ def test_slab_vit_example(tmp_path):
         assert run[k]["normalization_left"] == 0 and run[k]["softmax_left"] == 0
     assert all(run[k]["latency_ms"] > 0 and 0 <= run[k]["accuracy"] <= 1
                for k in ("softmax_ln", "sla_ln", "slab", "slab_distill"))
+    _run("slab_vit.py", "--model", "swin", "--epochs", "1", "--seeds", "0", "--results", str(tmp_path), cwd=tmp_path)
+    (swin,) = json.loads((tmp_path / "slab_swin.json").read_text())["runs"]
+    # stage 0 linear (SLAB's LLSS half), stage 1 keeps its two softmax window attentions
+    assert swin["slab"]["normalization_left"] == 0 and (swin["slab"]["softmax_left"], swin["slab"]["softmax_before"]) \
+        == (2, 4)
