@@ -39,7 +39,7 @@ examples: example
 	$(PY) examples/evonorm.py
 	$(PY) examples/directpred.py
 	$(PY) examples/grokking.py
-	$(PY) examples/grokking.py --width 512 --train-fraction 0.4 --corruption 0.2 --batch-sweep 64 16 8
+	$(PY) examples/grokking.py --width 500 --train-fraction 0.4 --corruption 0.2 --batch-sweep 64 16 8 4
 	$(PY) examples/grokking.py --phase
 	$(PY) examples/slab_vit.py
 	$(PY) examples/slab_vit.py --model swin

@@ -248,8 +248,9 @@ def grokking_batch(data: dict) -> str:
         cells = [mean_std([r[str(b)][k]["corrupted"] for r in runs]) for k in ("none", "bn")]
         low = min(min(r[str(b)][k][m] for r in runs for k in ("none", "bn")) for m in ("clean", "test"))
         lines.append(f"| {b} | {2000 * 256 // b:,} | {cells[0]} | {cells[1]} | ≥ {low:.3f} |")
+    took = f"; the sweep took {c['seconds'] / 60:.0f} min" if "seconds" in c else ""
     lines += ["", f"p = {c['p']}, N = {c['width']}, train fraction {c['train_fraction']}, ξ = {c['corruption']}, "
-              f"weight decay 0; mean ± std over {len(runs)} seeds. `{data['command']}`; "
+              f"weight decay 0; mean ± std over {len(runs)} seeds{took}. `{data['command']}`; "
               f"torch {data['versions']['torch']}."]
     return "\n".join(lines) + "\n"
 
