@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
-from normfx.api import convbn, evonorm, fixed_point, freeze, repbn
+from normfx.api import convbn, evonorm, fixed_point, freeze, linear_attention, repbn
 from normfx.errors import NormfxError
 from normfx.spec import SPEC_HELP, SpecError, default_input_shape, first_line, load_spec
 from normfx.kinds import is_norm_layer
@@ -25,18 +25,23 @@ __all__ = ["main", "load_spec", "SpecError", "inspect_model"]
 
 logger = logging.getLogger("normfx")
 
-COLUMNS = ("convbn_tune", "convbn_deploy", "repbn", "freeze", "fixed_point", "evonorm")
+COLUMNS = ("convbn_tune", "convbn_deploy", "repbn", "freeze", "fixed_point", "evonorm", "linear_attention")
 """What ``inspect`` shows per site: each pass's action there, or ``skip: <reason>``."""
+NORM_COLUMNS = COLUMNS[:-1]
+"""The columns that count normalization sites; ``linear_attention`` counts attention sites."""
 
 
-def inspect_model(model: nn.Module) -> dict:
-    """Every normalization site of ``model`` and what each pass would do there (dry runs on copies).
+def inspect_model(model: nn.Module, *, image_size: tuple[int, int] | None = None) -> dict:
+    """Every normalization and attention site of ``model`` and what each pass would do there (dry runs
+    on copies).
 
-    Per site: ``convbn_tune`` / ``convbn_deploy`` (Tune block, fold, or why not), ``repbn``
-    (LayerNorm → PRepBN), ``freeze`` (whether ``normfx.freeze``'s default, BN-only training, trains
-    the layer), ``fixed_point`` (the BatchNorm's fixed-point multiply-add) and ``evonorm`` (BatchNorm2d
-    + activation → EvoNorm-B0). Returns
-    ``{"sites": [{"site", "kind", "shape", *COLUMNS}], "totals": {...}}``.
+    Per normalization site: ``convbn_tune`` / ``convbn_deploy`` (Tune block, fold, or why not),
+    ``repbn`` (LayerNorm → PRepBN), ``freeze`` (whether ``normfx.freeze``'s default, BN-only training,
+    trains the layer), ``fixed_point`` (the BatchNorm's fixed-point multiply-add) and ``evonorm``
+    (BatchNorm2d + activation → EvoNorm-B0). Per attention site: ``linear_attention`` (softmax →
+    SLAB's linear attention with the default stages; ``image_size`` for a torchvision Swin). Returns
+    ``{"sites": [{"site", "kind", "shape", *COLUMNS}], "totals": {...}}``; ``totals["sites"]`` counts
+    normalization sites, ``totals["attention_sites"]`` attention sites.
 
     Example:
         >>> table = inspect_model(torchvision.models.resnet18())
@@ -51,6 +56,7 @@ def inspect_model(model: nn.Module) -> dict:
         "freeze": lambda: freeze(model, keep=("norm",)),
         "fixed_point": lambda: fixed_point(model, targets=("norm",)),
         "evonorm": lambda: evonorm(model),
+        "linear_attention": lambda: linear_attention(model, image_size=image_size),
     }
     actions: dict[str, dict[str, str]] = {}
     for column, run in runs.items():
@@ -71,9 +77,16 @@ def inspect_model(model: nn.Module) -> dict:
     functional = {s for s, a in actions.items() if s not in modules and ("convbn_tune" in a or "convbn_deploy" in a)}
     for site in sorted(functional):  # F.batch_norm sites
         rows.append({"site": site, "kind": "F.batch_norm", "shape": "", **_acts(actions[site])})
-    totals: dict[str, object] = {"sites": len(rows)}
+    n_norm = len(rows)
+    attention = [s for s, a in actions.items() if "linear_attention" in a and s in modules]
+    for site in attention:
+        m = modules[site]
+        rows.append({"site": site, "kind": type(m).__name__, "shape": f"{getattr(m, 'num_heads', '?')} heads",
+                     **_acts({"linear_attention": actions[site]["linear_attention"]})})
+    totals: dict[str, object] = {"sites": n_norm, "attention_sites": len(attention)}
     for key in COLUMNS:
-        done = sum(1 for r in rows if r[key] != "—" and not r[key].startswith("skip"))
+        counted = rows[n_norm:] if key == "linear_attention" else rows[:n_norm]
+        done = sum(1 for r in counted if r[key] != "—" and not r[key].startswith("skip"))
         totals[key] = f"{done} transformed"
     return {"sites": rows, "totals": totals}
 
@@ -145,9 +158,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     i = sub.add_parser(
-        "inspect", formatter_class=fmt, help="list every normalization site and what each pass would do",
+        "inspect", formatter_class=fmt,
+        help="list every normalization (and attention) site and what each pass would do",
         description="List every normalization site (qualified name, kind, shape), what each pass would do "
-                    "there (transform, or skip and why) and totals.\n\n" + SPEC_HELP,
+                    "there (transform, or skip and why) and totals; a transformer's attention sites too, with "
+                    "what linear_attention would do (a torchvision Swin probed at the model's default input "
+                    "size).\n\n" + SPEC_HELP,
         epilog="examples:\n  normfx inspect torchvision:resnet50\n  normfx inspect timm:efficientnet_b0 --json\n"
                "  normfx inspect mypkg.models:build",
     )
@@ -208,14 +224,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, model: nn.Module) -> int:
     if args.command == "inspect":
-        result = inspect_model(model)
+        shape = default_input_shape(model)
+        result = inspect_model(model, image_size=(shape[2], shape[3]) if len(shape) == 4 else None)
         if args.json:
             _out(json.dumps(result, indent=2))
         else:
-            _print_table(result["sites"], ["site", "kind", "shape", *COLUMNS])
+            attn = result["totals"]["attention_sites"]
+            columns = COLUMNS if attn else NORM_COLUMNS
+            _print_table(result["sites"], ["site", "kind", "shape", *columns])
             t = result["totals"]
-            _out(f"\n{t['sites']} normalization sites; " + "; ".join(
-                f"{key.replace('_', ' ')}: {t[key]}" for key in COLUMNS))
+            _out(f"\n{t['sites']} normalization sites" + (f", {attn} attention sites" if attn else "") + "; "
+                 + "; ".join(f"{key.replace('_', ' ')}: {t[key]}" for key in columns))
         return 0
 
     shape = args.input_shape or default_input_shape(model)

@@ -99,10 +99,23 @@ def test_inspect_shows_every_pass(capsys):
     assert main(["inspect", "torchvision:vit_b_16", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     rows = {r["site"]: r for r in data["sites"]}
-    assert data["totals"] == {"sites": 25, "convbn_tune": "0 transformed", "convbn_deploy": "0 transformed",
-                              "repbn": "25 transformed", "freeze": "25 transformed", "fixed_point": "0 transformed",
-                              "evonorm": "0 transformed"}
+    assert data["totals"] == {"sites": 25, "attention_sites": 12, "convbn_tune": "0 transformed",
+                              "convbn_deploy": "0 transformed", "repbn": "25 transformed", "freeze": "25 transformed",
+                              "fixed_point": "0 transformed", "evonorm": "0 transformed",
+                              "linear_attention": "12 transformed"}
     assert rows["encoder.ln"]["repbn"] == "prepbn" and rows["encoder.ln"]["freeze"] == "train"
+    attn = rows["encoder.layers.encoder_layer_0.self_attention"]
+    assert (attn["kind"], attn["shape"], attn["linear_attention"], attn["repbn"]) == (
+        "MultiheadAttention", "12 heads", "linear attention", "—")
+
+
+def test_inspect_shows_swin_stages(capsys):
+    """torchvision's Swin-T probed at 224: SLAB's LLSS default swaps stages 0-1 and skips 2-3."""
+    assert main(["inspect", "torchvision:swin_t"]) == 0
+    out = capsys.readouterr().out
+    assert "29 normalization sites, 12 attention sites;" in out and "linear attention: 4 transformed" in out
+    row = next(line for line in out.splitlines() if line.startswith("features.5.0.attn "))
+    assert "ShiftedWindowAttention" in row and "skip: unsupported" in row
 
 
 def test_inspect_json_reports_skips(capsys):
