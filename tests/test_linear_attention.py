@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import timm
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 import torch.nn as nn
 import torchvision
@@ -265,3 +267,22 @@ def test_slab_composes_with_repbn_and_deploy(name):
                                                                     nn.MultiheadAttention))
             or "WindowAttention" in type(k).__name__]
     assert not left, left
+
+
+@settings(max_examples=30, deadline=None)
+@given(heads=st.integers(1, 4), head_dim=st.sampled_from([2, 4, 8]), gh=st.integers(1, 6), gw=st.integers(1, 6),
+       prefix=st.integers(0, 2), kernel=st.sampled_from([1, 3, 5]), batch=st.integers(1, 3),
+       qkv_bias=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_any_shape_matches_the_formula(heads, head_dim, gh, gw, prefix, kernel, batch, qkv_bias, seed):
+    """Whatever the grid (square or not, smaller than the kernel), prefix and widths: the module equals the
+    float64 formula in both association orders."""
+    torch.manual_seed(seed)
+    dim = heads * head_dim
+    m = SimplifiedLinearAttention(dim, heads, (gh, gw), num_prefix_tokens=prefix, kernel_size=kernel,
+                                  qkv_bias=qkv_bias)
+    with torch.no_grad():
+        m.positional_encoding.normal_(0, 0.5)
+    x = torch.randn(batch, prefix + gh * gw, dim)
+    out = m(x).double()
+    for order in ("qk_v", "q_kv"):
+        assert rel_err(out, sla_reference(x, m, order)) < 1e-4, order
