@@ -132,6 +132,22 @@ def torchvision_model(name: str) -> torch.nn.Module:
     return m.eval()
 
 
+def latency_ms(run, reps: int, warmup: int = 0) -> float:
+    """Median wall time (ms) of ``reps`` calls of ``run()`` after ``warmup`` untimed ones (the caller
+    sets the mode: ``torch.inference_mode()``, an ONNX Runtime session)."""
+    import statistics
+    import time
+
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
 def train_step_ms(model: torch.nn.Module, batch: int, size: int, steps: int, warmup: int = 3) -> float:
     """Median wall time (ms) of one SGD step (forward, cross-entropy on 1000 classes, backward,
     update) on a fixed random batch, after ``warmup`` untimed steps."""

@@ -86,6 +86,7 @@ def child_memory(variant: str, steps: int) -> dict:
 
 
 def child_latency(name: str, variant: str, repeats: int) -> dict:
+    from _common import latency_ms
     from torch.fx.experimental.optimization import fuse
 
     import normfx
@@ -108,16 +109,10 @@ def child_latency(name: str, variant: str, repeats: int) -> dict:
         or (n.op == "call_function" and n.target is F.batch_norm)
     ) if variant != "eager" else sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in out.modules())
     x = torch.randn(1, 3, 224, 224)
-    lat = []
     with torch.inference_mode():
-        for _ in range(5):
-            out(x)
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            out(x)
-            lat.append(time.perf_counter() - t0)
+        lat = latency_ms(lambda: out(x), repeats, warmup=5)
     return {"transform_s": statistics.median(t_times), "first_transform_s": t_times[0],
-            "latency_ms": 1e3 * statistics.median(lat), "bn_left": bn_left}
+            "latency_ms": lat, "bn_left": bn_left}
 
 
 def child_interleaved(name: str, pairs: int) -> dict:

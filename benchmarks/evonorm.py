@@ -53,14 +53,10 @@ def child(variant: str, steps: int) -> dict:
 
 def _latency_ms(model: torch.nn.Module, x: torch.Tensor, steps: int) -> float:
     """Median of ``steps`` inference runs after 3 warm-up runs."""
-    lat = []
+    from _common import latency_ms
+
     with torch.inference_mode():
-        for i in range(steps + 3):
-            t0 = time.perf_counter()
-            model(x)
-            if i >= 3:
-                lat.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(lat)
+        return latency_ms(lambda: model(x), steps, warmup=3)
 
 
 def child_transform(repeats: int) -> dict:

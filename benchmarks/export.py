@@ -12,7 +12,6 @@ drift-free cross-check of the per-process ratio.
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -53,20 +52,14 @@ def child_export(name: str, variant: str, out: str) -> dict:
 def child_latency(path: str, reps: int) -> dict:
     import numpy as np
     import onnxruntime as ort
+    from _common import latency_ms
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = ORT_THREADS
     opts.inter_op_num_threads = 1
     s = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
     feed = {s.get_inputs()[0].name: np.random.default_rng(0).standard_normal((1, 3, 224, 224), dtype=np.float32)}
-    for _ in range(5):
-        s.run(None, feed)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        s.run(None, feed)
-        times.append(time.perf_counter() - t0)
-    return {"latency_ms": 1e3 * statistics.median(times)}
+    return {"latency_ms": latency_ms(lambda: s.run(None, feed), reps, warmup=5)}
 
 
 def child_interleaved(path_bare: str, path_normfx: str, pairs: int) -> dict:

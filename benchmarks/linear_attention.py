@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import json
 import resource
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -63,17 +61,14 @@ def child(variant: str, n: int, reps: int) -> dict:
 
 def timed(model: torch.nn.Module, x: torch.Tensor, reps: int) -> dict:
     """Median latency of ``reps`` inference runs after one warm-up, and the process's peak RSS."""
+    from _common import latency_ms
+
     with torch.inference_mode():
         model(x)
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - t0)
+        ms = latency_ms(lambda: model(x), reps)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"ms": 1e3 * statistics.median(times), "peak_rss_growth_mib": (peak - base) / 1024,
-            "peak_rss_mib": peak / 1024}
+    return {"ms": ms, "peak_rss_growth_mib": (peak - base) / 1024, "peak_rss_mib": peak / 1024}
 
 
 def build_swin(variant: str) -> torch.nn.Module:
