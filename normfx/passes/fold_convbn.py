@@ -228,22 +228,17 @@ def _visit_evonorm(ctx: _Ctx, node: Any, mode: ConvBNMode) -> Change | Skip:
     if mode == "tune":
         return Skip(name, SkipReason.UNSUPPORTED, f"{what}: no statistics to tune with; Deploy folds it")
     producer = node.args[0] if len(node.args) == 1 and not node.kwargs else None
-    conv = ctx.module(producer) if isinstance(producer, fx.Node) and producer.op == "call_module" else None
-    why = None
+    conv: Any = ctx.module(producer) if isinstance(producer, fx.Node) and producer.op == "call_module" else None
     if not is_conv_like(conv):
-        why = "not fed by a conv/linear"
-    elif ctx.uses[id(m)] > 1:
+        return Skip(name, SkipReason.UNSUPPORTED, f"{what}: not fed by a conv/linear")
+    if ctx.uses[id(m)] > 1:
         return Skip(name, SkipReason.SHARED_MODULE, f"{what}: called at several places")
-    elif len(producer.users) > 1:
-        return Skip(name, SkipReason.MULTI_USER, f"{what}: output of '{producer.target}' has other users")
-    elif ctx.uses[id(conv)] > 1:
-        return Skip(name, SkipReason.SHARED_MODULE, f"{what}: '{producer.target}' is called at several places")
-    elif len(producer.args) != 1 or producer.kwargs:
-        why = f"'{producer.target}' is called with extra arguments"
-    elif getattr(conv, "out_channels", None) != m.num_features:     # a Linear has none: not channels-first
-        why = f"'{producer.target}' is not a conv with {m.num_features} output channels"
-    if why or conv is None:
-        return Skip(name, SkipReason.UNSUPPORTED, f"{what}: {why}")
+    problem = _producer_problem(ctx, producer, conv)
+    if problem:
+        return Skip(name, problem[0], f"{what}: {problem[1]}")
+    if getattr(conv, "out_channels", None) != m.num_features:     # a Linear has none: not channels-first
+        return Skip(name, SkipReason.UNSUPPORTED,
+                    f"{what}: '{producer.target}' is not a conv with {m.num_features} output channels")
     gamma, beta = m.weight.detach().to(torch.float64), m.bias.detach().to(torch.float64)
     w, b = fold_bn_after(conv.weight, conv.bias, None, transposed=bool(getattr(conv, "transposed", False)),
                          groups=getattr(conv, "groups", 1), scale_shift=(gamma, beta))
@@ -252,6 +247,18 @@ def _visit_evonorm(ctx: _Ctx, node: Any, mode: ConvBNMode) -> Change | Skip:
               or m.weight.requires_grad or m.bias.requires_grad)
     set_module(ctx.gm, name, nn.Identity().train(m.training))
     return Change(name, "fold", f"{what} into {producer.target}")
+
+
+def _producer_problem(ctx: _Ctx, producer: Any, conv: Any) -> tuple[SkipReason, str] | None:
+    """Why the conv that produces a norm's input cannot take a fold after it, or ``None``: its output
+    feeds something else too, the module is called elsewhere, or it is called with extra arguments."""
+    if len(producer.users) > 1:
+        return SkipReason.MULTI_USER, f"output of '{producer.target}' has other users"
+    if ctx.uses[id(conv)] > 1:
+        return SkipReason.SHARED_MODULE, f"'{producer.target}' is called at several places"
+    if len(producer.args) != 1 or producer.kwargs:
+        return SkipReason.UNSUPPORTED, f"'{producer.target}' is called with extra arguments"
+    return None
 
 
 def _looks_like_bn(m: Any | None) -> bool:
@@ -300,12 +307,9 @@ def _visit(ctx: _Ctx, node: Any, mode: ConvBNMode) -> Change | Skip:
         why = _dims_match(conv, site.module, site.stats)
         if why:
             return Skip(site.name, SkipReason.UNSUPPORTED, why)
-        if len(producer.users) > 1:
-            return Skip(site.name, SkipReason.MULTI_USER, f"output of '{producer.target}' has other users")
-        if uses[id(conv)] > 1:
-            return Skip(site.name, SkipReason.SHARED_MODULE, f"'{producer.target}' is called at several places")
-        if len(producer.args) != 1 or producer.kwargs:
-            return Skip(site.name, SkipReason.UNSUPPORTED, f"'{producer.target}' is called with extra arguments")
+        problem = _producer_problem(ctx, producer, conv)
+        if problem:
+            return Skip(site.name, *problem)
         if isinstance(conv, nn.Linear) and _rank(producer) not in (None, 2):
             return Skip(site.name, SkipReason.UNSUPPORTED, "Linear output is not [N, C]")
         if mode == "tune":
