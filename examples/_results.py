@@ -42,6 +42,12 @@ def record(name: str, config: dict, runs: list[dict], results: Path = RESULTS) -
     return path
 
 
+def config_of(args: argparse.Namespace, *drop: str) -> dict:
+    """The options a result records as its configuration: every option but where files go (``--out``,
+    ``--results``) and ``drop``."""
+    return {k: v for k, v in vars(args).items() if k not in ("out", "results", *drop)}
+
+
 def parse(ap: argparse.ArgumentParser, *, out: bool = True) -> argparse.Namespace:
     """Add the options every example shares (``--seeds``, ``--out`` for plots and files, ``--results``),
     parse, and set up: warnings-only logging, at most 2 threads, the ``--out`` folder."""

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 import normfx
 from _digits import accuracy, load_digits
-from _results import mean_std, parse, record
+from _results import config_of, mean_std, parse, record
 
 CONFIGS = {
     "all": None,
@@ -158,7 +158,7 @@ def main() -> None:
         for i, seed in enumerate(args.seeds):
             args.seed = seed
             runs.append({"seed": seed, **run(args, depth, plots=i == 0 and depth == args.depths[0])})
-        config = {k: v for k, v in vars(args).items() if k not in ("out", "results", "seed", "depths")}
+        config = config_of(args, "seed", "depths")
         path = record(result_name(depth, args.epochs, args.bn_init), {**config, "depth": depth}, runs, args.results)
         print(f"\nResNet-{depth} on digits (32×32), {args.epochs} epochs, BN init {args.bn_init}, "
               f"seeds {args.seeds} ({path})")

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 import normfx
 from _digits import load_digits
-from _results import mean_std, parse, record
+from _results import config_of, mean_std, parse, record
 from normfx.nn.directpred import step_all
 
 PREDICTORS = ("two_layer_bn", "linear", "directpred", "directcopy")
@@ -147,7 +147,7 @@ def main() -> None:
     x_tr, y_tr, x_te, y_te = load_digits(size=16)
     data = (x_tr[:, :1], y_tr, x_te[:, :1], y_te)     # one channel
     runs = [{"seed": s, **run(s, args, data)} for s in args.seeds]
-    config = {k: v for k, v in vars(args).items() if k not in ("out", "results")}
+    config = config_of(args)
     path = record("directpred", config, runs, args.results)
     print(f"\nSimSiam on digits, {args.epochs} epochs, seeds {args.seeds} ({path})")
     for k in PREDICTORS:

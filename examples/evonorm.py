@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 import normfx
 from _digits import accuracy, load_digits
-from _results import mean_std, parse, record
+from _results import config_of, mean_std, parse, record
 from bn_only import CifarResNet
 
 MODELS = ("BN-ReLU", "EvoNorm-B0", "EvoNorm-S0")
@@ -80,7 +80,7 @@ def main() -> None:
     runs = []
     for seed in args.seeds:
         runs.append({"seed": seed, **{str(b): run(seed, b, args, data) for b in args.batches}})
-    config = {k: v for k, v in vars(args).items() if k != "results"}
+    config = config_of(args)
     path = record("evonorm", config, runs, args.results)
     print(f"\nResNet-{args.depth} on digits ({args.size}×{args.size}), {args.epochs} epochs, "
           f"seeds {args.seeds} ({path})")

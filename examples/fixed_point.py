@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 import normfx
 from _digits import accuracy, load_digits
-from _results import mean_std, parse, record
+from _results import config_of, mean_std, parse, record
 from bn_only import CifarResNet
 
 
@@ -125,7 +125,7 @@ def main() -> None:
             run["QFX_binary"][str(b)] = accuracy(qb.eval(), x_te, y_te)
             run["terms_binary"][str(b)] = _mean_scale_terms(qb, "binary")
         runs.append(run)
-    config = {k: v for k, v in vars(args).items() if k not in ("out", "results")}
+    config = config_of(args)
     path = record("fixed_point", config, runs, args.results)
 
     print(f"\nResNet-{args.depth} on digits ({args.size}x{args.size}), test accuracy over seeds {args.seeds}; casts on "

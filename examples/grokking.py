@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import normfx
-from _results import mean_std, parse, record
+from _results import config_of, mean_std, parse, record
 
 RUNS = {"none": dict(bn=False, wd=0.0), "wd": dict(bn=False, wd=1.0), "bn": dict(bn=True, wd=0.0)}
 
@@ -102,7 +102,7 @@ def batch_sweep(args: argparse.Namespace) -> None:
             run[str(b)] = {name: accuracies(train(d, sub, seed, cfg["bn"], cfg["wd"])[0], d)
                            for name, cfg in RUNS.items() if name in ("none", "bn")}
         runs.append(run)
-    config = {k: v for k, v in vars(args).items() if k not in ("out", "results")}
+    config = config_of(args)
     path = record("grokking_batch", {**config, "seconds": time.perf_counter() - t0}, runs, args.results)
     print(f"\np = {args.p}, N = {args.width}, train fraction {args.train_fraction}, ξ = {args.corruption} ({path})")
     for b in args.batch_sweep:
@@ -130,7 +130,7 @@ def phase_diagram(args: argparse.Namespace) -> None:
                 run[name].append(row)
         run["seconds"] = time.perf_counter() - t0
         runs.append(run)
-    config = {k: v for k, v in vars(args).items() if k not in ("out", "results")}
+    config = config_of(args)
     config.update(train_fractions=PHASE_TRAIN_FRACTIONS, corruptions=PHASE_CORRUPTIONS)
     path = record("grokking_phase", config, runs, args.results)
     print(f"\nphase diagram, seeds {args.seeds}: corrupted-label / test accuracy, mean over seeds ({path})")
@@ -182,7 +182,7 @@ def main() -> None:
             if seed == args.seeds[0]:
                 first_models[name] = m
         runs.append(run)
-    config = {k: v for k, v in vars(args).items() if k not in ("out", "results")}
+    config = config_of(args)
     path = record("grokking", {**config, "prune_fractions": fractions}, runs, args.results)
 
     print(f"\np = {args.p}, train fraction {args.train_fraction}, ξ = {args.corruption}, batch {args.batch}, "

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 import normfx
 from _digits import accuracy, load_digits
-from _results import RESULTS, mean_std, record
+from _results import RESULTS, config_of, mean_std, record
 
 
 def make_vit() -> nn.Module:
@@ -131,7 +131,7 @@ def main() -> None:
     runs[0]["onnx"] = {"LayerNormalization": report.op_counts.get("LayerNormalization", 0),
                        "BatchNormalization": report.op_counts.get("BatchNormalization", 0),
                        "max_rel": report.outputs[0].max_rel}
-    config = {k: v for k, v in vars(args).items() if k not in ("out", "results")}
+    config = config_of(args)
     path = record("prepbn_vit", config, runs, args.results)
     print(f"test accuracy over seeds {args.seeds} ({path}):")
     keys = ["LayerNorm"] + [k for v in args.variants for k in (v, f"{v}_recalibrated")] + ["deployed"]

@@ -21,6 +21,11 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 MARKER = re.compile(r"(<!-- results: (\w+) -->\n)(.*?)(<!-- /results: \2 -->)", re.S)
 
 
+def _source(data: dict) -> str:
+    """What a table's footnote ends with: the command that stored the result and torch's version."""
+    return f"`{data['command']}`; torch {data['versions']['torch']}."
+
+
 def fixed_point(data: dict) -> str:
     runs = data["runs"]
     bits = data["config"]["bits"]
@@ -74,7 +79,7 @@ def prepbn_vit(data: dict) -> str:
               f"{max(r['deploy_rel_err'] for r in runs):.1e} relative (over seeds). ONNX export of seed "
               f"{r0['seed']}: {onnx['LayerNormalization']} `LayerNormalization`, {onnx['BatchNormalization']} "
               f"`BatchNormalization`, ONNX Runtime vs PyTorch max rel err {onnx['max_rel']:.1e}. "
-              f"`{data['command']}`; torch {data['versions']['torch']}."]
+              f"{_source(data)}"]
     return "\n".join(lines) + "\n"
 
 
@@ -139,7 +144,7 @@ def evonorm(data: dict) -> str:
         lines.append(f"| {k} | " + " | ".join(acc + ratio) + " |")
     lines += ["", f"Mean ± std over {len(runs)} seeds (each its own initial weights and batch order, shared by the "
               f"three models); step time: median training step per model, in the same process, steps "
-              f"interleaved. `{data['command']}`; torch {data['versions']['torch']}."]
+              f"interleaved. {_source(data)}"]
     return "\n".join(lines) + "\n"
 
 
@@ -165,7 +170,7 @@ def directpred(data: dict) -> str:
     lines += ["", f"Mean ± std over {len(runs)} seeds (each its own initial weights, batches and augmentations, "
               f"shared by the four runs), {data['config']['epochs']} epochs. At the end of training DirectPred's F "
               f"has {min(above)}–{max(above)} of {len(last[0])} eigenvalues above 1% of the largest (over seeds). "
-              f"`{data['command']}`; torch {data['versions']['torch']}."]
+              f"{_source(data)}"]
     return "\n".join(lines) + "\n"
 
 
@@ -203,8 +208,7 @@ def grokking(data: dict) -> str:
     corr = [_corr([math.log(max(g, 1e-12)) for g in r["bn"]["abs_gamma"]], r["bn"]["ipr"]) for r in runs]
     lines += ["", f"BatchNorm run: correlation of log |γ| with IPR over neurons {mean_std(corr, digits=2)}. "
               f"p = {c['p']}, train fraction {c['train_fraction']}, ξ = {c['corruption']}, batch {c['batch']}, "
-              f"{c['steps']} steps, width {c['width']}; mean ± std over {len(runs)} seeds. `{data['command']}`; "
-              f"torch {data['versions']['torch']}."]
+              f"{c['steps']} steps, width {c['width']}; mean ± std over {len(runs)} seeds. {_source(data)}"]
     return "\n".join(lines) + "\n"
 
 
@@ -236,7 +240,7 @@ def slab(data: dict) -> str:
               f"runs), {c['epochs']} epochs; {SLAB_TOKENS[c.get('model', 'vit')]}; latency: "
               f"median of 50 single-image runs per model, the models interleaved in one process. The deployed SLAB "
               f"model has {r0['normalization_left']} normalization modules and {r0['softmax_left']}{before} softmax "
-              f"attention modules left.{distill} `{data['command']}`; torch {data['versions']['torch']}."]
+              f"attention modules left.{distill} {_source(data)}"]
     return "\n".join(lines) + "\n"
 
 
@@ -250,8 +254,7 @@ def grokking_batch(data: dict) -> str:
         lines.append(f"| {b} | {2000 * 256 // b:,} | {cells[0]} | {cells[1]} | ≥ {low:.3f} |")
     took = f"; the sweep took {c['seconds'] / 60:.0f} min" if "seconds" in c else ""
     lines += ["", f"p = {c['p']}, N = {c['width']}, train fraction {c['train_fraction']}, ξ = {c['corruption']}, "
-              f"weight decay 0; mean ± std over {len(runs)} seeds{took}. `{data['command']}`; "
-              f"torch {data['versions']['torch']}."]
+              f"weight decay 0; mean ± std over {len(runs)} seeds{took}. {_source(data)}"]
     return "\n".join(lines) + "\n"
 
 
@@ -274,7 +277,7 @@ def grokking_phase(data: dict) -> str:
     took = f"{min(minutes):.1f}" + (f"–{max(minutes):.1f}" if f"{min(minutes):.1f}" != f"{max(minutes):.1f}" else "")
     lines.append(f"Mean ± std over {len(runs)} seeds (each cell its own data split and corruption per seed), "
                  f"p = {c['p']}, N = {c['width']}, batch {c['batch']}, {c['steps']} steps per cell; the 50 runs of "
-                 f"one seed took {took} min. `{data['command']}`; torch {data['versions']['torch']}.")
+                 f"one seed took {took} min. {_source(data)}")
     return "\n".join(lines) + "\n"
 
 

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 import normfx
 from _digits import accuracy, load_digits
-from _results import mean_std, parse, record
+from _results import config_of, mean_std, parse, record
 from prepbn_vit import make_vit
 
 RUNS = ("softmax_ln", "sla_ln", "slab", "slab_distill")
@@ -146,7 +146,7 @@ def main() -> None:
     args = parse(ap, out=False)
     data = load_digits()
     runs = [{"seed": s, **run(s, args, data)} for s in args.seeds]
-    path = record(f"slab_{args.model}", {k: v for k, v in vars(args).items() if k != "results"}, runs,
+    path = record(f"slab_{args.model}", config_of(args), runs,
                   args.results)
     print(f"\n{args.model} on digits, {args.epochs} epochs, seeds {args.seeds} ({path})")
     for k in RUNS:
