@@ -10,12 +10,39 @@ import inspect
 from typing import Any, Literal
 
 import torch.nn as nn
+from torch.nn.utils import prune as _prune
+from torch.nn.modules import module as _torch_module   # torch's registries of global module hooks
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from torch.nn.modules.conv import _ConvNd
 
 __all__ = ["BNKind", "original_class", "bn_kind", "is_frozen_bn", "is_norm_layer", "is_conv_like", "is_plain_conv",
            "is_mode_dependent_leaf",
-           "forward_source_has"]
+           "forward_source_has", "Hook", "hooks_on", "pruning_hooks"]
+
+Hook = Literal["forward", "forward_pre", "backward", "backward_pre"]
+_HOOK_ATTRS: dict[str, tuple[str, str]] = {
+    # kind: (the module's registry, torch's global registry)
+    "forward": ("_forward_hooks", "_global_forward_hooks"),
+    "forward_pre": ("_forward_pre_hooks", "_global_forward_pre_hooks"),
+    "backward": ("_backward_hooks", "_global_backward_hooks"),
+    "backward_pre": ("_backward_pre_hooks", "_global_backward_pre_hooks"),
+}
+
+
+def hooks_on(m: nn.Module, kinds: tuple[Hook, ...] = ("forward", "forward_pre", "backward", "backward_pre")) -> str:
+    """Which of ``kinds`` of hooks would run around ``m``'s call — its own or torch's global module
+    hooks — as a phrase for a report (``"forward hooks on 'conv1'"`` is the caller's to word), or
+    ``""`` when none. A rewrite that changes what such a hook sees, or removes the module, must not
+    happen silently."""
+    found = []
+    for kind in kinds:
+        own, glob = _HOOK_ATTRS[kind]
+        name = kind.replace("_", "-")
+        if getattr(m, own, None):
+            found.append(f"{name} hooks")
+        elif getattr(_torch_module, glob, None):
+            found.append(f"global {name} hooks")
+    return ", ".join(found)
 
 BNKind = Literal["plain", "norm_act"]
 
@@ -104,3 +131,10 @@ def forward_source_has(cls: Any, *needles: str) -> tuple[bool, ...]:  # cls: a m
     except (OSError, TypeError):
         return (False,) * len(needles)
     return tuple(n in src for n in needles)
+
+
+def pruning_hooks(m: nn.Module) -> dict[int, Any]:
+    """``m``'s ``torch.nn.utils.prune`` reparametrizations (hook id -> the pruning method, whose
+    ``_tensor_name`` is the pruned tensor): ``m.<name>`` is then a tensor recomputed as
+    ``<name>_orig · <name>_mask`` before every forward, not a Parameter."""
+    return {k: h for k, h in m._forward_pre_hooks.items() if isinstance(h, _prune.BasePruningMethod)}

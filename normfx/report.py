@@ -32,6 +32,7 @@ class SkipReason(str, enum.Enum):
     NO_NEIGHBOUR = "no adjacent conv/linear"
     NON_FINITE = "non-finite or overflowing scale"
     ALREADY_DONE = "already transformed"
+    HOOKED = "hooks would observe the change"
 
     def __str__(self) -> str:
         return self.value

@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from normfx.functional import BNStats, out_channel_view
-from normfx.kinds import bn_kind, is_frozen_bn, is_plain_conv, original_class
+from normfx.kinds import bn_kind, hooks_on, is_frozen_bn, is_plain_conv, original_class
 
 __all__ = ["tune_convbn", "tune_convbn_functional", "bn_stats", "TuneConv", "TuneBN", "tune", "untune",
-           "tuned_pair"]
+           "tuned_pair", "tune_path", "observed"]
 
 
 def bn_stats(bn: Any) -> BNStats:
@@ -45,7 +45,10 @@ def _per_out_sum(t: torch.Tensor, transposed: bool, groups: int) -> torch.Tensor
 
 
 class _TuneConv(torch.autograd.Function):
-    """One conv/linear with BN folded into its weights; saves x and the original parameters only."""
+    """One conv/linear with BN folded into its weights; saves x and the original parameters only.
+
+    The function form (``tune_convbn_functional``): one graph node stands for ``BN(conv(x))``, so
+    nothing can sit between the two."""
 
     @staticmethod
     def forward(ctx, x, w, b, gamma, beta, mean, var, eps, spec):  # type: ignore[override]
@@ -55,54 +58,169 @@ class _TuneConv(torch.autograd.Function):
         bf = -mean * c if b is None else (b - mean) * c
         if beta is not None:
             bf = bf + beta
-        # Under autocast the folded weights are built in their own precision and the conv runs in
-        # the autocast dtype, as Eval mode's conv does; backward then uses the same dtypes.
-        dev = x.device.type
-        cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
-        if cdt is None:
-            xc, y = x, _run(x, wf, bf, spec)
-        else:
-            xc = x.to(cdt)
-            with torch.autocast(dev, enabled=False):
-                y = _run(xc, wf.to(cdt), bf.to(cdt), spec)
+        xc, y = _conv_autocast(x, wf, bf, spec)
         ctx.save_for_backward(xc, w, b, gamma, mean, var)
         ctx.eps, ctx.spec, ctx.x_dtype = eps, spec, x.dtype
         return y
 
     @staticmethod
     def backward(ctx, gy):  # type: ignore[override]
-        x, w, b, gamma, mean, var = ctx.saved_tensors
-        spec = ctx.spec
+        return _folded_backward(ctx, gy, ctx.needs_input_grad[0], ctx.needs_input_grad[4])
+
+
+def _conv_autocast(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+                   spec: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input as the conv saw it, conv(x))``: under autocast the weights are built in their own
+    precision and the conv runs in the autocast dtype, as Eval mode's conv does."""
+    dev = x.device.type
+    cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+    if cdt is None:
+        return x, _run(x, w, b, spec)
+    xc = x.to(cdt)
+    with torch.autocast(dev, enabled=False):
+        return xc, _run(xc, w.to(cdt), None if b is None else b.to(cdt), spec)
+
+
+def _folded_backward(ctx: Any, gy: torch.Tensor, need_x: bool, need_beta: bool) -> tuple:
+    """Gradients of ``BN_eval(conv(x))`` from the gradient ``gy`` of the BN's output, with the BN
+    input never stored: ``Σ gy·conv(x)`` per channel is ``⟨∂L/∂ω', ω⟩`` (the folded weight's
+    gradient against the weight), so γ's gradient comes from the conv's weight gradient."""
+    x, w, b, gamma, mean, var = ctx.saved_tensors
+    spec = ctx.spec
+    tr, groups = spec["transposed"], spec["groups"]
+    inv = torch.rsqrt(var + ctx.eps)
+    c = inv if gamma is None else gamma * inv
+    cv = out_channel_view(c, w, tr, groups)
+    wc = (w * cv).to(x.dtype)   # the folded weights, in the precision the conv ran in
+    gy = gy.to(x.dtype)
+    if spec["kind"] == "linear":
+        gx = gy @ wc if need_x else None
+        g2, x2 = gy.reshape(-1, gy.shape[-1]), x.reshape(-1, x.shape[-1])
+        gwf, gbf = g2.t() @ x2, g2.sum(0)
+    else:
+        gx, gwf, gbf = torch.ops.aten.convolution_backward(
+            gy, x, wc, [wc.shape[1] * groups if tr else wc.shape[0]], spec["stride"], spec["padding"],
+            spec["dilation"], tr, spec["output_padding"], groups, [need_x, True, True],
+        )
+    # In float32 at the least: the γ term below sums ω·∂L/∂ω' with cancellation, and a bf16/fp16
+    # weight gradient would carry its rounding into it.
+    acc = torch.promote_types(w.dtype, torch.float32)
+    gwf, gbf = gwf.to(acc), gbf.to(acc)
+    if gx is not None:
+        gx = gx.to(ctx.x_dtype)
+    gw = (gwf * cv).to(w.dtype)
+    centred = -mean if b is None else b - mean
+    gc = _per_out_sum(gwf * w, tr, groups) + gbf * centred
+    g_gamma = (gc * inv).to(gamma.dtype) if gamma is not None else None
+    g_b = (gbf * c).to(b.dtype) if b is not None else None
+    g_beta = gbf if need_beta else None
+    return gx, gw, g_b, g_gamma, g_beta, None, None, None, None
+
+
+class _Link:
+    """What a Tune conv's forward leaves for its BatchNorm: the output it produced (by identity),
+    the BN statistics it read, and whether the BN took that output straight (``paired``)."""
+
+    __slots__ = ("out", "node", "stats", "paired", "gy")
+
+    def __init__(self, stats: BNStats) -> None:
+        self.out: weakref.ref | None = None
+        self.node: Any = None   # the conv output's autograd node (None without autograd)
+        self.stats = stats
+        self.paired = False
+        self.gy: torch.Tensor | None = None   # the gradient the BN's backward passed on
+
+
+class _TuneConvOut(torch.autograd.Function):
+    """``conv(x)`` as the conv computes it (same value, same autocast dtype), saving its input and
+    the original parameters only. If the BatchNorm took this output straight (``link.paired``),
+    the gradient that arrives is the BN *output*'s and backward is the folded block's; otherwise it
+    is a plain conv's backward."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, gamma, beta, mean, var, eps, spec, link):  # type: ignore[override]
+        xc, u = _conv_autocast(x, w, b, spec)
+        ctx.save_for_backward(xc, w, b, gamma, mean, var)
+        ctx.eps, ctx.spec, ctx.x_dtype, ctx.link = eps, spec, x.dtype, link
+        return u
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        need_x, need_beta = ctx.needs_input_grad[0], ctx.needs_input_grad[4]
+        link, gy = ctx.link, ctx.link.gy
+        link.gy = None
+        if link.paired and gy is not None and g.data_ptr() == gy.data_ptr() and g.shape == gy.shape:
+            return (*_folded_backward(ctx, g, need_x, need_beta), None)
+        if link.paired:
+            # The output also went somewhere besides its BatchNorm (user code called the two
+            # modules itself): separate the BN's share of the gradient from the rest.
+            return _shared_output_backward(ctx, g, gy)
+        return _conv_backward(ctx, g, need_x)
+
+
+def _conv_backward(ctx: Any, g: torch.Tensor, need_x: bool) -> tuple:
+    """A plain conv's backward from the gradient of its output."""
+    x, w, b, *_ = ctx.saved_tensors
+    spec = ctx.spec
+    wc, g = w.to(x.dtype), g.to(x.dtype)
+    gx: torch.Tensor | None
+    if spec["kind"] == "linear":
+        gx = g @ wc if need_x else None
+        g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+        gw, gb = g2.t() @ x2, g2.sum(0)
+    else:
         tr, groups = spec["transposed"], spec["groups"]
-        inv = torch.rsqrt(var + ctx.eps)
-        c = inv if gamma is None else gamma * inv
-        cv = out_channel_view(c, w, tr, groups)
-        wf = w * cv
-        wc = wf.to(x.dtype)   # the weights the forward's conv ran with
-        gy = gy.to(x.dtype)
-        need_x = ctx.needs_input_grad[0]
-        if spec["kind"] == "linear":
-            gx = gy @ wc if need_x else None
-            g2, x2 = gy.reshape(-1, gy.shape[-1]), x.reshape(-1, x.shape[-1])
-            gwf, gbf = g2.t() @ x2, g2.sum(0)
-        else:
-            gx, gwf, gbf = torch.ops.aten.convolution_backward(
-                gy, x, wc, [wc.shape[1] * groups if tr else wc.shape[0]], spec["stride"], spec["padding"],
-                spec["dilation"], tr, spec["output_padding"], groups, [need_x, True, True],
-            )
-        gwf, gbf = gwf.to(w.dtype), gbf.to(w.dtype)
-        if gx is not None:
-            gx = gx.to(ctx.x_dtype)
-        gw = gwf * cv
-        centred = -mean if b is None else b - mean
-        gc = _per_out_sum(gwf * w, tr, groups) + gbf * centred
-        g_gamma = gc * inv if gamma is not None else None
-        g_b = gbf * c if b is not None else None
-        g_beta = gbf if ctx.needs_input_grad[4] else None
-        return gx, gw, g_b, g_gamma, g_beta, None, None, None, None
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            g, x, wc, [wc.shape[1] * groups if tr else wc.shape[0]], spec["stride"], spec["padding"],
+            spec["dilation"], tr, spec["output_padding"], groups, [need_x, True, b is not None],
+        )
+    gx = gx.to(ctx.x_dtype) if gx is not None else None
+    g_b = gb.to(b.dtype) if b is not None and gb is not None else None
+    return gx, gw.to(w.dtype), g_b, None, None, None, None, None, None, None
 
 
-def _run(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, spec: dict) -> torch.Tensor:
+def _shared_output_backward(ctx: Any, g: torch.Tensor, gy: torch.Tensor | None) -> tuple:
+    """The conv output reached its BatchNorm and something else: ``g`` is the BN output's gradient
+    ``gy`` plus the other users' share. Rare (it needs user code outside every traced forward), so
+    the conv's output is recomputed for γ's gradient."""
+    x, w, b, gamma, mean, var = ctx.saved_tensors
+    gy = torch.zeros_like(g) if gy is None else gy
+    inv = torch.rsqrt(var + ctx.eps)
+    c = inv if gamma is None else gamma * inv
+    spec = ctx.spec
+    shape = [1, -1] + [1] * (g.dim() - 2) if spec["kind"] == "conv" else [-1]
+    acc = torch.promote_types(w.dtype, torch.float32)
+    gy32 = gy.to(acc)
+    with torch.no_grad():
+        u = _run(x, w.to(x.dtype), None if b is None else b.to(x.dtype), spec).to(acc)
+    dims = [d for d in range(g.dim()) if d != (1 if spec["kind"] == "conv" else g.dim() - 1)]
+    g_beta = gy32.sum(dims) if ctx.needs_input_grad[4] else None
+    g_gamma = (gy32 * (u - mean.reshape(shape)) * inv.reshape(shape)).sum(dims) if gamma is not None else None
+    grad_u = (g.to(acc) - gy32) + gy32 * c.reshape(shape)
+    gx, gw, gb, *_ = _conv_backward(ctx, grad_u, ctx.needs_input_grad[0])
+    return (gx, gw, gb, None if g_gamma is None else g_gamma.to(gamma.dtype), g_beta,
+            None, None, None, None, None)
+
+
+class _TuneBNOut(torch.autograd.Function):
+    """The eval-mode BatchNorm of its conv's output, saving nothing: its backward passes the BN
+    output's gradient on to the conv's (``_TuneConvOut``), which owns γ, β and the fold."""
+
+    @staticmethod
+    def forward(ctx, u, link):  # type: ignore[override]
+        ctx.link, ctx.u_dtype = link, u.dtype
+        s = link.stats
+        return F.batch_norm(u, s.mean, s.var, None if s.weight is None else s.weight.detach(),
+                            None if s.bias is None else s.bias.detach(), False, 0.0, s.eps)
+
+    @staticmethod
+    def backward(ctx, gy):  # type: ignore[override]
+        gy = gy.to(ctx.u_dtype)    # as autograd would cast it: the conv's backward compares it by storage
+        ctx.link.gy = gy
+        return gy, None
+
+
+def _run(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, spec: dict) -> torch.Tensor:
     if spec["kind"] == "linear":
         return F.linear(x, w, b)
     return torch.ops.aten.convolution(
@@ -139,11 +257,7 @@ def _folded_forward(x: torch.Tensor, conv: Any, s: BNStats) -> torch.Tensor:
     bf = -s.mean * c if conv.bias is None else (conv.bias - s.mean) * c
     if s.bias is not None:
         bf = bf + s.bias
-    conv.__dict__["_normfx_bypass"] = True   # a TuneConv's own forward must not fold again
-    try:
-        return functional_call(conv, {"weight": wf, "bias": bf}, (x,))
-    finally:
-        conv.__dict__.pop("_normfx_bypass", None)
+    return functional_call(conv, {"weight": wf, "bias": bf}, (x,))
 
 
 def _bn_tail(bn: nn.Module, y: torch.Tensor) -> torch.Tensor:
@@ -167,9 +281,14 @@ def tune_convbn(x: torch.Tensor, conv: nn.Module, bn: nn.Module) -> torch.Tensor
         >>> conv, bn = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8).eval()
         >>> y = tune_convbn(torch.randn(2, 3, 8, 8), conv, bn)  # == bn(conv(x)), Eval gradients
     """
-    if not _folds(conv, bn, x):
+    if not _folds(conv, bn, x) or _has_hooks(conv) or _has_hooks(bn):
         return bn(conv(x))
     return _bn_tail(bn, _folded_forward(x, conv, bn_stats(bn)))
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    """Any hook on ``m`` (or a global one): a graph node standing for its call would skip them."""
+    return bool(hooks_on(m))
 
 
 class _Swapped(nn.Module):
@@ -180,32 +299,78 @@ class _Swapped(nn.Module):
     _normfx_mixin: type
 
     def __reduce_ex__(self, protocol):  # type: ignore[override]
-        return _rebuild, (self._normfx_base, self._normfx_mixin), self.__dict__
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_normfx_link", "_normfx_path")}
+        return _rebuild, (self._normfx_base, self._normfx_mixin), state
 
 
 class TuneConv(_Swapped):
-    """Mixin of a Tune block's conv (``tune(conv, bn)`` puts it in the conv's class): while its BN
-    folds (eval mode, or FrozenBatchNorm) the conv computes ``BN(conv(x))`` as one conv on folded
-    weights built inside autograd, and hands the output to its BN to pass through."""
+    """Mixin of a Tune block's conv (``tune(conv, bn)`` puts it in the conv's class). It returns
+    ``conv(x)``, the value the conv always returned, saving its input only. While its BN folds (eval
+    mode, or FrozenBatchNorm) and no hook can observe the conv's output or gradient, it leaves its
+    BN a link to that output: a BN that receives exactly it applies its affine without saving
+    anything, and backward is the folded block's (Eval mode's gradients, Deploy mode's memory).
+    Anything else between them (a forward hook that returns a tensor, a wrapper, checkpointing)
+    and the BN runs as the BatchNorm it is: exact, with Eval mode's memory."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         bn = self.__dict__.get("_normfx_bn")
-        if bn is None or self.__dict__.get("_normfx_bypass") or not _folds(self, bn, x):
+        if bn is None or not _folds(self, bn, x):
             return self._normfx_base.forward(self, x)
-        y = _folded_forward(x, self, bn_stats(bn))
-        bn.__dict__["_normfx_folded"] = weakref.ref(y)
-        return y
+        why = observed(self, bn) or ("" if is_plain_conv(self) else
+                                     f"{self._normfx_base.__name__} has its own forward: the BatchNorm runs as is")
+        if why:
+            bn.__dict__["_normfx_path"] = why
+            return self._normfx_base.forward(self, x)
+        conv: Any = self
+        if getattr(conv, "padding_mode", "zeros") != "zeros":
+            x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+            spec = dict(_spec(conv), padding=[0] * (conv.weight.dim() - 2))
+        else:
+            spec = _spec(self)
+        s = bn_stats(bn)
+        link = _Link(s)
+        u = _TuneConvOut.apply(x, self.weight, self.bias, s.weight, s.bias, s.mean, s.var, s.eps, spec, link)
+        link.out, link.node = weakref.ref(u), u.grad_fn
+        bn.__dict__["_normfx_link"] = link
+        return u
 
 
 class TuneBN(_Swapped):
-    """Mixin of a Tune block's BatchNorm: the output its conv folded passes through (a norm-act
-    layer's activation still runs); any other input is normalized as the BatchNorm always did."""
+    """Mixin of a Tune block's BatchNorm: the output its conv left a link to is normalized without
+    saving it (a norm-act layer's activation still runs); any other input is normalized as the
+    BatchNorm always did."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ref = self.__dict__.pop("_normfx_folded", None)
-        if ref is not None and ref() is x:
-            return _bn_tail(self, x)
+        link = self.__dict__.pop("_normfx_link", None)
+        # The very tensor its conv returned, from the conv's own autograd node (a reentrant
+        # checkpoint runs the conv without autograd and recomputes it in backward: no pairing).
+        if (link is not None and link.out is not None and link.out() is x
+                and (x.grad_fn is link.node or not torch.is_grad_enabled())):
+            link.paired = True
+            self.__dict__["_normfx_path"] = "fused"
+            return _bn_tail(self, _TuneBNOut.apply(x, link))
+        if link is not None:
+            self.__dict__["_normfx_path"] = ("its input is not its conv's output (something between them: a forward "
+                                             "hook returning a tensor, a wrapper, checkpointing)")
         return self._normfx_base.forward(self, x)
+
+
+def observed(conv: nn.Module, bn: nn.Module) -> str:
+    """Why user code could see the conv's output or gradient, or the BN's gradient, differently on
+    the fused Tune path (forward/backward hooks on the conv, backward hooks on the BatchNorm, their
+    global counterparts): the reason, or ``""`` when nothing observes them."""
+    on_conv = hooks_on(conv, ("forward", "backward", "backward_pre"))
+    if on_conv:
+        return f"the conv has {on_conv}"
+    on_bn = hooks_on(bn, ("backward", "backward_pre"))
+    return f"the BatchNorm has {on_bn}" if on_bn else ""
+
+
+def tune_path(bn: nn.Module) -> str | None:
+    """How a Tune block's BatchNorm ran in its last forward: ``"fused"`` (Eval gradients, Deploy
+    memory), the reason it ran as a plain BatchNorm instead (still exact), or ``None`` (not a Tune
+    BatchNorm, or it has not run in eval mode yet)."""
+    return bn.__dict__.get("_normfx_path") if isinstance(bn, TuneBN) else None
 
 
 _CLASSES: dict[tuple[type, type], type] = {}
@@ -245,7 +410,8 @@ def untune(conv: nn.Module, bn: nn.Module) -> None:
     conv.__class__ = original_class(conv)
     conv.__dict__.pop("_normfx_bn", None)
     bn.__class__ = original_class(bn)
-    bn.__dict__.pop("_normfx_folded", None)
+    bn.__dict__.pop("_normfx_link", None)
+    bn.__dict__.pop("_normfx_path", None)
 
 
 def tuned_pair(conv: nn.Module | None) -> nn.Module | None:
@@ -258,6 +424,6 @@ def tune_convbn_functional(
     weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
 ) -> torch.Tensor:
     """Tune block for a functional ``F.batch_norm(conv(x), mean, var, weight, bias, False, _, eps)``."""
-    if isinstance(conv, nn.Linear) and x.dim() != 2:
+    if isinstance(conv, nn.Linear) and x.dim() != 2 or _has_hooks(conv):
         return F.batch_norm(conv(x), mean, var, weight, bias, False, 0.0, eps)
     return _folded_forward(x, conv, BNStats(mean, var, weight, bias, float(eps)))

@@ -18,10 +18,11 @@ import torch.fx as fx
 import torch.nn as nn
 
 from normfx.functional import fold_bn_after, fold_bn_before
+from normfx.kinds import hooks_on
 from normfx.match import module_uses, set_module, set_param
 from normfx.nn.repbn import ChannelAffine, ProgressiveRepBN
 from normfx.errors import RepBNNotFinishedError, TrainingModeError
-from normfx.report import Change, PassResult
+from normfx.report import Change, PassResult, Skip, SkipReason
 from normfx.analysis import Outside
 
 __all__ = ["fold_repbn", "fold_repbn_outside", "RepBNNotFinishedError"]
@@ -42,10 +43,15 @@ def fold_repbn(gm: fx.GraphModule) -> PassResult:
     for n in nodes:
         _check_finished(str(n.target), mods[n.target])
     uses = module_uses(gm)
-    changes = []
+    changes, skips = [], []
     for n in nodes:
+        hooked = hooks_on(mods[n.target])
+        if hooked:
+            # Replacing it would stop its hooks: it stays, computing the same affine at λ = 0.
+            skips.append(Skip(str(n.target), SkipReason.HOOKED, f"'{n.target}' has {hooked}: kept as it is"))
+            continue
         changes.append(_fold_one(gm, mods, uses, n))
-    return PassResult("fold_repbn", tuple(changes), ())
+    return PassResult("fold_repbn", tuple(changes), tuple(skips))
 
 
 def _check_finished(site: str, m: ProgressiveRepBN) -> None:
@@ -89,11 +95,15 @@ def _fold_one(gm: fx.GraphModule, mods: dict, uses, node: fx.Node) -> Change:
     site = str(node.target)
     x = node.args[0]
     producer = _producer(gm, mods, uses, x, rep.channels_last) if isinstance(x, fx.Node) else None
+    if producer is not None and hooks_on(producer, ("forward", "backward", "backward_pre")):
+        producer = None   # its hooks would see the folded output
     if producer is not None and _fold_into_producer(producer, a, b):
         # A leaf change: the parent's forward is untouched.
         set_module(gm, site, nn.Identity().train(mods[node.target].training))
         return Change(site, "fold", f"into preceding '{_names(mods, [producer])[0]}'")
     targets = _consumers(gm, mods, uses, node, rep.channels_last)
+    if targets is not None and any(hooks_on(t, ("forward_pre", "backward", "backward_pre")) for t in targets):
+        targets = None   # their hooks would see the unnormalized input
     if targets is not None:
         for target in targets:
             _fold_into_consumer(target, a, b)

@@ -26,7 +26,7 @@ from torch.nn.utils import parametrize
 
 from normfx.errors import TrainingModeError
 from normfx.functional import BNStats, bn_scale_shift, fold_bn_after, fold_bn_before, scale_is_safe
-from normfx.kinds import bn_kind, is_conv_like, original_class
+from normfx.kinds import bn_kind, hooks_on, is_conv_like, original_class, pruning_hooks
 from normfx.match import get_attr, is_functional_bn, module_uses, set_module, set_param
 from normfx.nn.evonorm import EvoNorm2dB0, EvoNorm2dS0
 from normfx.nn.convbn import TuneBN, bn_stats, tune, tune_convbn, tune_convbn_functional, tuned_pair, untune
@@ -236,6 +236,9 @@ def _visit_evonorm(ctx: _Ctx, node: Any, mode: ConvBNMode) -> Change | Skip:
     problem = _producer_problem(ctx, producer, conv)
     if problem:
         return Skip(name, problem[0], f"{what}: {problem[1]}")
+    hooked = _hook_problem(m, name, conv, producer.target)
+    if hooked:
+        return hooked
     if getattr(conv, "out_channels", None) != m.num_features:     # a Linear has none: not channels-first
         return Skip(name, SkipReason.UNSUPPORTED,
                     f"{what}: '{producer.target}' is not a conv with {m.num_features} output channels")
@@ -259,6 +262,29 @@ def _producer_problem(ctx: _Ctx, producer: Any, conv: Any) -> tuple[SkipReason, 
     if len(producer.args) != 1 or producer.kwargs:
         return SkipReason.UNSUPPORTED, f"'{producer.target}' is called with extra arguments"
     return None
+
+
+def _hook_problem(norm: Any, norm_name: str, conv: Any, conv_name: Any, *, before: bool = False) -> Skip | None:
+    """A fold removes the norm module and changes what its conv computes: hooks on the norm would
+    stop firing, and the conv's hooks would see other values (its output's, for a fold after it;
+    its input's, for a fold before it; its gradients' either way). Such a site is skipped."""
+    on_norm = hooks_on(norm) if norm is not None else ""
+    if on_norm:
+        return Skip(norm_name, SkipReason.HOOKED, f"'{norm_name}' has {on_norm}: folding would remove the module")
+    seen = ("forward_pre", "backward", "backward_pre") if before else ("forward", "backward", "backward_pre")
+    on_conv = hooks_on(conv, seen)  # type: ignore[arg-type]
+    if on_conv:
+        what = "input" if before else "output"
+        return Skip(norm_name, SkipReason.HOOKED,
+                    f"'{conv_name}' has {on_conv}: folding would change the {what} and gradients they see")
+    return None
+
+
+def _prune_note(conv: Any, name: Any) -> str:
+    """What the report adds when the folded conv was pruned (``torch.nn.utils.prune``): its folded
+    weights keep the pruned zeros as plain Parameters, without the mask."""
+    pruned = sorted(h._tensor_name for h in pruning_hooks(conv).values())
+    return f"; pruning of {', '.join(repr(f'{name}.{t}') for t in pruned)} made permanent" if pruned else ""
 
 
 def _looks_like_bn(m: Any | None) -> bool:
@@ -314,11 +340,12 @@ def _visit(ctx: _Ctx, node: Any, mode: ConvBNMode) -> Change | Skip:
             return Skip(site.name, SkipReason.UNSUPPORTED, "Linear output is not [N, C]")
         if mode == "tune":
             return _make_tune_block(gm, site, producer)
-        return _fold_after(ctx, site, producer, conv)
+        return _hook_problem(site.module, site.name, conv, producer.target) or _fold_after(ctx, site, producer, conv)
 
     follower = _single_conv_user(ctx, node)
     if follower is not None and mode == "deploy":
-        return _fold_before(ctx, site, follower)
+        return (_hook_problem(site.module, site.name, ctx.module(follower), follower.target, before=True)
+                or _fold_before(ctx, site, follower))
     if follower is not None:
         return Skip(site.name, SkipReason.UNSUPPORTED, "BatchNorm before a conv folds in deploy mode only")
     return Skip(site.name, SkipReason.NO_NEIGHBOUR, "input is not a conv/linear output")
@@ -419,9 +446,10 @@ def _fold_after(ctx: _Ctx, site: _Site, producer: Any, conv: Any) -> Change | Sk
     folded = _checked_fold(site, conv)
     if isinstance(folded, Skip):
         return folded
+    note = _prune_note(conv, producer.target)
     _set_weights(conv, *folded, site)
     _replace_bn_by_tail(ctx, site, producer)
-    return Change(site.name, "fold", f"into {producer.target}")
+    return Change(site.name, "fold", f"into {producer.target}{note}")
 
 
 def _deploy_tune_block(ctx: _Ctx, site: _Site) -> Change | Skip:
@@ -430,7 +458,7 @@ def _deploy_tune_block(ctx: _Ctx, site: _Site) -> Change | Skip:
     conv = ctx.module(conv_ref)
     if ctx.uses[id(conv)] > 1:
         return Skip(site.name, SkipReason.SHARED_MODULE, f"'{conv_ref.target}' is used at several places")
-    folded = _checked_fold(site, conv)
+    folded = _hook_problem(site.module, site.name, conv, conv_ref.target) or _checked_fold(site, conv)
     with gm.graph.inserting_before(node):
         conv_call = gm.graph.call_module(conv_ref.target, (site.input,))
     conv_call.meta = dict(node.meta)
@@ -438,9 +466,10 @@ def _deploy_tune_block(ctx: _Ctx, site: _Site) -> Change | Skip:
         # Deploy leaves no Tune block behind: an unfoldable one goes back to conv -> BN.
         _untune(gm, site, conv_call)
         return Change(site.name, "revert", f"Tune block back to conv -> BN: {folded.reason.value}: {folded.detail}")
+    note = _prune_note(conv, conv_ref.target)
     _set_weights(conv, *folded, site)
     _replace_bn_by_tail(ctx, site, conv_call)
-    return Change(site.name, "fold", f"Tune block into {conv_ref.target}")
+    return Change(site.name, "fold", f"Tune block into {conv_ref.target}{note}")
 
 
 def _untune(gm: fx.GraphModule, site: _Site, conv_call: fx.Node) -> None:
@@ -484,13 +513,14 @@ def _fold_before(ctx: _Ctx, site: _Site, follower: fx.Node) -> Change | Skip:
     if not ok:
         return Skip(site.name, SkipReason.NON_FINITE, why)
     w, b = fold_bn_before(conv.weight, conv.bias, site.stats, groups=getattr(conv, "groups", 1))
+    note = _prune_note(conv, follower.target)
     _set_weights(conv, w, b, site, before=True)
     if site.module is not None:
         set_module(gm, site.name, nn.Identity().train(site.module.training))   # a leaf change, as after a conv
     else:
         follower.replace_input_with(site.node, site.input)
         gm.graph.erase_node(site.node)
-    return Change(site.name, "fold", f"forward into {follower.target}")
+    return Change(site.name, "fold", f"forward into {follower.target}{note}")
 
 
 def _drop_dead_attrs(gm: fx.GraphModule) -> None:
