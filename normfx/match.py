@@ -10,6 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
+from normfx.kinds import pruning_hooks
+
 __all__ = ["module_uses", "is_functional_bn", "free_name", "get_attr", "set_module", "set_param", "module_tensors"]
 
 
@@ -61,8 +63,23 @@ def set_param(module: nn.Module, name: str, value: torch.Tensor, *, requires_gra
     loses its parametrization: ``value`` is computed from what the parametrization produced, so it
     already holds the parametrized result.
     """
+    unprune(module, name)
     if parametrize.is_parametrized(module, name):
         # leave_parametrized=False puts the untouched original back (True would ``set_`` it in place,
         # and the original may be shared with the caller's model).
         parametrize.remove_parametrizations(module, name, leave_parametrized=False)
     setattr(module, name, nn.Parameter(value, requires_grad=requires_grad))
+
+
+def unprune(module: nn.Module, name: str) -> bool:
+    """Drop ``torch.nn.utils.prune``'s reparametrization of ``module.<name>`` (its hook, ``<name>_orig``
+    and ``<name>_mask``) so that a new ``<name>`` can be set; whatever replaces it must already be
+    computed from the pruned tensor. Unlike ``prune.remove`` it never writes into ``<name>_orig``
+    (it may be shared with the caller's model). Returns whether there was one."""
+    hooks = [k for k, h in pruning_hooks(module).items() if h._tensor_name == name]
+    for k in hooks:
+        del module._forward_pre_hooks[k]
+        module._parameters.pop(name + "_orig", None)
+        module._buffers.pop(name + "_mask", None)
+        module.__dict__.pop(name, None)
+    return bool(hooks)

@@ -17,8 +17,10 @@ import copy
 import itertools
 from typing import Literal, Sequence
 
+import torch
 import torch.nn as nn
-from torch.nn.utils import parametrize
+from torch.nn.utils import parametrize, prune
+from torch.nn.utils.weight_norm import WeightNorm
 
 from normfx.match import module_tensors
 from normfx.passes import GraphPass, OutsidePass, Step
@@ -39,14 +41,32 @@ def copy_model(model: nn.Module, *, share_tensors: bool) -> tuple[nn.Module, fro
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"normfx expects an nn.Module, got {type(model).__name__}")
+    # Tensors a forward pre-hook computes from parameters (``torch.nn.utils.prune``'s ``weight``,
+    # the old ``weight_norm``) are not leaves, which deepcopy refuses: the copy gets a detached
+    # stand-in, recomputed from its own parameters below.
+    derived = {id(t): t.detach() for m in model.modules() for t in m.__dict__.values()
+               if isinstance(t, torch.Tensor) and t.grad_fn is not None}
     if share_tensors:
         tensors = module_tensors(model)
-        twin = copy.deepcopy(model, {id(t): t for t in tensors})
+        twin = copy.deepcopy(model, {**derived, **{id(t): t for t in tensors}})
         shared = frozenset(id(t) for t in tensors)
     else:
-        twin, shared = copy.deepcopy(model), frozenset()
+        twin, shared = copy.deepcopy(model, dict(derived)), frozenset()
+    if derived:
+        _recompute_derived(twin)
     _own_parametrized_classes(twin)
     return twin, shared
+
+
+def _recompute_derived(model: nn.Module) -> None:
+    """Recompute every pruned tensor (``<name>_orig · <name>_mask``) and old-style weight-normed
+    weight of a copy from the copy's own parameters, as their hooks do before each forward."""
+    for m in model.modules():
+        for hook in m._forward_pre_hooks.values():
+            if isinstance(hook, prune.BasePruningMethod):
+                setattr(m, hook._tensor_name, hook.apply_mask(m))
+            elif isinstance(hook, WeightNorm):
+                setattr(m, hook.name, hook.compute_weight(m))
 
 
 def _own_parametrized_classes(model: nn.Module) -> None:

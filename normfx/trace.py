@@ -88,7 +88,13 @@ def _trace_once(
     concrete: dict[str, object] | None = None, share: bool = False, own_forward_only: bool = False,
 ) -> fx.GraphModule:
     tracer = _Tracer(leaves, leaf_types, own_forward_only)
-    graph = tracer.trace(model, concrete_args=concrete or None)
+    before = _snapshot(model)
+    try:
+        graph = tracer.trace(model, concrete_args=concrete or None)
+    finally:
+        written = _restore(before)   # tracing leaves nothing behind, failed or not
+    if written:
+        raise _StateWrite(written)
     if concrete:
         guard_specialized(graph, type(model).__name__, concrete)
     name = type(model).__name__
@@ -100,6 +106,51 @@ def _trace_once(
     else:
         _restore_order(gm, model)
     return gm
+
+
+_Snapshot = list[tuple[nn.Module, dict, dict, dict, dict]]
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _snapshot(model: nn.Module) -> _Snapshot:
+    """Every module's attributes, parameters, buffers and children, as they are (shallow)."""
+    return [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules))
+            for m in model.modules()]
+
+
+def _same(a: object, b: object) -> bool:
+    return a is b or (type(a) is type(b) and isinstance(a, _PLAIN) and a == b)
+
+
+def _restore(snapshot: _Snapshot) -> list[tuple[nn.Module, str]]:
+    """Put back whatever a trace wrote into the modules (a lazy forward's ``self.scales = ...`` would
+    otherwise leave a Proxy in the model); returns ``(module, attribute)`` for each write."""
+    written: list[tuple[nn.Module, str]] = []
+    for m, attrs, params, buffers, children in snapshot:
+        pairs: list[tuple[dict, dict]] = [(m._parameters, params), (m._buffers, buffers), (m._modules, children)]
+        if not isinstance(m, fx.GraphModule):
+            # A generated forward writes no state of its own; tracing one sets torch.fx's lazy
+            # code-generation attributes, which are its business.
+            pairs.append((m.__dict__, attrs))
+        for now, then in pairs:
+            changed = [k for k in {**then, **now} if k not in now or k not in then or not _same(now[k], then[k])]
+            changed = [k for k in changed if k not in ("_parameters", "_buffers", "_modules")]
+            if changed:
+                written += [(m, k) for k in changed]
+                now.clear()
+                now.update(then)
+    return written
+
+
+class _StateWrite(Exception):
+    """A traced forward wrote module state: a graph would drop the write, so the module that owns
+    the state is kept as it is (an untraceable leaf) and the trace tried again."""
+
+    def __init__(self, written: list[tuple[nn.Module, str]]) -> None:
+        self.written = written
+        m, attr = written[-1]
+        super().__init__(f"its forward writes module state while it runs ('{attr}' of {type(m).__name__}); "
+                         "a traced graph would drop the write")
 
 
 _SHARED = ("_modules", "_parameters", "_buffers", "_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
@@ -198,7 +249,7 @@ def _trace_region(model: nn.Module, prefix: str, user_leaves: frozenset[str], wa
             gm = _trace_once(model, frozenset(leaves), walk.leaf_types, concrete, walk.share)
             break
         except Exception as e:  # noqa: BLE001
-            culprit = getattr(e, "_normfx_qualname", "")
+            culprit = _owner(model, e) if isinstance(e, _StateWrite) else getattr(e, "_normfx_qualname", "")
             if culprit == "" or culprit in leaves:
                 # The module's own forward cannot be traced: keep it and trace its children.
                 failures.append(_Failure(prefix, _reason(e)))
@@ -212,6 +263,13 @@ def _trace_region(model: nn.Module, prefix: str, user_leaves: frozenset[str], wa
         rel = f.qualname[len(prefix) + 1:] if prefix else f.qualname
         _trace_children(gm.get_submodule(rel), f.qualname, _sub_leaves(user_leaves, rel), walk)
     return model if walk.share else gm
+
+
+def _owner(model: nn.Module, e: _StateWrite) -> str:
+    """The qualified name (in ``model``) of the innermost module whose state the trace wrote."""
+    names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    owners = [names.get(id(m), "") for m, _ in e.written]
+    return max(owners, key=len)
 
 
 def _trace_own_forward(model: nn.Module, prefix: str, user_leaves: frozenset[str], walk: _Walk,

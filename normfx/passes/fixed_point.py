@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
-from normfx.kinds import bn_kind, is_conv_like
+from normfx.kinds import bn_kind, is_conv_like, is_frozen_bn, is_mode_dependent_leaf, is_norm_layer
 from normfx.match import free_name, set_module
 from normfx.match import get_attr as getattr_path
 from normfx.nn.fixed_point import FixedPoint
@@ -98,15 +98,28 @@ def _integer_indices(gm: fx.GraphModule, node: fx.Node) -> bool:
     return bool(node.users) and all(index_use(u) for u in node.users)
 
 
+_TUPLE_MODULES = (nn.MultiheadAttention, nn.RNNBase)
+
+
+def returns_one_tensor(m: nn.Module) -> bool:
+    """Whether a leaf module is known to return one tensor: torch.nn's and normfx's modules (but
+    attention and RNNs, which return tuples) and the norm/mode-dependent leaves normfx keeps. A module
+    kept opaque because its forward could not be traced may return anything (an FPN returns a dict)."""
+    if isinstance(m, _TUPLE_MODULES):
+        return False
+    own = type(m).__module__.startswith(("torch.nn.", "normfx."))
+    return own or bn_kind(m) is not None or is_frozen_bn(m) or is_norm_layer(m) or is_mode_dependent_leaf(m)
+
+
 def _tensor_nodes(gm: fx.GraphModule) -> set[fx.Node]:
     """Nodes that produce tensors (not sizes, dims or other Python values), by a forward dataflow
-    pass: inputs, modules and tensor attributes do; ``size()``/``.shape`` and what is computed only
-    from them do not."""
+    pass: inputs, modules known to return one tensor and tensor attributes do; ``size()``/``.shape``
+    and what is computed only from them do not."""
     out: set[fx.Node] = set()
     for n in gm.graph.nodes:
         if n.op == "placeholder" and n.args:
             continue   # an argument fixed at its default when traced (a Python value, not a tensor)
-        if n.op in ("placeholder", "call_module"):
+        if n.op == "placeholder" or (n.op == "call_module" and returns_one_tensor(gm.get_submodule(str(n.target)))):
             out.add(n)
         elif n.op == "get_attr":
             if isinstance(getattr_path(gm, n.target), torch.Tensor):
@@ -185,7 +198,11 @@ def insert_fixed_point(gm: fx.GraphModule, *, bits: int = 8, int_bits: float | N
                 continue
             if node.op == "call_module" and node.target in gm.meta.get("normfx_subregions", ()):
                 continue
-            if node in tensors and not _is_same_values(gm, node) and node.users:
+            if node.op == "call_module" and node not in tensors and node.users:
+                skips.append(Skip(f"{node.name} (output)", SkipReason.UNSUPPORTED,
+                                  f"'{node.target}' ({type(mods[node.target]).__name__}) may not return one tensor "
+                                  "(its forward could not be traced): its output is not cast"))
+            elif node in tensors and not _is_same_values(gm, node) and node.users:
                 if _integer_indices(gm, node):
                     skips.append(Skip(f"{node.name} (output)", SkipReason.UNSUPPORTED,
                                       "integer tensor: every use is an embedding's indices"))
