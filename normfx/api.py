@@ -8,7 +8,9 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 from tqdm import tqdm
 
+from normfx.batches import ForwardFn, run_batch
 from normfx.errors import AlreadyTransformedError
+from normfx.kinds import pruning_hooks
 from normfx.functional import K_HOT_CODES, KHotCode, Overflow, Rounding, fixed_mode
 from normfx.nn.fixed_point import FixedPoint
 from normfx.match import set_module
@@ -188,6 +190,7 @@ def directpred(model: nn.Module, *, predictor: str = "predictor", rho: float = 0
     Raises:
         ValueError: no submodule ``predictor``; its feature size cannot be read (pass ``dim``) or
             its input and output sizes differ.
+        AlreadyTransformedError: ``predictor`` is a DirectPred already.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(8, 4))
@@ -202,6 +205,10 @@ def directpred(model: nn.Module, *, predictor: str = "predictor", rho: float = 0
         raise ValueError(f"{type(model).__name__} has no submodule {predictor!r}"
                          + (f"; did you mean {close[0]!r}?" if close else "; pass predictor='<qualified name>'"))
     old = names[predictor]
+    if isinstance(old, DirectPred):
+        raise AlreadyTransformedError(
+            f"'{predictor}' is already a DirectPred predictor: normfx.directpred applies once. Call it on the "
+            "model with its original predictor to change the options")
     if dim is None:
         linears = [m for m in old.modules() if isinstance(m, nn.Linear)]
         if not linears:
@@ -396,6 +403,7 @@ def fixed_point(model: nn.Module, *, bits: int = 8, int_bits: float | None = Non
     if k_hot_code not in K_HOT_CODES:
         raise ValueError(f"k_hot_code must be one of {list(K_HOT_CODES)}, got {k_hot_code!r}")
     _refuse_existing_casts(model)
+    _refuse_pruned(model)
     opts: dict[str, Any] = dict(
         bits=int(bits), int_bits=int_bits, rounding=fixed_mode(rounding, "rounding"),
         overflow=fixed_mode(overflow, "overflow"), targets=tuple(targets), per_channel=per_channel, k_hot=k_hot,
@@ -417,13 +425,26 @@ def _refuse_existing_casts(model: nn.Module) -> None:
         )
 
 
+def _refuse_pruned(model: nn.Module) -> None:
+    """A cast on a pruned tensor would cast ``<name>_orig`` behind the mask's back: refuse."""
+    for name, m in model.named_modules():
+        for hook in pruning_hooks(m).values():
+            t = hook._tensor_name
+            raise ValueError(
+                f"'{name}.{t}' is pruned (torch.nn.utils.prune): normfx.fixed_point casts plain parameters. Call "
+                f"torch.nn.utils.prune.remove(model.{name or '<module>'}, {t!r}) on every pruned tensor first "
+                "(the pruned entries stay zero)")
+
+
 def calibrate(model: nn.Module, batches: Iterable, *, steps: int | None = None,
-              progress: bool = True) -> nn.Module:
+              progress: bool = True, forward_fn: ForwardFn | None = None) -> nn.Module:
     """Set every trainable fixed-point binary point from the ranges observed on ``batches``.
 
     Each cast records ``max |x|`` while the model runs (in eval mode, casts passing values through),
     then takes the smallest integer width that holds it. Training refines the binary points from
     there; without training this is post-training quantization. Returns ``model`` (modified in place).
+    Batches follow ``normfx.batches``: a tensor, a tuple/list whose first item is the input (a
+    DataLoader's ``(x, y)``), a dict of keyword arguments, or anything with ``forward_fn(model, batch)``.
     ``progress=False`` turns off the tqdm progress bar (for libraries that embed normfx).
     """
     casts = [m for m in model.modules() if isinstance(m, FixedPoint) and m.trainable
@@ -441,7 +462,7 @@ def calibrate(model: nn.Module, batches: Iterable, *, steps: int | None = None,
                                              disable=not progress)):
                 if steps is not None and i >= steps:
                     break
-                model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
+                run_batch(model, batch, forward_fn)
     finally:
         for q in casts:
             q.observing = False

@@ -31,8 +31,9 @@ def check_specialized(value: object, expected: object, name: str, owner: str) ->
         raise SpecializedCallError(
             f"{owner}.forward was traced by normfx for {name}={expected!r} (its default) and called with "
             f"{name}={type(value).__name__ if isinstance(value, torch.Tensor) else repr(value)}. The traced "
-            f"graph takes the branch of the default only; call it with the default, or transform the model "
-            f"with leaf_modules=[...] naming the module whose forward reads '{name}'."
+            f"graph takes the branch of the default only: call it with the default. normfx's one-liners "
+            f"do not take leaf_modules= yet; to keep this forward untransformed, transform the submodules "
+            f"you need one by one."
         )
 
 

@@ -16,6 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from normfx.batches import ForwardFn, run_batch
+
 __all__ = ["RepBN", "ProgressiveRepBN", "ChannelAffine", "RepBNScheduler", "recalibrate_bn"]
 
 
@@ -175,7 +177,7 @@ class RepBNScheduler:
 
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, batches: Iterable, *, steps: int | None = None,
-                   progress: bool = True) -> nn.Module:
+                   progress: bool = True, forward_fn: ForwardFn | None = None) -> nn.Module:
     """Re-estimate every BatchNorm's running statistics from ``batches`` (SLAB does this after training).
 
     The model runs in eval mode — Dropout, DropPath and stochastic depth off, as at inference — with
@@ -183,9 +185,10 @@ def recalibrate_bn(model: nn.Module, batches: Iterable, *, steps: int | None = N
     hold them), so the statistics describe the activations the eval-mode model will see.
     (``torch.optim.swa_utils.update_bn`` runs the whole model in train mode instead, dropout
     included.) Statistics are reset and accumulated as a cumulative average (``momentum=None``)
-    over the batches, without gradients; the model's modes and momenta are restored after. A batch
-    may be a tensor, or a tuple/list whose first element is the input. ``progress=False`` turns
-    off the tqdm progress bar.
+    over the batches, without gradients; the model's modes and momenta are restored after. Batches
+    follow ``normfx.batches``: a tensor, a tuple/list whose first item is the input, a dict of
+    keyword arguments, or anything with ``forward_fn(model, batch)``. ``progress=False`` turns off
+    the tqdm progress bar.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 6), nn.Dropout(0.5), nn.BatchNorm1d(6))
@@ -216,7 +219,7 @@ def recalibrate_bn(model: nn.Module, batches: Iterable, *, steps: int | None = N
         for i, batch in enumerate(it):
             if steps is not None and i >= steps:
                 break
-            model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+            run_batch(model, batch, forward_fn)
     finally:
         for mod, mode in modes.items():
             mod.training = mode
