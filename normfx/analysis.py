@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch.fx as fx
 import torch.nn as nn
+from torch.fx.graph_module import _format_import_block, _forward_from_src
+from torch.package import sys_importer
 
 from normfx.trace import (_is_container, _normfx_leaf_types, _set_untraceable, _trace_region, _Tracer, _Walk, regions,
                           untraceable_modules)
 
-__all__ = ["Analysis", "analyze", "install", "Outside", "outside_modules"]
+__all__ = ["Analysis", "analyze", "install", "Outside", "outside_modules", "RewrittenForward", "rewritten"]
 
 logger = logging.getLogger("normfx")
 
@@ -79,8 +81,10 @@ def _mark_subregions(found: list[tuple[str, fx.GraphModule]]) -> None:
 
 
 def install(analysis: Analysis, changed: set[str]) -> nn.Module:
-    """Put each region whose graph a pass changed in its module's slot (the root's: returned), with
-    its code generated; every other module stays the caller's own object."""
+    """Give each module whose region's graph a pass changed the graph's code as its forward, keeping
+    the object: its class becomes a subclass of its own (``RewrittenForward``), so ``isinstance``,
+    its methods and attributes, hooks and ``state_dict`` keys stay. A region that is a GraphModule
+    already (the caller's own trace) is replaced by its rewritten graph in its slot."""
     root = analysis.model
     for prefix, gm in analysis.regions:   # outermost first
         if prefix not in changed or gm is root:
@@ -88,13 +92,72 @@ def install(analysis: Analysis, changed: set[str]) -> nn.Module:
         real = getattr(gm, "real_recompile", None)
         if real is not None:
             real()
-        if prefix == "":
+        module = root.get_submodule(prefix) if prefix else root
+        if not isinstance(module, fx.GraphModule):
+            _rewrite_forward(module, gm)
+        elif prefix == "":
             root = gm
         else:
             parent, _, name = prefix.rpartition(".")
             setattr(root.get_submodule(parent) if parent else root, name, gm)
     _set_untraceable(root, analysis.untraceable)
     return root
+
+
+class RewrittenForward(nn.Module):
+    """Mixin of a module whose forward a normfx pass rewrote (``install``): the module's class is a
+    subclass of its own class, with the same name, whose ``forward`` is the generated code of the
+    rewritten graph. Pickling and deep copies rebuild the subclass from the base class and the code
+    (as a GraphModule pickles: source and import block)."""
+
+    _normfx_base: type
+    _normfx_src: str
+    _normfx_globals: dict[str, Any]
+
+    def __reduce_ex__(self, protocol):  # type: ignore[override]
+        imports = _format_import_block(self._normfx_globals, sys_importer)
+        _REBUILT.setdefault((self._normfx_base, imports, self._normfx_src), type(self))   # copies share it
+        return _rebuilt, (self._normfx_base, imports, self._normfx_src), dict(self.__dict__)
+
+
+def rewritten(m: nn.Module) -> bool:
+    """Whether ``m``'s forward is one a normfx pass rewrote (its class is kept as a subclass)."""
+    return isinstance(m, RewrittenForward)
+
+
+def _class_of(base: type, src: str, globals_: dict[str, Any]) -> type[nn.Module]:
+    forward = _forward_from_src(src, globals_)
+    ns = {"forward": forward, "_normfx_base": base, "_normfx_src": src, "_normfx_globals": globals_,
+          "__module__": base.__module__, "__doc__": base.__doc__}
+    return type(base.__name__, (RewrittenForward, base), ns)
+
+
+_REBUILT: dict[tuple[type, str, str], type[nn.Module]] = {}
+
+
+def _rebuilt(base: type, imports: str, src: str) -> nn.Module:
+    """Unpickle/deep-copy target of a rewritten module (its state is set on it afterwards); one class
+    per code, so copies share it."""
+    key = (base, imports, src)
+    if key not in _REBUILT:
+        namespace: dict[str, Any] = {}
+        exec(imports, namespace)   # noqa: S102 - torch.fx's own way of rebuilding generated code
+        _REBUILT[key] = _class_of(base, src, namespace)
+    cls = _REBUILT[key]
+    return cls.__new__(cls)
+
+
+def _rewrite_forward(module: nn.Module, gm: fx.GraphModule) -> None:
+    """Swap ``module``'s class for a ``RewrittenForward`` subclass running ``gm``'s code. ``gm`` shares
+    the module's children, parameters and buffers (``analyze``); attributes a pass set on the graph
+    module alone are moved over."""
+    code = gm.graph.python_code(root_module="self")
+    for node in gm.graph.nodes:
+        target = str(node.target)
+        if node.op == "get_attr" and "." not in target and not hasattr(module, target) and hasattr(gm, target):
+            setattr(module, target, getattr(gm, target))
+    base = getattr(type(module), "_normfx_base", type(module)) if rewritten(module) else type(module)
+    module.__class__ = _class_of(base, code.src, code.globals)
 
 
 class Outside(NamedTuple):

@@ -8,6 +8,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 import normfx
+from normfx.analysis import rewritten
 from tests.conftest import DEPLOY_RTOL, randomize_bn, rel_err
 
 tv = pytest.importorskip("torchvision")
@@ -35,6 +36,19 @@ ONE_LINERS = {
     "repbn": (_vit, lambda m: normfx.repbn(m, total_steps=10), True, False),
 }
 X = torch.randn(2, 3, 32, 32)
+
+
+class Functional(nn.Module):
+    """A functional batch_norm after a conv: folding it needs this forward rewritten."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.register_buffer("mean", torch.randn(4))
+        self.register_buffer("var", torch.rand(4) + 0.5)
+
+    def forward(self, x):
+        return nn.functional.batch_norm(self.conv(x), self.mean, self.var, training=False)
 
 
 @pytest.mark.parametrize("name", list(ONE_LINERS))
@@ -132,18 +146,8 @@ def test_timm_model_keeps_its_class_and_feature_api():
 
 
 def test_graph_rewrite_lands_in_the_module_that_holds_it():
-    """A functional batch_norm needs its forward rewritten: that region becomes a GraphModule in
-    its slot; the rest of the tree stays the caller's."""
-
-    class Functional(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 4, 3)
-            self.register_buffer("mean", torch.randn(4))
-            self.register_buffer("var", torch.rand(4) + 0.5)
-
-        def forward(self, x):
-            return nn.functional.batch_norm(self.conv(x), self.mean, self.var, training=False)
+    """A functional batch_norm needs its forward rewritten: that module gets the graph's code as its
+    forward, keeping its object and class (a subclass); the rest of the tree stays the caller's."""
 
     class Branchy(nn.Module):
         def __init__(self):
@@ -159,7 +163,8 @@ def test_graph_rewrite_lands_in_the_module_that_holds_it():
 
     m = randomize_bn(Branchy(), torch.randn(2, 3, 8, 8)).eval()
     d = normfx.convbn(m, mode="deploy")
-    assert type(d) is Branchy and isinstance(d.body, fx.GraphModule) and isinstance(d.head, nn.Sequential)
+    assert type(d) is Branchy and type(d.head) is nn.Sequential
+    assert rewritten(d.body) and isinstance(d.body, Functional) and type(d.body).__name__ == "Functional"
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         assert rel_err(d(x), m(x)) < DEPLOY_RTOL
@@ -167,14 +172,17 @@ def test_graph_rewrite_lands_in_the_module_that_holds_it():
 
 def test_activation_casts_land_in_the_smallest_modules():
     """Fixed-point activation casts change forwards: each module whose own forward holds a cast site
-    becomes a GraphModule in its slot, and nothing larger; containers and leaves stay the caller's."""
+    gets a rewritten forward, keeping its class, and nothing larger; containers and leaves stay the
+    caller's."""
     model = _resnet()
     q = normfx.fixed_point(model, bits=8)
-    graphs = {n for n, m in q.named_modules() if isinstance(m, fx.GraphModule)}
+    graphs = {n for n, m in q.named_modules() if rewritten(m)}
     blocks = {f"layer{i}.{j}" for i in range(1, 5) for j in range(2)}
     downsamples = {f"layer{i}.0.downsample" for i in range(2, 5)}
     assert graphs == {""} | blocks | downsamples       # the root's own forward casts conv1/bn1/... outputs
-    assert isinstance(q.layer2, nn.Sequential) and not isinstance(q.layer2, fx.GraphModule)
+    assert not any(isinstance(m, fx.GraphModule) for m in q.modules())
+    assert isinstance(q, tv.models.ResNet) and isinstance(q.layer1[0], tv.models.resnet.BasicBlock)
+    assert type(q.layer2) is nn.Sequential
     fired = []
     q.layer2.register_forward_hook(lambda mod, args, res: fired.append(res.shape))
     normfx.calibrate(q, [torch.randn(4, 3, 32, 32)], progress=False)
@@ -182,6 +190,39 @@ def test_activation_casts_land_in_the_smallest_modules():
     with torch.no_grad():
         q(X)
     assert fired == [torch.Size([2, 128, 4, 4])]
+
+
+def test_fixed_point_keeps_the_callers_class_and_its_methods():
+    """Issue 21.5: a timm ResNet keeps the methods training scripts call, and a Sequential root stays
+    indexable, though their own forwards hold cast sites."""
+    import copy
+
+    model = randomize_bn(timm.create_model("resnet18", num_classes=10)).eval()
+    q = normfx.fixed_point(model)
+    normfx.calibrate(q, [torch.randn(4, 3, 32, 32)], progress=False)
+    q.eval()
+    assert isinstance(q, timm.models.ResNet) and type(q).__name__ == "ResNet" and rewritten(q)
+    assert q.num_classes == 10 and q.pretrained_cfg == model.pretrained_cfg
+    assert isinstance(q.get_classifier(), nn.Linear)
+    assert q.forward_features(X).shape == model.forward_features(X).shape
+    assert q.state_dict().keys() == copy.deepcopy(q).state_dict().keys()
+    with torch.no_grad():
+        assert torch.equal(copy.deepcopy(q)(X), q(X))
+    q.reset_classifier(5)
+    assert q(X).shape == (2, 5)
+    seq = normfx.fixed_point(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1)))
+    assert type(seq).__name__ == "Sequential" and isinstance(seq, nn.Sequential) and isinstance(seq[1], nn.ReLU)
+
+
+def test_rewritten_forward_pickles_without_parametrizations():
+    import pickle
+
+    m = Functional().eval()
+    d = normfx.convbn(m, mode="deploy")
+    again = pickle.loads(pickle.dumps(d))
+    assert rewritten(again) and isinstance(again, Functional)
+    with torch.no_grad():
+        assert rel_err(again(X), m(X)) < DEPLOY_RTOL
 
 
 def test_tune_blocks_survive_pickling_and_deep_copies():

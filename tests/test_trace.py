@@ -6,6 +6,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 import normfx
+from normfx.analysis import rewritten
 import pytest
 from normfx.analysis import analyze
 from normfx.trace import regions
@@ -260,7 +261,7 @@ def test_root_defaults_are_specialized_with_a_guard():
         assert rel_err(d(x, attn_mask=torch.ones(1), scale=2.0), m(x, attn_mask=torch.ones(1), scale=2.0)) < 1e-5
     # Activation casts change the root's forward: the traced one is fixed at the defaults, guarded.
     q = normfx.fixed_point(m, bits=8)
-    assert isinstance(q, fx.GraphModule)
+    assert isinstance(q, DefaultsRoot) and rewritten(q)    # its class kept, its forward the traced one
     with torch.no_grad():
         q(x)
         q(x, None, 1.0)
