@@ -84,15 +84,21 @@ class _FixedPointSTE(torch.autograd.Function):
         saturating = overflow in ("saturate", "saturate_sym")
         lo_mark = lo - 1 if lo == 0 and need else lo   # unsigned: the below-range marker
         step: float | torch.Tensor
-        if int_bits.numel() == 1 and x.device.type in _SCALAR_STEP_DEVICES:
+        # Compiled code keeps the step a tensor: a Python float read from int_bits would be baked into
+        # a graph that every cast shares (the binary point's gradient came out 2^k times too large).
+        compiling = torch.compiler.is_compiling()
+        if int_bits.numel() == 1 and x.device.type in _SCALAR_STEP_DEVICES and not compiling:
             step = 2.0 ** (round(float(int_bits)) - bits)   # a Python float: no tensor ops per call
-        else:                                     # per channel along axis, or on an accelerator (no sync)
+        else:                                     # per channel, on an accelerator (no sync), or compiled
             steps = torch.exp2(torch.round(int_bits) - bits).to(x.dtype)
             shape = [1] * x.dim()
             if steps.numel() > 1:
                 shape[axis] = -1
             step = steps.reshape(shape if steps.numel() > 1 else ())
         const, max_bits = _ROUND_CONST.get(x.dtype, (0.0, 0))
+        # (x + C·s) − C·s is exact only as two separately rounded float ops; a compiler may fuse,
+        # contract or reassociate them (inductor: 98% of a ResNet-18's outputs off), so compiled
+        # code (a tensor step) rounds explicitly.
         if isinstance(step, float) and saturating and rounding == "nearest_even" and bits <= max_bits:
             c = const * step
             y = x + c
