@@ -137,6 +137,25 @@ def test_tune_exact_when_user_code_reuses_the_conv_output() -> None:
             assert rel_err(p.grad, q.grad) < GRAD_RTOL, name
 
 
+def test_tune_training_steps_leak_nothing() -> None:
+    """A link that referenced its autograd node made a cycle the garbage collector cannot see
+    through: every step's links (and the memory they held) stayed alive."""
+    import gc
+
+    from normfx.nn.convbn import _Link
+
+    tuned = normfx.convbn(torchvision.models.resnet18(num_classes=10).eval(), mode="tune")
+    x = torch.randn(2, 3, 32, 32)
+
+    def links_after_step() -> int:
+        (tuned(x) ** 2).sum().backward()
+        gc.collect()
+        return sum(type(o) is _Link for o in gc.get_objects())
+
+    first = links_after_step()
+    assert [links_after_step() for _ in range(2)] == [first, first]   # each step's links are freed
+
+
 def test_tune_pickles_after_a_forward() -> None:
     tuned = normfx.convbn(_block(), mode="tune").eval()
     tuned.conv(torch.randn(1, 3, 8, 8))    # leaves a link on the BN that the BN never took

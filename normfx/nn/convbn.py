@@ -121,11 +121,16 @@ class _Link:
     """What a Tune conv's forward leaves for its BatchNorm: the output it produced (by identity),
     the BN statistics it read, and whether the BN took that output straight (``paired``)."""
 
-    __slots__ = ("out", "node", "stats", "paired", "gy")
+    __slots__ = ("out", "node_id", "stats", "paired", "gy")
 
     def __init__(self, stats: BNStats) -> None:
         self.out: weakref.ref | None = None
-        self.node: Any = None   # the conv output's autograd node (None without autograd)
+        # id() of the conv output's autograd node (None without autograd). Not the node itself: the
+        # node is the autograd context that holds this link, and torch's garbage collector does not
+        # traverse a context's attributes, so that cycle would never be freed (a leak of every step's
+        # links). While the output lives, its node is referenced (by it, or by the graph after an
+        # in-place op), so its id cannot be reused.
+        self.node_id: int | None = None
         self.stats = stats
         self.paired = False
         self.gy: torch.Tensor | None = None   # the gradient the BN's backward passed on
@@ -330,7 +335,7 @@ class TuneConv(_Swapped):
         s = bn_stats(bn)
         link = _Link(s)
         u = _TuneConvOut.apply(x, self.weight, self.bias, s.weight, s.bias, s.mean, s.var, s.eps, spec, link)
-        link.out, link.node = weakref.ref(u), u.grad_fn
+        link.out, link.node_id = weakref.ref(u), None if u.grad_fn is None else id(u.grad_fn)
         bn.__dict__["_normfx_link"] = link
         return u
 
@@ -345,7 +350,7 @@ class TuneBN(_Swapped):
         # The very tensor its conv returned, from the conv's own autograd node (a reentrant
         # checkpoint runs the conv without autograd and recomputes it in backward: no pairing).
         if (link is not None and link.out is not None and link.out() is x
-                and (x.grad_fn is link.node or not torch.is_grad_enabled())):
+                and ((x.grad_fn is not None and id(x.grad_fn) == link.node_id) or not torch.is_grad_enabled())):
             link.paired = True
             self.__dict__["_normfx_path"] = "fused"
             return _bn_tail(self, _TuneBNOut.apply(x, link))
