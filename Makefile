@@ -13,9 +13,11 @@ $(PY):
 
 # Reinstall when the declared dependencies change; torch/torchvision are capped on this machine's
 # pip, and pinned here to releases that install offline from local files.
-$(STAMP): $(PY) setup.cfg pyproject.toml
+# editable_mode=compat: a plain path entry rather than an import hook, so that static tools (a
+# user's mypy) find the package and its py.typed marker.
+$(STAMP): $(PY) setup.cfg pyproject.toml Makefile
 	$(PY) -m pip install "torch==2.14.1" "torchvision==0.29.1"
-	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install -e ".[dev]" --config-settings editable_mode=compat
 	touch $(STAMP)
 
 # The main job on built-in defaults: inspect, then export in Deploy mode and verify in ONNX Runtime,

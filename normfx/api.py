@@ -1,7 +1,7 @@
 """The one-liners: argument checks, then one ``normfx.runner.transform`` call each."""
 from __future__ import annotations
 
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Iterable, Literal, Sequence, TypeVar
 
 import torch
 import torch.nn as nn
@@ -27,14 +27,18 @@ from normfx.passes.swap_layernorm import swap_layernorm, swap_layernorm_outside
 from normfx.report import Change, PassResult, Report, attach_report
 from normfx.runner import copy_model, transform
 
-__all__ = ["convbn", "deploy", "repbn", "freeze", "fixed_point", "calibrate"]
+__all__ = ["convbn", "deploy", "repbn", "freeze", "fixed_point", "calibrate", "M"]
+
+M = TypeVar("M", bound=nn.Module)
+"""The caller's model type: every one-liner returns the caller's class (a forward it rewrote makes
+the class a subclass of it), so ``net = normfx.convbn(net)`` keeps ``net``'s type."""
 
 
 def _convbn_step(mode: ConvBNMode) -> Step:
     return Step("fold_convbn", lambda gm: fold_convbn(gm, mode=mode), lambda m, o: fold_convbn_outside(m, o, mode=mode))
 
 
-def convbn(model: nn.Module, mode: ConvBNMode = "tune", *, inplace: bool = False) -> nn.Module:
+def convbn(model: M, mode: ConvBNMode = "tune", *, inplace: bool = False) -> M:
     """Turn every Conv/Linear + BatchNorm block into Tune mode or fold it (Deploy mode).
 
     * ``mode="tune"``: each block's conv and BN become ``normfx.nn.TuneConv``/``TuneBN`` (their
@@ -69,7 +73,7 @@ def convbn(model: nn.Module, mode: ConvBNMode = "tune", *, inplace: bool = False
     return transform(model, [_convbn_step(mode)], inplace=inplace)
 
 
-def deploy(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+def deploy(model: M, *, inplace: bool = False) -> M:
     """Finalize every normfx construct for inference and fold what can be folded.
 
     Runs ``normfx.passes.DEPLOY_STEPS`` in order over every traced region and the modules outside them:
@@ -93,7 +97,7 @@ def deploy(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     return transform(model, DEPLOY_STEPS, inplace=inplace)
 
 
-def repbn(model: nn.Module, *, total_steps: int, eta_init: float = 1.0, inplace: bool = False) -> nn.Module:
+def repbn(model: M, *, total_steps: int, eta_init: float = 1.0, inplace: bool = False) -> M:
     """Replace every LayerNorm with progressive re-parameterized BatchNorm (SLAB's PRepBN).
 
     Each last-dim LayerNorm (and channels-first LayerNorm2d) becomes ``ProgressiveRepBN``:
@@ -125,8 +129,8 @@ def repbn(model: nn.Module, *, total_steps: int, eta_init: float = 1.0, inplace:
         inplace=inplace)
 
 
-def evonorm(model: nn.Module, *, variant: Literal["B0", "S0"] = "B0", groups: int = 32, eps: float | None = None,
-            preset: Preset = "paper", inplace: bool = False) -> nn.Module:
+def evonorm(model: M, *, variant: Literal["B0", "S0"] = "B0", groups: int = 32, eps: float | None = None,
+            preset: Preset = "paper", inplace: bool = False) -> M:
     """BatchNorm and the activation after it → one EvoNorm layer (Liu et al., NeurIPS 2020).
 
     Every ``BatchNorm2d`` a traced graph calls (stem included) and every timm ``BatchNormAct2d``:
@@ -168,9 +172,9 @@ def evonorm(model: nn.Module, *, variant: Literal["B0", "S0"] = "B0", groups: in
                                   lambda m, o: swap_evonorm_outside(m, o), view="module")], inplace=inplace)
 
 
-def directpred(model: nn.Module, *, predictor: str = "predictor", rho: float = 0.3, eps: float = 0.01,
+def directpred(model: M, *, predictor: str = "predictor", rho: float = 0.3, eps: float = 0.01,
                freq: int = 1, power: float = 0.5, mode: Mode = "directpred", dim: int | None = None,
-               inplace: bool = False) -> nn.Module:
+               inplace: bool = False) -> M:
     """Replace the predictor of a BYOL/SimSiam-style model with ``normfx.nn.DirectPred`` (Tian et al.,
     ICML 2021): a bias-free linear map set from its inputs' correlation, not trained by gradients.
 
@@ -228,9 +232,9 @@ def directpred(model: nn.Module, *, predictor: str = "predictor", rho: float = 0
     return out
 
 
-def linear_attention(model: nn.Module, *, kernel_size: int = 5, stages: Sequence[int] | None = None,
+def linear_attention(model: M, *, kernel_size: int = 5, stages: Sequence[int] | None = None,
                      cls_token: Literal["exclude", "drop"] = "exclude", image_size: int | tuple[int, int] | None = None,
-                     inplace: bool = False) -> nn.Module:
+                     inplace: bool = False) -> M:
     """Softmax self-attention → SLAB's Simplified Linear Attention (``normfx.nn.SimplifiedLinearAttention``):
     ``ReLU(Q)(ReLU(K + P)ᵀV) / (ReLU(Q)·ΣReLU(K + P)) + DWC(V)``, cost linear in the number of tokens.
 
@@ -299,9 +303,9 @@ Role = Literal["norm", "head", "bias"]
 """A parameter role ``freeze(keep=...)`` can keep trainable (``normfx.roles.ROLES``)."""
 
 
-def freeze(model: nn.Module, *, keep: Sequence[Role] | Role = ("norm",),
+def freeze(model: M, *, keep: Sequence[Role] | Role = ("norm",),
            random: int | Literal["match", "per_channel"] = 0,
-           seed: int = 0, freeze_stats: bool = False, inplace: bool = False) -> nn.Module:
+           seed: int = 0, freeze_stats: bool = False, inplace: bool = False) -> M:
     """Freeze every parameter except the roles in ``keep`` (Frankle et al.'s BatchNorm-only training).
 
     Roles are found from the graph and module types, never from parameter names: ``"norm"`` (every
@@ -358,11 +362,11 @@ def _check_keep(keep: Sequence[Role] | Role) -> set[str]:
     return set(roles)
 
 
-def fixed_point(model: nn.Module, *, bits: int = 8, int_bits: float | None = None,
+def fixed_point(model: M, *, bits: int = 8, int_bits: float | None = None,
                 rounding: Rounding = "nearest_even", overflow: Overflow = "saturate",
                 targets: Sequence[Target] = TARGETS,
                 per_channel: bool = False, k_hot: int | None = None, k_hot_weights: bool = False,
-                k_hot_code: KHotCode = "csd", fold_bn: bool = False, inplace: bool = False) -> nn.Module:
+                k_hot_code: KHotCode = "csd", fold_bn: bool = False, inplace: bool = False) -> M:
     """Insert trainable fixed-point casts (QFX): ``ap_fixed<bits, I, rounding, overflow>`` with a
     trainable binary point ``I`` on weights, biases, activations, BatchNorm and residual adds.
 
@@ -436,8 +440,8 @@ def _refuse_pruned(model: nn.Module) -> None:
                 "(the pruned entries stay zero)")
 
 
-def calibrate(model: nn.Module, batches: Iterable, *, steps: int | None = None,
-              progress: bool = True, forward_fn: ForwardFn | None = None) -> nn.Module:
+def calibrate(model: M, batches: Iterable, *, steps: int | None = None,
+              progress: bool = True, forward_fn: ForwardFn | None = None) -> M:
     """Set every trainable fixed-point binary point from the ranges observed on ``batches``.
 
     Each cast records ``max |x|`` while the model runs (in eval mode, casts passing values through),

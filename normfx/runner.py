@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-from typing import Literal, Sequence
+from typing import Literal, Sequence, TypeVar, cast
 
 import torch
 import torch.nn as nn
@@ -30,7 +30,10 @@ from normfx.trace import materialize
 
 __all__ = ["Step", "GraphPass", "OutsidePass", "transform", "run_step", "copy_model"]
 
-def copy_model(model: nn.Module, *, share_tensors: bool) -> tuple[nn.Module, frozenset[int]]:
+M = TypeVar("M", bound=nn.Module)
+
+
+def copy_model(model: M, *, share_tensors: bool) -> tuple[M, frozenset[int]]:
     """A deep copy of ``model`` and the ids of the tensors it still shares with it.
 
     ``share_tensors=True`` copies the module tree but not the parameters and buffers: a pass
@@ -115,8 +118,8 @@ def run_step(analysis: Analysis, step: Step) -> PassResult:
     return PassResult(step.name, tuple(changes.values()), tuple(skips.values()))
 
 
-def transform(model: nn.Module, steps: Sequence[Step], *, inplace: bool = False,
-              tensors: Literal["share", "own"] = "share", before: Sequence[PassResult] = ()) -> nn.Module:
+def transform(model: M, steps: Sequence[Step], *, inplace: bool = False,
+              tensors: Literal["share", "own"] = "share", before: Sequence[PassResult] = ()) -> M:
     """Run ``steps`` in order on a copy of ``model`` (the model itself with ``inplace=True``) and
     return it with its report attached (``before``: results of an earlier call to report first)."""
     if not isinstance(model, nn.Module):
@@ -124,7 +127,7 @@ def transform(model: nn.Module, steps: Sequence[Step], *, inplace: bool = False,
     out, shared = (model, frozenset()) if inplace else copy_model(model, share_tensors=tensors == "share")
     results: list[PassResult] = []
     untraceable: tuple[tuple[str, str], ...] | None = None
-    result = out
+    result: nn.Module = out
     # Consecutive steps that want the same regions share one analysis (deploy's four steps: one).
     for view, group in itertools.groupby(steps, key=lambda s: s.view):
         analysis = analyze(result, per_module=view == "module")
@@ -141,4 +144,6 @@ def transform(model: nn.Module, steps: Sequence[Step], *, inplace: bool = False,
     materialize(result)
     _unshare(result, shared)
     attach_report(result, Report(tuple(before) + tuple(results), untraceable or ()))
-    return result
+    # The caller's own object, or a copy of it, with its class kept (``install``); a GraphModule
+    # given is returned as a GraphModule.
+    return cast(M, result)

@@ -9,7 +9,7 @@
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, TypeVar
 
 import torch
 import torch.nn as nn
@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from normfx.batches import ForwardFn, run_batch
+
+M = TypeVar("M", bound=nn.Module)
 
 __all__ = ["RepBN", "ProgressiveRepBN", "ChannelAffine", "RepBNScheduler", "recalibrate_bn"]
 
@@ -176,8 +178,8 @@ class RepBNScheduler:
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, batches: Iterable, *, steps: int | None = None,
-                   progress: bool = True, forward_fn: ForwardFn | None = None) -> nn.Module:
+def recalibrate_bn(model: M, batches: Iterable, *, steps: int | None = None,
+                   progress: bool = True, forward_fn: ForwardFn | None = None) -> M:
     """Re-estimate every BatchNorm's running statistics from ``batches`` (SLAB does this after training).
 
     The model runs in eval mode — Dropout, DropPath and stochastic depth off, as at inference — with
