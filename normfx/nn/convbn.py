@@ -2,18 +2,22 @@
 
 A Tune block is the user's own conv and BN objects, left where they were in the module tree, with
 their classes swapped for normfx subclasses (``tune(conv, bn)``): ``isinstance``, ``state_dict``
-keys, hooks and the parent's forward all stay. The conv (a ``TuneConv``) computes the block; the BN
-(a ``TuneBN``) passes the conv's folded output through (applying a norm-act's activation), and runs
-as a plain BN on any other input. ``tune_convbn(x, conv, bn)`` is the same block as a function, and
-a functional ``F.batch_norm`` after a conv becomes a ``tune_convbn_functional`` graph node.
+keys, hooks and the parent's forward all stay. The conv (a ``TuneConv``) returns ``conv(x)``, the
+value it always returned, and leaves its BN (a ``TuneBN``) a link to that output; the BN pairs with
+it only when it receives that very tensor from the conv's autograd node and no hook can see the
+difference (``observed``), and runs as a plain BN on any other input. ``tune_convbn(x, conv, bn)``
+is the block as a function, and a functional ``F.batch_norm`` after a conv becomes a
+``tune_convbn_functional`` graph node (one conv on folded weights: nothing can sit between).
 
 * While ``bn.training``: ``bn(conv(x))`` — plain Train mode, batch statistics, identical running-stat
   updates.
-* Otherwise (Eval BN, or FrozenBatchNorm in either mode): with ``c = γ/sqrt(σ̂² + ε)`` it runs one conv with
-  ``ω' = ω·c`` and ``b' = (b − μ̂)·c + β`` built inside autograd, so the gradients for ω, b, γ, β are
-  Eval mode's and the BN input is never stored. Unlike the paper's version, ``ω'`` is not stored
-  either: backward recomputes it from ω (a few elementwise ops over the weights), so the memory kept
-  for backward is the conv input only, as in Deploy mode.
+* Otherwise (Eval BN, or FrozenBatchNorm in either mode), paired: the forward is Eval mode's (the
+  conv on ω, then the BN's affine), but neither saves the conv output. With ``c = γ/sqrt(σ̂² + ε)``
+  the BN's backward hands the gradient of its output to the conv's, which builds ``ω' = ω·c`` and
+  runs one conv backward with it; γ's gradient comes from the weight gradient
+  (``Σ gy·conv(x) = ⟨∂L/∂ω', ω⟩`` per channel). Gradients for ω, b, γ, β are Eval mode's and the
+  memory kept for backward is the conv input only, as in Deploy mode; unlike the paper's version,
+  ``ω'`` is not stored either. ``tune_path(bn)`` says how a block ran.
 """
 from __future__ import annotations
 
