@@ -96,16 +96,7 @@ def _folded_backward(ctx: Any, gy: torch.Tensor, need_x: bool, need_beta: bool) 
     c = inv if gamma is None else gamma * inv
     cv = out_channel_view(c, w, tr, groups)
     wc = (w * cv).to(x.dtype)   # the folded weights, in the precision the conv ran in
-    gy = gy.to(x.dtype)
-    if spec["kind"] == "linear":
-        gx = gy @ wc if need_x else None
-        g2, x2 = gy.reshape(-1, gy.shape[-1]), x.reshape(-1, x.shape[-1])
-        gwf, gbf = g2.t() @ x2, g2.sum(0)
-    else:
-        gx, gwf, gbf = torch.ops.aten.convolution_backward(
-            gy, x, wc, [wc.shape[1] * groups if tr else wc.shape[0]], spec["stride"], spec["padding"],
-            spec["dilation"], tr, spec["output_padding"], groups, [need_x, True, True],
-        )
+    gx, gwf, gbf = _run_backward(gy.to(x.dtype), x, wc, spec, need_x, need_bias=True)
     # In float32 at the least: the γ term below sums ω·∂L/∂ω' with cancellation, and a bf16/fp16
     # weight gradient would carry its rounding into it.
     acc = torch.promote_types(w.dtype, torch.float32)
@@ -123,11 +114,11 @@ def _folded_backward(ctx: Any, gy: torch.Tensor, need_x: bool, need_beta: bool) 
 
 class _Link:
     """What a Tune conv's forward leaves for its BatchNorm: the output it produced (by identity),
-    the BN statistics it read, and whether the BN took that output straight (``paired``)."""
+    and whether the BN took that output straight (``paired``)."""
 
-    __slots__ = ("out", "node_id", "stats", "paired", "gy")
+    __slots__ = ("out", "node_id", "paired", "gy")
 
-    def __init__(self, stats: BNStats) -> None:
+    def __init__(self) -> None:
         self.out: weakref.ref | None = None
         # id() of the conv output's autograd node (None without autograd). Not the node itself: the
         # node is the autograd context that holds this link, and torch's garbage collector does not
@@ -135,7 +126,6 @@ class _Link:
         # links). While the output lives, its node is referenced (by it, or by the graph after an
         # in-place op), so its id cannot be reused.
         self.node_id: int | None = None
-        self.stats = stats
         self.paired = False
         self.gy: torch.Tensor | None = None   # the gradient the BN's backward passed on
 
@@ -171,18 +161,7 @@ def _conv_backward(ctx: Any, g: torch.Tensor, need_x: bool) -> tuple:
     """A plain conv's backward from the gradient of its output."""
     x, w, b, *_ = ctx.saved_tensors
     spec = ctx.spec
-    wc, g = w.to(x.dtype), g.to(x.dtype)
-    gx: torch.Tensor | None
-    if spec["kind"] == "linear":
-        gx = g @ wc if need_x else None
-        g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
-        gw, gb = g2.t() @ x2, g2.sum(0)
-    else:
-        tr, groups = spec["transposed"], spec["groups"]
-        gx, gw, gb = torch.ops.aten.convolution_backward(
-            g, x, wc, [wc.shape[1] * groups if tr else wc.shape[0]], spec["stride"], spec["padding"],
-            spec["dilation"], tr, spec["output_padding"], groups, [need_x, True, b is not None],
-        )
+    gx, gw, gb = _run_backward(g.to(x.dtype), x, w.to(x.dtype), spec, need_x, need_bias=b is not None)
     gx = gx.to(ctx.x_dtype) if gx is not None else None
     g_b = gb.to(b.dtype) if b is not None and gb is not None else None
     return gx, gw.to(w.dtype), g_b, None, None, None, None, None, None, None
@@ -216,9 +195,8 @@ class _TuneBNOut(torch.autograd.Function):
     output's gradient on to the conv's (``_TuneConvOut``), which owns γ, β and the fold."""
 
     @staticmethod
-    def forward(ctx, u, link):  # type: ignore[override]
+    def forward(ctx, u, link, s):  # type: ignore[override]
         ctx.link, ctx.u_dtype = link, u.dtype
-        s = link.stats
         return F.batch_norm(u, s.mean, s.var, None if s.weight is None else s.weight.detach(),
                             None if s.bias is None else s.bias.detach(), False, 0.0, s.eps)
 
@@ -226,7 +204,21 @@ class _TuneBNOut(torch.autograd.Function):
     def backward(ctx, gy):  # type: ignore[override]
         gy = gy.to(ctx.u_dtype)    # as autograd would cast it: the conv's backward compares it by storage
         ctx.link.gy = gy
-        return gy, None
+        return gy, None, None
+
+
+def _run_backward(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, spec: dict, need_x: bool,
+                  need_bias: bool) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """``(∂/∂x, ∂/∂w, ∂/∂b)`` of ``_run(x, w, b, spec)`` from its output's gradient ``g``."""
+    if spec["kind"] == "linear":
+        g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+        return (g @ w if need_x else None), g2.t() @ x2, (g2.sum(0) if need_bias else None)
+    tr, groups = spec["transposed"], spec["groups"]
+    gx, gw, gb = torch.ops.aten.convolution_backward(
+        g, x, w, [w.shape[1] * groups if tr else w.shape[0]], spec["stride"], spec["padding"],
+        spec["dilation"], tr, spec["output_padding"], groups, [need_x, True, need_bias],
+    )
+    return gx, gw, gb
 
 
 def _run(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, spec: dict) -> torch.Tensor:
@@ -248,14 +240,18 @@ def _spec(conv: Any) -> dict:
     }
 
 
+def _padded_input(conv: Any, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """``(x, spec)`` for ``_run``: a non-zero ``padding_mode`` pads ``x`` here and convolves unpadded."""
+    if getattr(conv, "padding_mode", "zeros") == "zeros":
+        return x, _spec(conv)
+    x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+    return x, dict(_spec(conv), padding=[0] * (conv.weight.dim() - 2))
+
+
 def _folded_forward(x: torch.Tensor, conv: Any, s: BNStats) -> torch.Tensor:
     """conv with BN folded into its weights, inside autograd."""
     if is_plain_conv(conv):
-        if getattr(conv, "padding_mode", "zeros") != "zeros":
-            x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
-            spec = dict(_spec(conv), padding=[0] * (conv.weight.dim() - 2))
-        else:
-            spec = _spec(conv)
+        x, spec = _padded_input(conv, x)
         return _TuneConv.apply(x, conv.weight, conv.bias, s.weight, s.bias, s.mean, s.var, s.eps, spec)
     # A conv subclass with its own forward (e.g. timm's Conv2dSame): call it on the folded weights.
     # ω' is then kept by autograd, as in the paper's Tune mode.
@@ -290,14 +286,10 @@ def tune_convbn(x: torch.Tensor, conv: nn.Module, bn: nn.Module) -> torch.Tensor
         >>> conv, bn = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8).eval()
         >>> y = tune_convbn(torch.randn(2, 3, 8, 8), conv, bn)  # == bn(conv(x)), Eval gradients
     """
-    if not _folds(conv, bn, x) or _has_hooks(conv) or _has_hooks(bn):
+    # Hooks on either (or global ones): a graph node standing for their calls would skip them.
+    if not _folds(conv, bn, x) or hooks_on(conv) or hooks_on(bn):
         return bn(conv(x))
     return _bn_tail(bn, _folded_forward(x, conv, bn_stats(bn)))
-
-
-def _has_hooks(m: nn.Module) -> bool:
-    """Any hook on ``m`` (or a global one): a graph node standing for its call would skip them."""
-    return bool(hooks_on(m))
 
 
 class _Swapped(nn.Module):
@@ -330,14 +322,9 @@ class TuneConv(_Swapped):
         if why:
             bn.__dict__["_normfx_path"] = why
             return self._normfx_base.forward(self, x)
-        conv: Any = self
-        if getattr(conv, "padding_mode", "zeros") != "zeros":
-            x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
-            spec = dict(_spec(conv), padding=[0] * (conv.weight.dim() - 2))
-        else:
-            spec = _spec(self)
+        x, spec = _padded_input(self, x)
         s = bn_stats(bn)
-        link = _Link(s)
+        link = _Link()
         u = _TuneConvOut.apply(x, self.weight, self.bias, s.weight, s.bias, s.mean, s.var, s.eps, spec, link)
         link.out, link.node_id = weakref.ref(u), None if u.grad_fn is None else id(u.grad_fn)
         bn.__dict__["_normfx_link"] = link
@@ -357,7 +344,7 @@ class TuneBN(_Swapped):
                 and ((x.grad_fn is not None and id(x.grad_fn) == link.node_id) or not torch.is_grad_enabled())):
             link.paired = True
             self.__dict__["_normfx_path"] = "fused"
-            return _bn_tail(self, _TuneBNOut.apply(x, link))
+            return _bn_tail(self, _TuneBNOut.apply(x, link, bn_stats(self)))
         if link is not None:
             self.__dict__["_normfx_path"] = ("its input is not its conv's output (something between them: a forward "
                                              "hook returning a tensor, a wrapper, checkpointing)")
@@ -433,6 +420,6 @@ def tune_convbn_functional(
     weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
 ) -> torch.Tensor:
     """Tune block for a functional ``F.batch_norm(conv(x), mean, var, weight, bias, False, _, eps)``."""
-    if isinstance(conv, nn.Linear) and x.dim() != 2 or _has_hooks(conv):
+    if isinstance(conv, nn.Linear) and x.dim() != 2 or hooks_on(conv):
         return F.batch_norm(conv(x), mean, var, weight, bias, False, 0.0, eps)
     return _folded_forward(x, conv, BNStats(mean, var, weight, bias, float(eps)))
