@@ -16,6 +16,7 @@ import torch.nn as nn
 from torch.fx.graph_module import _format_import_block, _forward_from_src
 from torch.package import sys_importer
 
+from normfx.kinds import original_class
 from normfx.trace import (_is_container, _normfx_leaf_types, _set_untraceable, _trace_region, _Tracer, _Walk, regions,
                           untraceable_modules)
 
@@ -89,13 +90,14 @@ def install(analysis: Analysis, changed: set[str]) -> nn.Module:
     for prefix, gm in analysis.regions:   # outermost first
         if prefix not in changed or gm is root:
             continue
+        module = root.get_submodule(prefix) if prefix else root
+        if not isinstance(module, fx.GraphModule):
+            _rewrite_forward(module, gm)   # generates the code once, for the module's class
+            continue
         real = getattr(gm, "real_recompile", None)
         if real is not None:
             real()
-        module = root.get_submodule(prefix) if prefix else root
-        if not isinstance(module, fx.GraphModule):
-            _rewrite_forward(module, gm)
-        elif prefix == "":
+        if prefix == "":
             root = gm
         else:
             parent, _, name = prefix.rpartition(".")
@@ -156,8 +158,7 @@ def _rewrite_forward(module: nn.Module, gm: fx.GraphModule) -> None:
         target = str(node.target)
         if node.op == "get_attr" and "." not in target and not hasattr(module, target) and hasattr(gm, target):
             setattr(module, target, getattr(gm, target))
-    base = getattr(type(module), "_normfx_base", type(module)) if rewritten(module) else type(module)
-    module.__class__ = _class_of(base, code.src, code.globals)
+    module.__class__ = _class_of(original_class(module), code.src, code.globals)
 
 
 class Outside(NamedTuple):

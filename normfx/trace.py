@@ -94,7 +94,7 @@ def _trace_once(
     finally:
         written = _restore(before)   # tracing leaves nothing behind, failed or not
     if written:
-        raise _StateWrite(written)
+        raise _StateWrite(written, model)
     if concrete:
         guard_specialized(graph, type(model).__name__, concrete)
     name = type(model).__name__
@@ -146,11 +146,13 @@ class _StateWrite(Exception):
     """A traced forward wrote module state: a graph would drop the write, so the module that owns
     the state is kept as it is (an untraceable leaf) and the trace tried again."""
 
-    def __init__(self, written: list[tuple[nn.Module, str]]) -> None:
-        self.written = written
+    def __init__(self, written: list[tuple[nn.Module, str]], model: nn.Module) -> None:
         m, attr = written[-1]
         super().__init__(f"its forward writes module state while it runs ('{attr}' of {type(m).__name__}); "
                          "a traced graph would drop the write")
+        # The culprit, as for any tracer error: the innermost module whose state was written.
+        names = {id(mod): n for n, mod in model.named_modules(remove_duplicate=False)}
+        self._normfx_qualname = max((names.get(id(mod), "") for mod, _ in written), key=len)
 
 
 _SHARED = ("_modules", "_parameters", "_buffers", "_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
@@ -249,7 +251,7 @@ def _trace_region(model: nn.Module, prefix: str, user_leaves: frozenset[str], wa
             gm = _trace_once(model, frozenset(leaves), walk.leaf_types, concrete, walk.share)
             break
         except Exception as e:  # noqa: BLE001
-            culprit = _owner(model, e) if isinstance(e, _StateWrite) else getattr(e, "_normfx_qualname", "")
+            culprit = getattr(e, "_normfx_qualname", "")
             if culprit == "" or culprit in leaves:
                 # The module's own forward cannot be traced: keep it and trace its children.
                 failures.append(_Failure(prefix, _reason(e)))
@@ -263,13 +265,6 @@ def _trace_region(model: nn.Module, prefix: str, user_leaves: frozenset[str], wa
         rel = f.qualname[len(prefix) + 1:] if prefix else f.qualname
         _trace_children(gm.get_submodule(rel), f.qualname, _sub_leaves(user_leaves, rel), walk)
     return model if walk.share else gm
-
-
-def _owner(model: nn.Module, e: _StateWrite) -> str:
-    """The qualified name (in ``model``) of the innermost module whose state the trace wrote."""
-    names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
-    owners = [names.get(id(m), "") for m, _ in e.written]
-    return max(owners, key=len)
 
 
 def _trace_own_forward(model: nn.Module, prefix: str, user_leaves: frozenset[str], walk: _Walk,
