@@ -147,16 +147,20 @@ def _dims_match(conv: Any, bn: Any, stats: BNStats) -> str:
     return ""
 
 
-def _set_weights(conv: Any, w: torch.Tensor, b: torch.Tensor, site: _Site, *, before: bool = False) -> None:
+def _set_weights(conv: Any, conv_name: Any, w: torch.Tensor, b: torch.Tensor, site: _Site, *,
+                 before: bool = False) -> str:
     """Install the folded ``(w, b)``. Each requires grad when any tensor it was computed from did
     (the conv's weight or bias, the BN's γ/β; a forward fold's bias also reads the conv's weight),
-    so a partly frozen model (``normfx.freeze``) stays trainable where it was and only there."""
+    so a partly frozen model (``normfx.freeze``) stays trainable where it was and only there.
+    Returns what the report adds when this made the conv's pruning permanent (``_prune_note``)."""
+    note = _prune_note(conv, conv_name)
     st = site.stats
     affine = any(t is not None and t.requires_grad for t in (st.weight, st.bias))
     w_grad = conv.weight.requires_grad or (st.weight is not None and st.weight.requires_grad)
     b_grad = (conv.bias is not None and conv.bias.requires_grad) or affine or (before and conv.weight.requires_grad)
     set_param(conv, "weight", w, requires_grad=w_grad)
     set_param(conv, "bias", b, requires_grad=b_grad)
+    return note
 
 
 def fold_convbn(gm: fx.GraphModule, *, mode: ConvBNMode) -> PassResult:
@@ -245,11 +249,12 @@ def _visit_evonorm(ctx: _Ctx, node: Any, mode: ConvBNMode) -> Change | Skip:
     gamma, beta = m.weight.detach().to(torch.float64), m.bias.detach().to(torch.float64)
     w, b = fold_bn_after(conv.weight, conv.bias, None, transposed=bool(getattr(conv, "transposed", False)),
                          groups=getattr(conv, "groups", 1), scale_shift=(gamma, beta))
+    note = _prune_note(conv, producer.target)
     set_param(conv, "weight", w, requires_grad=conv.weight.requires_grad or m.weight.requires_grad)
     set_param(conv, "bias", b, requires_grad=(conv.bias is not None and conv.bias.requires_grad)
               or m.weight.requires_grad or m.bias.requires_grad)
     set_module(ctx.gm, name, nn.Identity().train(m.training))
-    return Change(name, "fold", f"{what} into {producer.target}")
+    return Change(name, "fold", f"{what} into {producer.target}{note}")
 
 
 def _producer_problem(ctx: _Ctx, producer: Any, conv: Any) -> tuple[SkipReason, str] | None:
@@ -446,8 +451,7 @@ def _fold_after(ctx: _Ctx, site: _Site, producer: Any, conv: Any) -> Change | Sk
     folded = _checked_fold(site, conv)
     if isinstance(folded, Skip):
         return folded
-    note = _prune_note(conv, producer.target)
-    _set_weights(conv, *folded, site)
+    note = _set_weights(conv, producer.target, *folded, site)
     _replace_bn_by_tail(ctx, site, producer)
     return Change(site.name, "fold", f"into {producer.target}{note}")
 
@@ -466,8 +470,7 @@ def _deploy_tune_block(ctx: _Ctx, site: _Site) -> Change | Skip:
         # Deploy leaves no Tune block behind: an unfoldable one goes back to conv -> BN.
         _untune(gm, site, conv_call)
         return Change(site.name, "revert", f"Tune block back to conv -> BN: {folded.reason.value}: {folded.detail}")
-    note = _prune_note(conv, conv_ref.target)
-    _set_weights(conv, *folded, site)
+    note = _set_weights(conv, conv_ref.target, *folded, site)
     _replace_bn_by_tail(ctx, site, conv_call)
     return Change(site.name, "fold", f"Tune block into {conv_ref.target}{note}")
 
@@ -513,8 +516,7 @@ def _fold_before(ctx: _Ctx, site: _Site, follower: fx.Node) -> Change | Skip:
     if not ok:
         return Skip(site.name, SkipReason.NON_FINITE, why)
     w, b = fold_bn_before(conv.weight, conv.bias, site.stats, groups=getattr(conv, "groups", 1))
-    note = _prune_note(conv, follower.target)
-    _set_weights(conv, w, b, site, before=True)
+    note = _set_weights(conv, follower.target, w, b, site, before=True)
     if site.module is not None:
         set_module(gm, site.name, nn.Identity().train(site.module.training))   # a leaf change, as after a conv
     else:
