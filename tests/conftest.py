@@ -65,6 +65,19 @@ def randomize_bn(model: nn.Module, example: torch.Tensor | None = None, seed: in
     return model
 
 
+def amp_grads(model: nn.Module, x: torch.Tensor, proj: torch.Tensor, amp: bool,
+              amp_mode: tuple[str, torch.dtype] = ("cpu", torch.bfloat16)) -> tuple[torch.Tensor, dict]:
+    """``(output, gradients)`` of ``(model(x)·proj).sum()``, under autocast when ``amp``: the input's
+    gradient as ``"x"``, every parameter's by name."""
+    model.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    with torch.autocast(amp_mode[0], dtype=amp_mode[1], enabled=amp):
+        y = model(x)
+    (y.float() * proj).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return y, {"x": x.grad.clone(), **grads}
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

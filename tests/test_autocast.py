@@ -16,6 +16,7 @@ import torch.nn as nn
 import normfx
 from normfx.nn.fixed_point import FixedPoint
 from normfx.nn.repbn import ProgressiveRepBN
+from tests.conftest import amp_grads as _grads
 from tests.conftest import randomize_bn, rel_err
 
 BF16 = torch.bfloat16
@@ -25,17 +26,6 @@ AMP = [pytest.param(("cpu", torch.bfloat16), id="cpu-bf16"),
                     marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
 NOISE_FACTOR = 4.0  # normfx's bf16 error may be this many times Eval mode's own bf16 error
 NOISE_FLOOR = 1e-3   # below this, bf16 rounding of single values dominates the comparison
-
-
-def _grads(model: nn.Module, x: torch.Tensor, proj: torch.Tensor, amp: bool,
-           amp_mode: tuple[str, torch.dtype] = ("cpu", BF16)) -> tuple[torch.Tensor, dict]:
-    model.zero_grad(set_to_none=True)
-    x = x.clone().requires_grad_()
-    with torch.autocast(amp_mode[0], dtype=amp_mode[1], enabled=amp):
-        y = model(x)
-    (y.float() * proj).sum().backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return y, {"x": x.grad.clone(), **grads}
 
 
 def _within_eval_noise(candidate: nn.Module, reference: nn.Module, x: torch.Tensor,
