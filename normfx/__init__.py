@@ -8,8 +8,16 @@ from __future__ import annotations
 import logging
 
 from normfx import lab
-from normfx.api import (calibrate, convbn, deploy, directpred, evonorm, fixed_point, freeze, linear_attention,
+from normfx.api import (apply, calibrate, convbn, deploy, directpred, evonorm, fixed_point, freeze, linear_attention,
                         repbn)
+from normfx.passes.directpred import DirectPredConfig
+from normfx.passes.evonorm import EvoNormConfig
+from normfx.passes.fixed_point import FixedPointConfig
+from normfx.passes.fold_convbn import ConvBNConfig
+from normfx.passes.freeze import FreezeConfig
+from normfx.passes.linear_attention import LinearAttentionConfig
+from normfx.passes.registry import TRANSFORMS, DeployConfig
+from normfx.passes.swap_layernorm import RepBNConfig
 from normfx.nn.repbn import RepBNScheduler, recalibrate_bn
 from normfx.errors import (AlreadyTransformedError, ExportError, NormfxError, RepBNNotFinishedError,
                            SpecializedCallError, TraceFailure, TrainingModeError)
@@ -19,6 +27,16 @@ from normfx.report import Change, PassResult, Report, Skip, SkipReason, last_rep
 from normfx.trace import trace, untraceable_modules
 
 __all__ = [
+    "apply",
+    "TRANSFORMS",
+    "ConvBNConfig",
+    "DeployConfig",
+    "RepBNConfig",
+    "EvoNormConfig",
+    "DirectPredConfig",
+    "LinearAttentionConfig",
+    "FreezeConfig",
+    "FixedPointConfig",
     "convbn",
     "deploy",
     "repbn",

@@ -1,7 +1,9 @@
-"""The one-liners: argument checks, then one ``normfx.runner.transform`` call each."""
+"""The one-liners: each builds its transform's options (a frozen, validated config) and calls
+``normfx.apply``, which runs the registered transforms (``normfx.passes.registry``) through the one
+runner (``normfx.runner.transform``)."""
 from __future__ import annotations
 
-from typing import Any, Iterable, Literal, Sequence, TypeVar
+from typing import Iterable, Literal, Sequence, TypeVar
 
 import torch
 import torch.nn as nn
@@ -9,36 +11,81 @@ from torch.nn.utils import parametrize
 from tqdm import tqdm
 
 from normfx.batches import ForwardFn, run_batch
-from normfx.errors import AlreadyTransformedError
-from normfx.kinds import pruning_hooks
-from normfx.functional import K_HOT_CODES, KHotCode, Overflow, Rounding, fixed_mode
+from normfx.functional import KHotCode, Overflow, Rounding
+from normfx.nn.directpred import Mode
+from normfx.nn.evonorm import Preset
 from normfx.nn.fixed_point import FixedPoint
-from normfx.match import set_module
-from normfx.nn.directpred import DirectPred, Mode
-from normfx.nn.evonorm import PRESETS, Preset
-from normfx.passes import DEPLOY_STEPS, Step
-from normfx.passes.fixed_point import TARGETS, Target, insert_fixed_point, insert_fixed_point_outside
-from normfx.passes.evonorm import swap_evonorm, swap_evonorm_outside
-from normfx.passes.linear_attention import drop_class_token, swap_attention
-from normfx.passes.fold_convbn import ConvBNMode, fold_convbn, fold_convbn_outside
-from normfx.passes.freeze import freeze_model
-from normfx.roles import ROLES
-from normfx.passes.swap_layernorm import swap_layernorm, swap_layernorm_outside
-from normfx.report import Change, PassResult, Report, attach_report
-from normfx.runner import copy_model, transform
+from normfx.passes.directpred import DirectPredConfig
+from normfx.passes.evonorm import EvoNormConfig
+from normfx.passes.fixed_point import TARGETS, FixedPointConfig, Target
+from normfx.passes.fold_convbn import ConvBNConfig, ConvBNMode
+from normfx.passes.freeze import FreezeConfig, Role
+from normfx.passes.linear_attention import LinearAttentionConfig
+from normfx.passes.registry import DeployConfig, transform_for
+from normfx.passes.swap_layernorm import RepBNConfig
+from normfx.runner import transform
+from normfx.scope import FilterFn, LeafModules, make_scope
 
-__all__ = ["convbn", "deploy", "repbn", "freeze", "fixed_point", "calibrate", "M"]
+__all__ = ["apply", "convbn", "deploy", "repbn", "evonorm", "directpred", "linear_attention", "freeze",
+           "fixed_point", "calibrate", "M", "Role"]
 
 M = TypeVar("M", bound=nn.Module)
 """The caller's model type: every one-liner returns the caller's class (a forward it rewrote makes
 the class a subclass of it), so ``net = normfx.convbn(net)`` keeps ``net``'s type."""
 
+def apply(model: M, *configs: object, filter_fn: FilterFn | None = None, leaf_modules: LeafModules | None = None,
+          inplace: bool = False) -> M:
+    """Run several transforms in one call: one copy of ``model``, the configs' steps in the order given.
 
-def _convbn_step(mode: ConvBNMode) -> Step:
-    return Step("fold_convbn", lambda gm: fold_convbn(gm, mode=mode), lambda m, o: fold_convbn_outside(m, o, mode=mode))
+    Each config is a registered transform's options (``normfx.ConvBNConfig``, ``RepBNConfig``,
+    ``LinearAttentionConfig``, ``FixedPointConfig``, ...); the kwargs one-liners are this with one
+    config. Each transform's preconditions are checked on the caller's model before anything is
+    copied; consecutive graph steps that want the same regions share one analysis.
+
+    Args:
+        model: an ``nn.Module`` or ``GraphModule``; never modified unless ``inplace=True``.
+        configs: one or more transform configs, applied in order.
+        filter_fn: ``filter_fn(module, fqn) -> bool``; a site whose modules it rejects is left as it
+            is and reported skipped (``excluded by filter_fn``). A site belongs to the modules it
+            changes: a Conv+BN fold to both, a weight cast to its layer, an activation cast to the
+            module producing the activation, a cast on an input, a function's output or an add to
+            the module whose forward holds it (the model's inputs: the root, fqn ``""``).
+        leaf_modules: qualified names or module types to keep opaque and unchanged: not traced
+            into, nothing inside them transformed (reported ``inside a leaf module``).
+        inplace: transform the caller's modules instead of a deep copy.
+
+    Returns:
+        The caller's module tree, changed where it had to be; ``normfx.last_report(m)`` holds one
+        result per step.
+
+    Raises:
+        TypeError: a config that is no registered transform's, or ``filter_fn`` not callable.
+        ValueError: no config; ``leaf_modules`` names a module the model does not have; a
+            transform's own preconditions.
+
+    Example:
+        >>> vit = torchvision.models.VisionTransformer(32, 8, 2, 2, 32, 64, num_classes=10)
+        >>> m = normfx.apply(vit, normfx.RepBNConfig(total_steps=100), normfx.LinearAttentionConfig())
+        >>> print(normfx.last_report(m).summary().splitlines()[0:2])
+        ['swap_layernorm: 5 sites, 5 transformed, 0 skipped', 'linear_attention: 2 sites, 2 transformed, 0 skipped']
+    """
+    if not configs:
+        raise ValueError("normfx.apply needs at least one config, e.g. normfx.ConvBNConfig(mode='deploy')")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"normfx expects an nn.Module, got {type(model).__name__}")
+    transforms = [transform_for(c) for c in configs]
+    scope = make_scope(model, filter_fn, leaf_modules)
+    for t, c in zip(transforms, configs):
+        if t.check is not None:
+            t.check(model, c)
+    steps = [step for t, c in zip(transforms, configs) for step in t.steps(c)]
+    tensors = "own" if any(t.tensors == "own" for t in transforms) else "share"
+    return transform(model, steps, inplace=inplace, tensors=tensors, scope=scope)
 
 
-def convbn(model: M, mode: ConvBNMode = "tune", *, inplace: bool = False) -> M:
+def convbn(model: M, mode: ConvBNMode = "tune", *,
+           filter_fn: FilterFn | None = None, leaf_modules: LeafModules | None = None,
+           inplace: bool = False) -> M:
     """Turn every Conv/Linear + BatchNorm block into Tune mode or fold it (Deploy mode).
 
     * ``mode="tune"``: each block's conv and BN become ``normfx.nn.TuneConv``/``TuneBN`` (their
@@ -52,6 +99,7 @@ def convbn(model: M, mode: ConvBNMode = "tune", *, inplace: bool = False) -> M:
     Args:
         model: an ``nn.Module`` or ``GraphModule``; never modified unless ``inplace=True``.
         mode: ``"tune"`` or ``"deploy"``.
+        filter_fn, leaf_modules: where it applies (``normfx.apply``).
         inplace: transform the caller's modules instead of a deep copy.
 
     Returns:
@@ -68,12 +116,11 @@ def convbn(model: M, mode: ConvBNMode = "tune", *, inplace: bool = False) -> M:
         >>> normfx.last_report(m).summary()
         'fold_convbn: 20 sites, 20 transformed, 0 skipped'
     """
-    if mode not in ("tune", "deploy"):
-        raise ValueError(f"mode must be 'tune' or 'deploy', got {mode!r}")
-    return transform(model, [_convbn_step(mode)], inplace=inplace)
+    return apply(model, ConvBNConfig(mode), filter_fn=filter_fn, leaf_modules=leaf_modules, inplace=inplace)
 
 
-def deploy(model: M, *, inplace: bool = False) -> M:
+def deploy(model: M, *, filter_fn: FilterFn | None = None, leaf_modules: LeafModules | None = None,
+           inplace: bool = False) -> M:
     """Finalize every normfx construct for inference and fold what can be folded.
 
     Runs ``normfx.passes.DEPLOY_STEPS`` in order over every traced region and the modules outside them:
@@ -83,6 +130,7 @@ def deploy(model: M, *, inplace: bool = False) -> M:
 
     Args:
         model: an ``nn.Module`` or ``GraphModule`` in eval mode; never modified unless ``inplace``.
+        filter_fn, leaf_modules: where it applies (``normfx.apply``).
         inplace: transform the caller's modules instead of a deep copy.
 
     Raises:
@@ -94,10 +142,12 @@ def deploy(model: M, *, inplace: bool = False) -> M:
         >>> normfx.last_report(m).summary()
         'fold_convbn: 20 sites, 20 transformed, 0 skipped'
     """
-    return transform(model, DEPLOY_STEPS, inplace=inplace)
+    return apply(model, DeployConfig(), filter_fn=filter_fn, leaf_modules=leaf_modules, inplace=inplace)
 
 
-def repbn(model: M, *, total_steps: int, eta_init: float = 1.0, inplace: bool = False) -> M:
+def repbn(model: M, *, total_steps: int, eta_init: float = 1.0,
+          filter_fn: FilterFn | None = None, leaf_modules: LeafModules | None = None,
+          inplace: bool = False) -> M:
     """Replace every LayerNorm with progressive re-parameterized BatchNorm (SLAB's PRepBN).
 
     Each last-dim LayerNorm (and channels-first LayerNorm2d) becomes ``ProgressiveRepBN``:
@@ -111,6 +161,7 @@ def repbn(model: M, *, total_steps: int, eta_init: float = 1.0, inplace: bool = 
         total_steps: scheduler steps over which λ falls to 0; stored on every ProgressiveRepBN,
             where ``RepBNScheduler`` and error messages read it (given once, here).
         eta_init: initial η of every RepBN.
+        filter_fn, leaf_modules: where it applies (``normfx.apply``).
         inplace: transform the caller's modules instead of a deep copy.
 
     Example:
@@ -121,16 +172,13 @@ def repbn(model: M, *, total_steps: int, eta_init: float = 1.0, inplace: bool = 
         >>> type(m).__name__, type(m.encoder.ln).__name__
         ('VisionTransformer', 'ProgressiveRepBN')
     """
-    if total_steps <= 0:
-        raise ValueError(f"total_steps must be positive, got {total_steps}")
-    return transform(model, [Step(
-        "swap_layernorm", lambda gm: swap_layernorm(gm, total_steps=total_steps, eta_init=eta_init),
-        lambda m, o: swap_layernorm_outside(m, o, total_steps=total_steps, eta_init=eta_init), view="module")],
-        inplace=inplace)
+    return apply(model, RepBNConfig(total_steps, eta_init), filter_fn=filter_fn, leaf_modules=leaf_modules,
+                 inplace=inplace)
 
 
 def evonorm(model: M, *, variant: Literal["B0", "S0"] = "B0", groups: int = 32, eps: float | None = None,
-            preset: Preset = "paper", inplace: bool = False) -> M:
+            preset: Preset = "paper",
+            filter_fn: FilterFn | None = None, leaf_modules: LeafModules | None = None, inplace: bool = False) -> M:
     """BatchNorm and the activation after it → one EvoNorm layer (Liu et al., NeurIPS 2020).
 
     Every ``BatchNorm2d`` a traced graph calls (stem included) and every timm ``BatchNormAct2d``:
@@ -149,6 +197,7 @@ def evonorm(model: M, *, variant: Literal["B0", "S0"] = "B0", groups: int = 32, 
         eps: ε under the square roots; ``None`` takes the preset's.
         preset: ``"paper"`` (the authors' reference code: ε 1e-5, decay 0.9, biased running variance)
             or ``"timm"`` (``timm/layers/evo_norm.py``: B0 ε 1e-3, unbiased running variance).
+        filter_fn, leaf_modules: where it applies (``normfx.apply``).
         inplace: swap the caller's modules instead of a copy's.
 
     Raises:
@@ -159,22 +208,13 @@ def evonorm(model: M, *, variant: Literal["B0", "S0"] = "B0", groups: int = 32, 
         >>> normfx.last_report(m).summary().splitlines()[0]
         'evonorm: 20 sites, 20 transformed, 0 skipped'
     """
-    if variant not in ("B0", "S0"):
-        raise ValueError(f"variant must be 'B0' or 'S0', got {variant!r}")
-    if preset not in PRESETS:
-        raise ValueError(f"preset must be one of {list(PRESETS)}, got {preset!r}")
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"groups must be a positive int, got {groups!r}")
-    if eps is not None and not eps > 0:
-        raise ValueError(f"eps must be positive, got {eps}")
-    opts: dict[str, Any] = dict(variant=variant, groups=groups, eps=eps, preset=preset)
-    return transform(model, [Step("evonorm", lambda gm: swap_evonorm(gm, **opts),
-                                  lambda m, o: swap_evonorm_outside(m, o), view="module")], inplace=inplace)
+    return apply(model, EvoNormConfig(variant, groups, eps, preset), filter_fn=filter_fn, leaf_modules=leaf_modules,
+                 inplace=inplace)
 
 
 def directpred(model: M, *, predictor: str = "predictor", rho: float = 0.3, eps: float = 0.01,
                freq: int = 1, power: float = 0.5, mode: Mode = "directpred", dim: int | None = None,
-               inplace: bool = False) -> M:
+               filter_fn: FilterFn | None = None, leaf_modules: LeafModules | None = None, inplace: bool = False) -> M:
     """Replace the predictor of a BYOL/SimSiam-style model with ``normfx.nn.DirectPred`` (Tian et al.,
     ICML 2021): a bias-free linear map set from its inputs' correlation, not trained by gradients.
 
@@ -189,6 +229,7 @@ def directpred(model: M, *, predictor: str = "predictor", rho: float = 0.3, eps:
         rho, eps, freq, power, mode: see ``normfx.nn.DirectPred`` (``mode="directcopy"``: Wang et
             al.'s ``W = F/‖F‖ + εI``).
         dim: the feature size; by default read from the predictor's first and last Linear.
+        filter_fn, leaf_modules: where it applies (``normfx.apply``).
         inplace: swap the caller's module instead of a copy's.
 
     Raises:
@@ -203,37 +244,13 @@ def directpred(model: M, *, predictor: str = "predictor", rho: float = 0.3, eps:
         >>> m.predictor
         DirectPred(4, mode='directpred', rho=0.3, eps=0.01, freq=1, power=0.5)
     """
-    names = dict(model.named_modules())
-    if not predictor or predictor not in names:
-        close = [n for n in names if n and n.split(".")[-1] == predictor.split(".")[-1]]
-        raise ValueError(f"{type(model).__name__} has no submodule {predictor!r}"
-                         + (f"; did you mean {close[0]!r}?" if close else "; pass predictor='<qualified name>'"))
-    old = names[predictor]
-    if isinstance(old, DirectPred):
-        raise AlreadyTransformedError(
-            f"'{predictor}' is already a DirectPred predictor: normfx.directpred applies once. Call it on the "
-            "model with its original predictor to change the options")
-    if dim is None:
-        linears = [m for m in old.modules() if isinstance(m, nn.Linear)]
-        if not linears:
-            raise ValueError(f"cannot read the feature size of {predictor!r} ({type(old).__name__}): pass dim=")
-        if linears[0].in_features != linears[-1].out_features:
-            raise ValueError(f"{predictor!r} maps {linears[0].in_features} features to {linears[-1].out_features}; "
-                             "a DirectPred predictor maps a space to itself")
-        dim = linears[0].in_features
-    new = DirectPred(int(dim), rho=rho, eps=eps, freq=freq, power=power, mode=mode)
-    ref = next(iter(old.parameters()), None)
-    if ref is not None:
-        new = new.to(device=ref.device)
-    out = model if inplace else copy_model(model, share_tensors=False)[0]
-    set_module(out, predictor, new.train(old.training))
-    attach_report(out, Report((PassResult("directpred", (Change(predictor, "directpred", f"{type(old).__name__} → "
-                                                                         f"{new.extra_repr()}"),), ()),), ()))
-    return out
+    config = DirectPredConfig(predictor, rho, eps, freq, power, mode, dim)
+    return apply(model, config, filter_fn=filter_fn, leaf_modules=leaf_modules, inplace=inplace)
 
 
 def linear_attention(model: M, *, kernel_size: int = 5, stages: Sequence[int] | None = None,
                      cls_token: Literal["exclude", "drop"] = "exclude", image_size: int | tuple[int, int] | None = None,
+                     filter_fn: FilterFn | None = None, leaf_modules: LeafModules | None = None,
                      inplace: bool = False) -> M:
     """Softmax self-attention → SLAB's Simplified Linear Attention (``normfx.nn.SimplifiedLinearAttention``):
     ``ReLU(Q)(ReLU(K + P)ᵀV) / (ReLU(Q)·ΣReLU(K + P)) + DWC(V)``, cost linear in the number of tokens.
@@ -259,6 +276,7 @@ def linear_attention(model: M, *, kernel_size: int = 5, stages: Sequence[int] | 
             average-pooled (timm ViTs; ``cls_token`` leaves the ``state_dict``).
         image_size: the input's ``(H, W)`` (or one int), needed for torchvision's Swin, which does not
             record it; the swapped model then takes that size only.
+        filter_fn, leaf_modules: where it applies (``normfx.apply``).
         inplace: swap the caller's modules instead of a copy's.
 
     Raises:
@@ -276,36 +294,14 @@ def linear_attention(model: M, *, kernel_size: int = 5, stages: Sequence[int] | 
         >>> [c.site for c in normfx.last_report(m).changes]
         ['features.1.0.attn', 'features.1.1.attn']
     """
-    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
-        raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size!r}")
-    if cls_token not in ("exclude", "drop"):
-        raise ValueError(f"cls_token must be 'exclude' or 'drop', got {cls_token!r}")
-    if stages is not None and (isinstance(stages, (int, str)) or
-                               not all(isinstance(s, int) and not isinstance(s, bool) for s in stages)):
-        raise ValueError(f"stages must be a sequence of stage indices, e.g. (0, 1), got {stages!r}")
-    size = (image_size, image_size) if isinstance(image_size, int) else image_size
-    if size is not None and (len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
-                                                       for v in size)):
-        raise ValueError(f"image_size must be a positive int or (H, W), got {image_size!r}")
-    out = model if inplace else copy_model(model, share_tensors=False)[0]
-    notes = ["linear_attention: the function changes; fine-tune after the swap"]
-    drop = cls_token == "drop"
-    if drop:
-        drop_class_token(model, check_only=True)          # every error before anything changes
-    result = swap_attention(out, kernel_size=kernel_size, stages=stages, image_size=size, dropped_prefix=int(drop))
-    if drop:
-        notes.append(drop_class_token(out))
-    attach_report(out, Report((result,), (), tuple(notes)))
-    return out
-
-
-Role = Literal["norm", "head", "bias"]
-"""A parameter role ``freeze(keep=...)`` can keep trainable (``normfx.roles.ROLES``)."""
+    config = LinearAttentionConfig(kernel_size, stages, cls_token, image_size)  # type: ignore[arg-type]
+    return apply(model, config, filter_fn=filter_fn, leaf_modules=leaf_modules, inplace=inplace)
 
 
 def freeze(model: M, *, keep: Sequence[Role] | Role = ("norm",),
            random: int | Literal["match", "per_channel"] = 0,
-           seed: int = 0, freeze_stats: bool = False, inplace: bool = False) -> M:
+           seed: int = 0, freeze_stats: bool = False,
+           filter_fn: FilterFn | None = None, leaf_modules: LeafModules | None = None, inplace: bool = False) -> M:
     """Freeze every parameter except the roles in ``keep`` (Frankle et al.'s BatchNorm-only training).
 
     Roles are found from the graph and module types, never from parameter names: ``"norm"`` (every
@@ -331,6 +327,7 @@ def freeze(model: M, *, keep: Sequence[Role] | Role = ("norm",),
         seed: seed of the random draw.
         freeze_stats: BatchNorms whose γ/β are frozen also stop updating their running statistics:
             they run in eval mode (running statistics used) whatever ``model.train()`` says.
+        filter_fn, leaf_modules: where it applies (``normfx.apply``).
         inplace: set the flags on the caller's parameters instead of a copy's.
 
     Raises:
@@ -343,30 +340,17 @@ def freeze(model: M, *, keep: Sequence[Role] | Role = ("norm",),
         >>> normfx.trainable_summary(m).trainable
         9600
     """
-    keep_set = _check_keep(keep)
-    if not (random in ("match", "per_channel")
-            or (isinstance(random, int) and not isinstance(random, bool) and random >= 0)):
-        raise ValueError(f"random must be a non-negative int, 'match' or 'per_channel', got {random!r}")
-    # Flags only: the model keeps its module tree (no trace of it is returned); the copy owns its tensors.
-    out = model if inplace else copy_model(model, share_tensors=False)[0]
-    result, notes = freeze_model(out, keep_set, random, seed, freeze_stats)
-    attach_report(out, Report((result,), (), notes))
-    return out
-
-
-def _check_keep(keep: Sequence[Role] | Role) -> set[str]:
-    roles = (keep,) if isinstance(keep, str) else tuple(keep)
-    unknown = [r for r in roles if r not in ROLES]
-    if unknown:
-        raise ValueError(f"unknown role(s) {unknown} in keep; the roles are {list(ROLES)}")
-    return set(roles)
+    config = FreezeConfig(keep, random, seed, freeze_stats)  # type: ignore[arg-type]
+    return apply(model, config, filter_fn=filter_fn, leaf_modules=leaf_modules, inplace=inplace)
 
 
 def fixed_point(model: M, *, bits: int = 8, int_bits: float | None = None,
                 rounding: Rounding = "nearest_even", overflow: Overflow = "saturate",
                 targets: Sequence[Target] = TARGETS,
                 per_channel: bool = False, k_hot: int | None = None, k_hot_weights: bool = False,
-                k_hot_code: KHotCode = "csd", fold_bn: bool = False, inplace: bool = False) -> M:
+                k_hot_code: KHotCode = "csd", fold_bn: bool = False,
+                filter_fn: FilterFn | None = None, leaf_modules: LeafModules | None = None,
+                inplace: bool = False) -> M:
     """Insert trainable fixed-point casts (QFX): ``ap_fixed<bits, I, rounding, overflow>`` with a
     trainable binary point ``I`` on weights, biases, activations, BatchNorm and residual adds.
 
@@ -387,6 +371,7 @@ def fixed_point(model: M, *, bits: int = 8, int_bits: float | None = None,
             digit) or ``"binary"`` (ones in the magnitude's binary word, QFX's count; fewer values).
         fold_bn: fold BatchNorm into its conv first (``convbn(mode="deploy")``; the model must be in
             eval mode) and quantize the folded weights, instead of keeping a fixed-point BN.
+        filter_fn, leaf_modules: where it applies (``normfx.apply``).
         inplace: transform the caller's modules instead of a copy.
 
     Example:
@@ -395,49 +380,9 @@ def fixed_point(model: M, *, bits: int = 8, int_bits: float | None = None,
         >>> sum(isinstance(m, normfx.nn.FixedPoint) for m in q.modules()) > 0
         True
     """
-    unknown = [t for t in targets if t not in TARGETS]
-    if unknown:
-        raise ValueError(f"unknown target(s) {unknown}; the targets are {list(TARGETS)}")
-    if not 2 <= int(bits) <= 24:
-        raise ValueError(f"bits must be in [2, 24], got {bits}")
-    if k_hot is not None and not 1 <= int(k_hot) <= 4:
-        raise ValueError(f"k_hot must be 1 to 4 terms, got {k_hot}")
-    if k_hot_weights and not k_hot:
-        raise ValueError("k_hot_weights=True needs k_hot=K (the number of signed powers of two)")
-    if k_hot_code not in K_HOT_CODES:
-        raise ValueError(f"k_hot_code must be one of {list(K_HOT_CODES)}, got {k_hot_code!r}")
-    _refuse_existing_casts(model)
-    _refuse_pruned(model)
-    opts: dict[str, Any] = dict(
-        bits=int(bits), int_bits=int_bits, rounding=fixed_mode(rounding, "rounding"),
-        overflow=fixed_mode(overflow, "overflow"), targets=tuple(targets), per_channel=per_channel, k_hot=k_hot,
-        k_hot_weights=k_hot_weights, k_hot_code=k_hot_code)
-    steps = [_convbn_step("deploy")] if fold_bn else []
-    steps.append(Step("fixed_point", lambda gm: insert_fixed_point(gm, **opts),
-                      lambda m, o: insert_fixed_point_outside(m, o, **opts), view="module"))
-    # Parametrizations hold the weights they cast: the copy must own its tensors first.
-    return transform(model, steps, inplace=inplace, tensors="own")
-
-
-def _refuse_existing_casts(model: nn.Module) -> None:
-    """A second ``fixed_point`` would wrap calibrated or trained casts in new ones: refuse."""
-    names = [n for n, m in model.named_modules() if isinstance(m, FixedPoint)]
-    if names:
-        raise AlreadyTransformedError(
-            f"{type(model).__name__} already has fixed-point casts ({len(names)}, e.g. '{names[0]}'): "
-            "normfx.fixed_point applies once. Call it on the float model to change the options."
-        )
-
-
-def _refuse_pruned(model: nn.Module) -> None:
-    """A cast on a pruned tensor would cast ``<name>_orig`` behind the mask's back: refuse."""
-    for name, m in model.named_modules():
-        for hook in pruning_hooks(m).values():
-            t = hook._tensor_name
-            raise ValueError(
-                f"'{name}.{t}' is pruned (torch.nn.utils.prune): normfx.fixed_point casts plain parameters. Call "
-                f"torch.nn.utils.prune.remove(model.{name or '<module>'}, {t!r}) on every pruned tensor first "
-                "(the pruned entries stay zero)")
+    config = FixedPointConfig(bits, int_bits, rounding, overflow, tuple(targets), per_channel, k_hot, k_hot_weights,
+                              k_hot_code, fold_bn)
+    return apply(model, config, filter_fn=filter_fn, leaf_modules=leaf_modules, inplace=inplace)
 
 
 def calibrate(model: M, batches: Iterable, *, steps: int | None = None,

@@ -9,13 +9,16 @@ import functools
 import inspect
 from typing import Any, Literal
 
+import torch
 import torch.nn as nn
+from torch.nn.utils import parametrize
 from torch.nn.utils import prune as _prune
 from torch.nn.modules import module as _torch_module   # torch's registries of global module hooks
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from torch.nn.modules.conv import _ConvNd
 
 __all__ = ["BNKind", "original_class", "bn_kind", "is_frozen_bn", "is_norm_layer", "is_conv_like", "is_plain_conv",
+           "eval_affine", "fold_refusal",
            "is_mode_dependent_leaf",
            "forward_source_has", "Hook", "hooks_on", "pruning_hooks"]
 
@@ -138,3 +141,19 @@ def pruning_hooks(m: nn.Module) -> dict[int, Any]:
     ``_tensor_name`` is the pruned tensor): ``m.<name>`` is then a tensor recomputed as
     ``<name>_orig · <name>_mask`` before every forward, not a Parameter."""
     return {k: h for k, h in m._forward_pre_hooks.items() if isinstance(h, _prune.BasePruningMethod)}
+
+
+def eval_affine(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | str | None:
+    """A normalization that is a constant per-channel affine ``x·scale + shift`` in eval mode, as a fold
+    needs it: ``(scale, shift)``; why it is not one (a string), for a module that says so; ``None`` for
+    a module that is no such normalization. Modules answer through their ``eval_affine()`` method
+    (normfx's EvoNorm); BatchNorms are read from their statistics by the ConvBN pass itself."""
+    method = getattr(m, "eval_affine", None)
+    return method() if callable(method) else None
+
+
+def fold_refusal(m: nn.Module) -> str:
+    """Why the weights of ``m`` must not be rewritten by a fold (a parametrization that says so in its
+    ``refuses_fold``, e.g. a fixed-point cast), or ``""``."""
+    plists = m.parametrizations.values() if parametrize.is_parametrized(m) else ()
+    return next((str(p.refuses_fold) for plist in plists for p in plist if getattr(p, "refuses_fold", "")), "")

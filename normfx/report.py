@@ -33,6 +33,8 @@ class SkipReason(str, enum.Enum):
     NON_FINITE = "non-finite or overflowing scale"
     ALREADY_DONE = "already transformed"
     HOOKED = "hooks would observe the change"
+    FILTERED = "excluded by filter_fn"
+    LEAF = "inside a leaf module"
 
     def __str__(self) -> str:
         return self.value

@@ -23,12 +23,13 @@ from torch.nn.utils import parametrize, prune
 from torch.nn.utils.weight_norm import WeightNorm
 
 from normfx.match import module_tensors
-from normfx.passes import GraphPass, OutsidePass, Step
 from normfx.report import Change, PassResult, Report, Skip, attach_report
 from normfx.analysis import Analysis, analyze, install, outside_modules
+from normfx.scope import EVERYWHERE, Scope
 from normfx.trace import materialize
+from normfx.transform import Step
 
-__all__ = ["Step", "GraphPass", "OutsidePass", "transform", "run_step", "copy_model"]
+__all__ = ["transform", "plan", "run_step", "copy_model"]
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -96,19 +97,21 @@ def _unshare(model: nn.Module, shared: frozenset[int]) -> None:
                     slots[k] = copy.deepcopy(t, clones)  # type: ignore[assignment]
 
 
-def run_step(analysis: Analysis, step: Step) -> PassResult:
-    """Run one step over every region of ``analysis``, then over the modules outside them, and merge
-    the results into one PassResult with qualified site names, each site once."""
+def run_step(analysis: Analysis, step: Step, scope: Scope = EVERYWHERE) -> PassResult:
+    """Run one graph step over every region of ``analysis``, then over the modules outside them, and
+    merge the results into one PassResult with qualified site names, each site once."""
+    assert step.graph_pass is not None and step.outside_pass is not None
     changes: dict[str, Change] = {}
     skips: dict[str, Skip] = {}
+    model = analysis.model
     for prefix, gm in analysis.regions:
-        res = step.graph_pass(gm)
+        res = step.graph_pass(gm, scope.at(prefix, model.get_submodule(prefix) if prefix else model))
         pre = f"{prefix}." if prefix else ""
         for c in res.changes:
             changes.setdefault(pre + c.site, Change(pre + c.site, c.action, c.detail))
         for sk in res.skips:
             skips.setdefault(pre + sk.site, Skip(pre + sk.site, sk.reason, sk.detail))
-    res = step.outside_pass(analysis.model, outside_modules(analysis))
+    res = step.outside_pass(model, outside_modules(analysis), scope.at("", model))
     for c in res.changes:
         if c.site not in changes and c.site not in skips:
             changes[c.site] = c
@@ -118,23 +121,36 @@ def run_step(analysis: Analysis, step: Step) -> PassResult:
     return PassResult(step.name, tuple(changes.values()), tuple(skips.values()))
 
 
+def _groups(steps: Sequence[Step]) -> itertools.groupby:
+    """Consecutive steps that want the same regions share one analysis (deploy's five steps: one);
+    a model pass is a group of its own."""
+    return itertools.groupby(steps, key=lambda s: "model" if s.model_pass is not None else s.view)
+
+
 def transform(model: M, steps: Sequence[Step], *, inplace: bool = False,
-              tensors: Literal["share", "own"] = "share", before: Sequence[PassResult] = ()) -> M:
-    """Run ``steps`` in order on a copy of ``model`` (the model itself with ``inplace=True``) and
-    return it with its report attached (``before``: results of an earlier call to report first)."""
+              tensors: Literal["share", "own"] = "share", scope: Scope = EVERYWHERE) -> M:
+    """Run ``steps`` in order on a copy of ``model`` (the model itself with ``inplace=True``), on the
+    sites ``scope`` allows, and return it with its report attached."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"normfx expects an nn.Module, got {type(model).__name__}")
     out, shared = (model, frozenset()) if inplace else copy_model(model, share_tensors=tensors == "share")
     results: list[PassResult] = []
+    notes: list[str] = []
     untraceable: tuple[tuple[str, str], ...] | None = None
     result: nn.Module = out
-    # Consecutive steps that want the same regions share one analysis (deploy's four steps: one).
-    for view, group in itertools.groupby(steps, key=lambda s: s.view):
-        analysis = analyze(result, per_module=view == "module")
+    for view, group in _groups(steps):
+        if view == "model":
+            for step in group:
+                assert step.model_pass is not None
+                res, more = step.model_pass(result, scope.at("", result))
+                results.append(res)
+                notes += more
+            continue
+        analysis = analyze(result, per_module=view == "module", leaf_modules=tuple(scope.leaves))
         if untraceable is None or view == "flat":
             untraceable = analysis.untraceable
         fingerprints = analysis.signatures()
-        results += [run_step(analysis, step) for step in group]
+        results += [run_step(analysis, step, scope) for step in group]
         after = analysis.signatures()
         changed = {prefix for prefix, sig in fingerprints.items() if after[prefix] != sig}
         for prefix, gm in analysis.regions:
@@ -143,7 +159,34 @@ def transform(model: M, steps: Sequence[Step], *, inplace: bool = False,
         result = install(analysis, changed)
     materialize(result)
     _unshare(result, shared)
-    attach_report(result, Report(tuple(before) + tuple(results), untraceable or ()))
+    attach_report(result, Report(tuple(results), untraceable or (), tuple(notes)))
     # The caller's own object, or a copy of it, with its class kept (``install``); a GraphModule
     # given is returned as a GraphModule.
     return cast(M, result)
+
+
+def plan(model: nn.Module, steps: Sequence[Step], scope: Scope,
+         analyses: dict[str, Analysis] | None = None) -> Report:
+    """A dry run: what ``steps`` would do to ``model``, site by site, with nothing copied or changed.
+
+    Each group of steps runs on one analysis of the model as it is, with ``scope.plan`` set: the
+    passes find and check every site and report it. Steps after the first see the model as it is,
+    not as the earlier ones would leave it, so ``plan`` is for one transform's steps at a time.
+    ``analyses``: analyses of ``model`` by view, shared between calls (a dry run changes none)."""
+    scope = Scope(scope.filter_fn, scope.leaves, plan=True)
+    results: list[PassResult] = []
+    untraceable: tuple[tuple[str, str], ...] | None = None
+    cache = {} if analyses is None else analyses
+    for view, group in _groups(steps):
+        if view == "model":
+            for step in group:
+                assert step.model_pass is not None
+                results.append(step.model_pass(model, scope.at("", model))[0])
+            continue
+        if view not in cache:
+            cache[view] = analyze(model, per_module=view == "module", leaf_modules=tuple(scope.leaves))
+        analysis = cache[view]
+        if untraceable is None or view == "flat":
+            untraceable = analysis.untraceable
+        results += [run_step(analysis, step, scope) for step in group]
+    return Report(tuple(results), untraceable or ())

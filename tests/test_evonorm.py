@@ -297,9 +297,9 @@ def test_evonorm_without_nonlinearity_skips_with_its_reason():
     plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Identity(), normfx.nn.EvoNorm2dB0(4, apply_act=False)).eval()
     seq = nn.Sequential(plain[0], nn.ReLU(), plain[2]).eval()          # fed by a ReLU, not a conv
     skip = normfx.last_report(normfx.deploy(seq)).get("fold_convbn").skips
-    assert [s.detail for s in skip] == ["EvoNorm without nonlinearity (x·γ + β): not fed by a conv/linear"]
+    assert [s.detail for s in skip] == ["EvoNorm2dB0 without nonlinearity (x·γ + β): not fed by a conv/linear"]
     tuned = normfx.last_report(normfx.convbn(plain, mode="tune")).get("fold_convbn").skips
-    assert [s.detail for s in tuned] == ["EvoNorm without nonlinearity (x·γ + β): no statistics to tune with; "
+    assert [s.detail for s in tuned] == ["EvoNorm2dB0 without nonlinearity (x·γ + β): no statistics to tune with; "
                                          "Deploy folds it"]
 
 

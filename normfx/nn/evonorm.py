@@ -77,6 +77,14 @@ class _EvoNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_features))
         self.v: nn.Parameter | None = nn.Parameter(torch.ones(num_features)) if apply_act else None
 
+    def eval_affine(self) -> tuple[torch.Tensor, torch.Tensor] | str:
+        """``normfx.kinds.eval_affine``: without the nonlinearity the layer is ``x·γ + β`` in training and
+        in eval alike, a constant affine a fold can take; with it, why it is not one."""
+        if self.apply_act:
+            return ("EvoNorm is not folded: it normalizes with per-sample statistics (and B0 with per-batch "
+                    "ones in training); it stays a layer of its own")
+        return self.weight, self.bias
+
     def _check(self, x: torch.Tensor) -> None:
         if x.dim() < 3 or x.shape[1] != self.num_features:
             raise ValueError(f"{type(self).__name__}({self.num_features}) expects [N, {self.num_features}, *spatial] "

@@ -169,6 +169,9 @@ class FixedPoint(nn.Module):
     """Cast to ``ap_fixed<bits, int_bits, rounding, overflow>`` (``ap_ufixed`` when ``signed=False``)."""
 
     saves_current = False  # as a weight's parametrization: checkpoints keep the float master weight
+    refuses_fold = ("the conv's weights are cast to fixed point: folding would leave the fixed-point grid (use "
+                    "normfx.fixed_point(..., fold_bn=True) to fold first)")
+    """``normfx.kinds.fold_refusal``: a weight this casts must not be rewritten by a fold."""
     int_bits: torch.Tensor
     observed_max: torch.Tensor
 

@@ -17,7 +17,9 @@ variance starts from the BatchNorm's.
 """
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Literal
 
 import torch
 import torch.fx as fx
@@ -28,10 +30,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from normfx.analysis import Outside
 from normfx.kinds import bn_kind
 from normfx.match import module_uses, set_module
-from normfx.nn.evonorm import PRESETS, EvoNorm2dB0, EvoNorm2dS0, fit_groups
+from normfx.config import check_choice, check_int, check_positive
+from normfx.nn.evonorm import PRESETS, EvoNorm2dB0, EvoNorm2dS0, Preset, fit_groups
 from normfx.report import Change, PassResult, Skip, SkipReason
+from normfx.scope import EVERYWHERE, Scope
+from normfx.transform import Step, Transform
 
-__all__ = ["swap_evonorm", "swap_evonorm_outside", "ACTIVATION_MODULES", "ACTIVATION_FUNCTIONS"]
+__all__ = ["swap_evonorm", "swap_evonorm_outside", "ACTIVATION_MODULES", "ACTIVATION_FUNCTIONS", "EvoNormConfig",
+           "EVONORM"]
 
 ACTIVATION_MODULES: tuple[type, ...] = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.LeakyReLU, nn.ELU,
                                         nn.Mish)
@@ -85,7 +91,8 @@ def _detail(variant: str, new: nn.Module, act: str | None) -> str:
     return f"{variant}{groups}, replaces {act}" if act else f"{variant} without nonlinearity (x·γ + β)"
 
 
-def swap_evonorm(gm: fx.GraphModule, *, variant: str = "B0", groups: int = 32, eps: float | None = None,
+def swap_evonorm(gm: fx.GraphModule, scope: Scope = EVERYWHERE, *, variant: str = "B0", groups: int = 32,
+                 eps: float | None = None,
                  preset: str = "paper") -> PassResult:
     """BatchNorm(+activation) sites of ``gm`` become EvoNorm modules (in place); see the module docstring."""
     changes: list[Change] = []
@@ -113,8 +120,13 @@ def swap_evonorm(gm: fx.GraphModule, *, variant: str = "B0", groups: int = 32, e
             continue
         if bn_kind(m) == "norm_act":   # timm's BatchNormAct2d: BN, drop and act in one module
             apply_act = not isinstance(m.act, nn.Identity)
+            excluded = scope.skip(site, (site, m))
+            if excluded:
+                skips.append(excluded)
+                continue
             new = _make(m, variant, apply_act, groups, eps, preset, site)
-            set_module(gm, site, new)
+            if not scope.plan:
+                set_module(gm, site, new)
             changes.append(Change(site, "evonorm", _detail(variant, new, type(m.act).__name__ if apply_act else None)))
             continue
         users = list(node.users)
@@ -128,9 +140,17 @@ def swap_evonorm(gm: fx.GraphModule, *, variant: str = "B0", groups: int = 32, e
             if act.op == "call_module" and (act.kwargs or len(act.args) != 1):
                 skips.append(Skip(site, SkipReason.UNSUPPORTED, "activation called with extra arguments"))
                 continue
+            excluded = scope.skip(site, (site, m), (str(act.target), mods[str(act.target)]) if act.op == "call_module"
+                                  else ("", None))
+            if excluded:
+                skips.append(excluded)
+                continue
             new = _make(m, variant, True, groups, eps, preset, site)
-            set_module(gm, site, new)
             name = _act_name(act, mods)
+            if scope.plan:
+                changes.append(Change(site, "evonorm", _detail(variant, new, name)))
+                continue
+            set_module(gm, site, new)
             if act.op == "call_module" and uses[id(mods[str(act.target)])] == 1:
                 set_module(gm, str(act.target), nn.Identity())   # a leaf swap: the forward is unchanged
             else:                                                  # shared module or a function: rewire
@@ -139,8 +159,13 @@ def swap_evonorm(gm: fx.GraphModule, *, variant: str = "B0", groups: int = 32, e
                 rewired = True
             changes.append(Change(site, "evonorm", _detail(variant, new, name)))
         else:
+            excluded = scope.skip(site, (site, m))
+            if excluded:
+                skips.append(excluded)
+                continue
             new = _make(m, variant, False, groups, eps, preset, site)
-            set_module(gm, site, new)
+            if not scope.plan:
+                set_module(gm, site, new)
             changes.append(Change(site, "evonorm", _detail(variant, new, None)))
     if rewired:
         gm.graph.lint()
@@ -158,8 +183,39 @@ def _check_bn(site: str, m: _BatchNorm, uses: Any) -> Skip | None:
     return None
 
 
-def swap_evonorm_outside(model: nn.Module, outside: list[Outside], **_: Any) -> PassResult:
+def swap_evonorm_outside(model: nn.Module, outside: list[Outside], scope: Scope = EVERYWHERE, **_: Any) -> PassResult:
     """BatchNorms no traced region calls: which activation follows them is in the untraced forward,
     so each is reported with the reason that forward was not traced."""
-    skips = [Skip(o.qualname, SkipReason.UNTRACEABLE, o.why) for o in outside if isinstance(o.module, _BatchNorm)]
+    skips = [scope.skip(o.qualname, (o.qualname, o.module)) or Skip(o.qualname, SkipReason.UNTRACEABLE, o.why)
+             for o in outside if isinstance(o.module, _BatchNorm)]
     return PassResult("evonorm", (), tuple(skips))
+
+
+@dataclass(frozen=True)
+class EvoNormConfig:
+    """Options of ``normfx.evonorm`` (see it for their meaning)."""
+
+    variant: Literal["B0", "S0"] = "B0"
+    groups: int = 32
+    eps: float | None = None
+    preset: Preset = "paper"
+
+    def __post_init__(self) -> None:
+        check_choice("variant", self.variant, ("B0", "S0"))
+        check_choice("preset", self.preset, list(PRESETS))
+        check_int("groups", self.groups, lo=1)
+        if self.eps is not None:
+            check_positive("eps", self.eps)
+
+
+def _steps(config: EvoNormConfig) -> tuple[Step, ...]:
+    opts = dict(variant=config.variant, groups=config.groups, eps=config.eps, preset=config.preset)
+    return (Step("evonorm", partial(swap_evonorm, **opts), swap_evonorm_outside, view="module"),)
+
+
+EVONORM = Transform(
+    name="evonorm", config=EvoNormConfig, steps=_steps, exact=False,
+    summary="BatchNorm + activation → one EvoNorm-B0/S0 layer (deploy folds the variant without nonlinearity)",
+    paper="Liu et al., Evolving Normalization-Activation Layers (NeurIPS 2020)",
+    inspect=(("evonorm", EvoNormConfig()),),
+)

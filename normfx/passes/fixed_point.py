@@ -24,43 +24,40 @@ Sites and what each becomes:
 from __future__ import annotations
 
 import copy
-import operator
+from dataclasses import dataclass
+from functools import partial
 from typing import Literal, NamedTuple, Sequence
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
-from normfx.kinds import bn_kind, is_conv_like, is_frozen_bn, is_mode_dependent_leaf, is_norm_layer
+from normfx.config import check_choice, check_int
+from normfx.errors import AlreadyTransformedError
+from normfx.functional import K_HOT_CODES, KHotCode, Overflow, Rounding, fixed_mode
+from normfx.kinds import pruning_hooks
+from normfx.passes.fold_convbn import CONVBN
+from normfx.kinds import bn_kind, is_conv_like
 from normfx.match import free_name, set_module
-from normfx.match import get_attr as getattr_path
 from normfx.nn.fixed_point import FixedPoint
 from normfx.nn.fixed_point_bn import FixedPointBatchNorm
 from normfx.nn.param_keys import keep_state_dict_keys
 from normfx.report import Change, PassResult, Skip, SkipReason
+from normfx.scope import EVERYWHERE, Scope
 from normfx.analysis import Outside
+from normfx.passes.fixed_point_sites import ADDS, integer_indices, returns_one_tensor, same_values, tensor_nodes, \
+    unsigned
+from normfx.transform import Step, Transform
 
 __all__ = ["TARGETS", "Target", "FixedPointBatchNorm", "insert_fixed_point", "insert_fixed_point_outside",
-           "freeze_binary_points", "freeze_binary_points_outside"]
+           "freeze_binary_points", "freeze_binary_points_outside", "returns_one_tensor", "FixedPointConfig",
+           "FIXED_POINT"]
 
 Target = Literal["weight", "bias", "activation", "norm", "add"]
 """What ``fixed_point`` casts (``TARGETS``: all of them)."""
 TARGETS: tuple[Target, ...] = ("weight", "bias", "activation", "norm", "add")
-
-_UNSIGNED_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid)
-_UNSIGNED_FUNCS = {F.relu, torch.relu, F.relu6, torch.sigmoid, F.sigmoid, F.hardsigmoid}
-_SAME_VALUES_MODULES = (nn.Identity, nn.Flatten, nn.Dropout, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
-                        nn.Unflatten)
-_SAME_VALUES_FUNCS = {torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze,
-                      torch.unsqueeze, operator.getitem, getattr, F.dropout, F.max_pool1d, F.max_pool2d,
-                      F.max_pool3d, torch.cat, torch.chunk, torch.split}
-_SAME_VALUES_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze",
-                        "unsqueeze", "expand", "size", "dim", "chunk", "split", "unbind"}
-_ADDS = {operator.add, torch.add, operator.iadd}
-
 
 def _q(bits: int, int_bits: float | None, rounding: str, overflow: str, *, signed: bool = True,
        channels: int = 1, axis: int = 1) -> FixedPoint:
@@ -68,72 +65,7 @@ def _q(bits: int, int_bits: float | None, rounding: str, overflow: str, *, signe
                       axis=axis)
 
 
-def _is_same_values(gm: fx.GraphModule, node: fx.Node) -> bool:
-    if node.op == "call_module":
-        return isinstance(gm.get_submodule(str(node.target)), _SAME_VALUES_MODULES)
-    if node.op == "call_function":
-        return node.target in _SAME_VALUES_FUNCS
-    if node.op == "call_method":
-        return node.target in _SAME_VALUES_METHODS
-    return node.op in ("get_attr", "output")
-
-
-def _is_unsigned(gm: fx.GraphModule, node: fx.Node) -> bool:
-    if node.op == "call_module":
-        return isinstance(gm.get_submodule(str(node.target)), _UNSIGNED_MODULES)
-    if node.op == "call_function":
-        return node.target in _UNSIGNED_FUNCS
-    return node.op == "call_method" and node.target in ("relu", "relu_", "sigmoid")
-
-
-def _integer_indices(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """Whether every use of ``node`` is as the indices of an embedding lookup (an integer tensor,
-    such as a language model's ``input_ids``: a fixed-point cast would refuse it)."""
-    def index_use(u: fx.Node) -> bool:
-        if not u.args or u.args[0] is not node:
-            return False
-        if u.op == "call_module":
-            return isinstance(gm.get_submodule(str(u.target)), (nn.Embedding, nn.EmbeddingBag))
-        return u.op == "call_function" and u.target in (F.embedding, F.embedding_bag, F.one_hot)
-    return bool(node.users) and all(index_use(u) for u in node.users)
-
-
-_TUPLE_MODULES = (nn.MultiheadAttention, nn.RNNBase)
-
-
-def returns_one_tensor(m: nn.Module) -> bool:
-    """Whether a leaf module is known to return one tensor: torch.nn's and normfx's modules (but
-    attention and RNNs, which return tuples) and the norm/mode-dependent leaves normfx keeps. A module
-    kept opaque because its forward could not be traced may return anything (an FPN returns a dict)."""
-    if isinstance(m, _TUPLE_MODULES):
-        return False
-    own = type(m).__module__.startswith(("torch.nn.", "normfx."))
-    return own or bn_kind(m) is not None or is_frozen_bn(m) or is_norm_layer(m) or is_mode_dependent_leaf(m)
-
-
-def _tensor_nodes(gm: fx.GraphModule) -> set[fx.Node]:
-    """Nodes that produce tensors (not sizes, dims or other Python values), by a forward dataflow
-    pass: inputs, modules known to return one tensor and tensor attributes do; ``size()``/``.shape``
-    and what is computed only from them do not."""
-    out: set[fx.Node] = set()
-    for n in gm.graph.nodes:
-        if n.op == "placeholder" and n.args:
-            continue   # an argument fixed at its default when traced (a Python value, not a tensor)
-        if n.op == "placeholder" or (n.op == "call_module" and returns_one_tensor(gm.get_submodule(str(n.target)))):
-            out.add(n)
-        elif n.op == "get_attr":
-            if isinstance(getattr_path(gm, n.target), torch.Tensor):
-                out.add(n)
-        elif n.op == "call_method" and n.target in ("size", "dim", "numel", "tolist", "item"):
-            continue
-        elif n.op == "call_function" and n.target is getattr:
-            continue
-        elif n.op in ("call_function", "call_method") and any(a in out for a in n.all_input_nodes):
-            out.add(n)
-    return out
-
-
-def insert_fixed_point(gm: fx.GraphModule, *, bits: int = 8, int_bits: float | None = None,
+def insert_fixed_point(gm: fx.GraphModule, scope: Scope = EVERYWHERE, *, bits: int = 8, int_bits: float | None = None,
                        rounding: str = "nearest_even", overflow: str = "saturate",
                        targets: Sequence[str] = TARGETS, per_channel: bool = False,
                        k_hot: int | None = None, k_hot_weights: bool = False,
@@ -143,10 +75,15 @@ def insert_fixed_point(gm: fx.GraphModule, *, bits: int = 8, int_bits: float | N
     changes: list[Change] = []
     skips: list[Skip] = []
     mods = dict(gm.named_modules())
-    tensors = _tensor_nodes(gm)
+    tensors = tensor_nodes(gm)
 
     def add_cast(after: fx.Node, signed: bool, name: str) -> None:
         q = _q(bits, int_bits, rounding, overflow, signed=signed)
+        owner = (str(after.target), mods[str(after.target)]) if after.op == "call_module" else ("", None)
+        excluded = scope.skip(name, owner)
+        if excluded or scope.plan:
+            _sort([excluded or Change(name, "cast", q.extra_repr())], changes, skips)
+            return
         q.site = ("output", str(after.target) if after.op == "call_module" else after.name)
         qname = free_name(gm, f"fxq_{after.name}")
         gm.add_submodule(qname, q)
@@ -166,19 +103,18 @@ def insert_fixed_point(gm: fx.GraphModule, *, bits: int = 8, int_bits: float | N
                 continue
             site = str(node.target)
             if is_conv_like(m):
-                changes += _cast_weights(m, site, opts)
+                _sort(_cast_weights(m, site, opts, scope), changes, skips)
             elif isinstance(m, _BatchNorm) and "norm" in wanted:
-                result = _quantize_bn(gm, site, m, opts)
-                if isinstance(result, Change):
-                    changes.append(result)
-                else:
-                    skips.append(result)
+                _sort([_quantize_bn(gm, site, m, opts, scope)], changes, skips)
                 mods[site] = gm.get_submodule(site)
         if node.op in ("call_function", "call_method") and "add" in wanted and (
-            node.target in _ADDS or node.target == "add"
+            node.target in ADDS or node.target == "add"
         ):
             ins = [a for a in node.args[:2] if isinstance(a, fx.Node) and a in tensors]
-            if len(ins) == 2 and ins[0] is not ins[1]:
+            excluded = scope.skip(node.name, ("", None)) if len(ins) == 2 else None
+            if len(ins) == 2 and ins[0] is not ins[1] and (excluded or scope.plan):
+                _sort([excluded or Change(node.name, "shared input cast", "both inputs in one format")], changes, skips)
+            elif len(ins) == 2 and ins[0] is not ins[1]:
                 q = _q(bits, int_bits, rounding, overflow)
                 q.site = ("inputs", node.name)
                 qname = free_name(gm, f"fxq_{node.name}_in")
@@ -202,15 +138,21 @@ def insert_fixed_point(gm: fx.GraphModule, *, bits: int = 8, int_bits: float | N
                 skips.append(Skip(f"{node.name} (output)", SkipReason.UNSUPPORTED,
                                   f"'{node.target}' ({type(mods[node.target]).__name__}) may not return one tensor "
                                   "(its forward could not be traced): its output is not cast"))
-            elif node in tensors and not _is_same_values(gm, node) and node.users:
-                if _integer_indices(gm, node):
+            elif node in tensors and not same_values(gm, node) and node.users:
+                if integer_indices(gm, node):
                     skips.append(Skip(f"{node.name} (output)", SkipReason.UNSUPPORTED,
                                       "integer tensor: every use is an embedding's indices"))
                 else:
-                    add_cast(node, not _is_unsigned(gm, node), f"{node.name} (output)")
-    gm.graph.lint()
-    gm.recompile()
+                    add_cast(node, not unsigned(gm, node), f"{node.name} (output)")
+    if not scope.plan:
+        gm.graph.lint()
+        gm.recompile()
     return PassResult("fixed_point", tuple(changes), tuple(skips))
+
+
+def _sort(results: list[Change | Skip], changes: list[Change], skips: list[Skip]) -> None:
+    for r in results:
+        (changes if isinstance(r, Change) else skips).append(r)  # type: ignore[arg-type]
 
 
 class _Options(NamedTuple):
@@ -225,12 +167,12 @@ class _Options(NamedTuple):
     k_hot_code: str = "csd"
 
 
-def _cast_weights(m: nn.Module, site: str, o: _Options) -> list[Change]:
+def _cast_weights(m: nn.Module, site: str, o: _Options, scope: Scope) -> list[Change | Skip]:
     """A Conv/Linear's weight and bias get a FixedPoint parametrization each (a leaf change: the
     layer's forward is untouched, so it needs no graph)."""
     if parametrize.is_parametrized(m):
         return []
-    changes = []
+    changes: list[Change | Skip] = []
     transposed = bool(getattr(m, "transposed", False))
     for t in ("weight", "bias"):
         if t not in o.targets or getattr(m, t, None) is None:
@@ -242,18 +184,26 @@ def _cast_weights(m: nn.Module, site: str, o: _Options) -> list[Change]:
         _init_from(q, getattr(m, t), per)
         if o.k_hot_weights and t == "weight":
             q.k_hot, q.k_hot_code = o.k_hot, o.k_hot_code
+        excluded = scope.skip(f"{site}.{t}", (site, m))
+        if excluded or scope.plan:
+            changes.append(excluded or Change(f"{site}.{t}", "cast", q.extra_repr()))
+            continue
         keep_state_dict_keys(m)
         parametrize.register_parametrization(m, t, q, unsafe=True)
         changes.append(Change(f"{site}.{t}", "cast", q.extra_repr()))
     return changes
 
 
-def _quantize_bn(root: nn.Module, site: str, m: _BatchNorm, o: _Options) -> Change | Skip:
+def _quantize_bn(root: nn.Module, site: str, m: _BatchNorm, o: _Options, scope: Scope) -> Change | Skip:
     """A plain BatchNorm becomes a FixedPointBatchNorm in its slot (same parameters and keys)."""
     if isinstance(m, FixedPointBatchNorm):
         return Skip(site, SkipReason.ALREADY_DONE, "already a FixedPointBatchNorm")
     if bn_kind(m) != "plain" or type(m) not in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
         return Skip(site, SkipReason.UNSUPPORTED, f"{type(m).__name__} is not a plain BatchNorm")
+    excluded = scope.skip(site, (site, m))
+    if excluded or scope.plan:
+        return excluded or Change(site, "fixed-point multiply-add",
+                                  f"k_hot={o.k_hot} ({o.k_hot_code})" if o.k_hot else "")
     scale_q, shift_q = (_q(o.bits, o.int_bits, o.rounding, o.overflow) for _ in range(2))
     scale_q.site, shift_q.site = ("scale", ""), ("shift", "")
     fq = FixedPointBatchNorm.from_bn(m, scale_q=scale_q, shift_q=shift_q, k_hot=o.k_hot, k_hot_code=o.k_hot_code)
@@ -261,7 +211,8 @@ def _quantize_bn(root: nn.Module, site: str, m: _BatchNorm, o: _Options) -> Chan
     return Change(site, "fixed-point multiply-add", f"k_hot={o.k_hot} ({o.k_hot_code})" if o.k_hot else "")
 
 
-def insert_fixed_point_outside(model: nn.Module, outside: list[Outside], *, bits: int = 8,
+def insert_fixed_point_outside(model: nn.Module, outside: list[Outside], scope: Scope = EVERYWHERE, *,
+                               bits: int = 8,
                                int_bits: float | None = None, rounding: str = "nearest_even",
                                overflow: str = "saturate", targets: Sequence[str] = TARGETS,
                                per_channel: bool = False, k_hot: int | None = None,
@@ -274,13 +225,9 @@ def insert_fixed_point_outside(model: nn.Module, outside: list[Outside], *, bits
     skips: list[Skip] = []
     for site, m, *_ in outside:
         if is_conv_like(m):
-            changes += _cast_weights(m, site, o)
+            _sort(_cast_weights(m, site, o, scope), changes, skips)
         elif isinstance(m, _BatchNorm) and "norm" in o.targets:
-            result = _quantize_bn(model, site, m, o)
-            if isinstance(result, Change):
-                changes.append(result)
-            else:
-                skips.append(result)
+            _sort([_quantize_bn(model, site, m, o, scope)], changes, skips)
     if o.targets & {"activation", "add"}:
         owners = {entry.owner: entry.why for entry in outside if entry.owner is not None}
         for qualname, why in owners.items():
@@ -298,20 +245,22 @@ def _init_from(q: FixedPoint, t: torch.Tensor, per_channel: bool) -> None:
     q.observed_max.zero_()
 
 
-def freeze_binary_points(gm: fx.GraphModule) -> PassResult:
+def freeze_binary_points(gm: fx.GraphModule, scope: Scope = EVERYWHERE) -> PassResult:
     """Deploy step: every trainable binary point becomes a fixed integer (a buffer), K-hot weights
     are baked, and every ``FixedPointBatchNorm`` keeps its fixed-point scale and shift as constants.
     Leaf changes only: the same step serves modules outside traced regions."""
-    return PassResult("freeze_binary_points", tuple(_freeze_modules(list(gm.named_modules()))))
+    return _freeze_modules(list(gm.named_modules()), scope)
 
 
-def freeze_binary_points_outside(model: nn.Module, outside: list[Outside]) -> PassResult:
+def freeze_binary_points_outside(model: nn.Module, outside: list[Outside], scope: Scope = EVERYWHERE) -> PassResult:
     """``freeze_binary_points`` on the modules no traced region calls."""
-    return PassResult("freeze_binary_points", tuple(_freeze_modules([(o.qualname, o.module) for o in outside])))
+    return _freeze_modules([(o.qualname, o.module) for o in outside], scope)
 
 
-def _freeze_modules(named: list[tuple[str, nn.Module]]) -> list[Change]:
+def _freeze_modules(named: list[tuple[str, nn.Module]], scope: Scope) -> PassResult:
     changes = []
+    named, skips = scope.split(named, lambda m: isinstance(m, (FixedPoint, FixedPointBatchNorm))
+                               or parametrize.is_parametrized(m))
     for name, m in named:
         if isinstance(m, FixedPoint) and m.trainable:
             value = m.integer_bits().clone()
@@ -335,4 +284,70 @@ def _freeze_modules(named: list[tuple[str, nn.Module]]) -> list[Change]:
         if isinstance(m, FixedPointBatchNorm) and m.deployed_scale is None and m.track_running_stats:
             m.bake()
             changes.append(Change(name, "bake", "fixed-point scale and shift from running statistics"))
-    return changes
+    return PassResult("freeze_binary_points", tuple(changes), skips)
+
+
+@dataclass(frozen=True)
+class FixedPointConfig:
+    """Options of ``normfx.fixed_point`` (see it for their meaning). Rounding and overflow names are
+    stored as normfx's (an HLS name such as ``"AP_RND_CONV"`` is translated)."""
+
+    bits: int = 8
+    int_bits: float | None = None
+    rounding: Rounding = "nearest_even"
+    overflow: Overflow = "saturate"
+    targets: tuple[Target, ...] = TARGETS
+    per_channel: bool = False
+    k_hot: int | None = None
+    k_hot_weights: bool = False
+    k_hot_code: KHotCode = "csd"
+    fold_bn: bool = False
+
+    def __post_init__(self) -> None:
+        targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
+        unknown = [t for t in targets if t not in TARGETS]
+        if unknown:
+            raise ValueError(f"unknown target(s) {unknown}; the targets are {list(TARGETS)}")
+        check_int("bits", self.bits, 2, 24)
+        if self.k_hot is not None:
+            check_int("k_hot", self.k_hot, 1, 4)
+        if self.k_hot_weights and not self.k_hot:
+            raise ValueError("k_hot_weights=True needs k_hot=K (the number of signed powers of two)")
+        check_choice("k_hot_code", self.k_hot_code, K_HOT_CODES)
+        object.__setattr__(self, "targets", targets)
+        object.__setattr__(self, "rounding", fixed_mode(self.rounding, "rounding"))
+        object.__setattr__(self, "overflow", fixed_mode(self.overflow, "overflow"))
+
+
+def _steps(c: FixedPointConfig) -> tuple[Step, ...]:
+    opts = dict(bits=c.bits, int_bits=c.int_bits, rounding=c.rounding, overflow=c.overflow, targets=c.targets,
+                per_channel=c.per_channel, k_hot=c.k_hot, k_hot_weights=c.k_hot_weights, k_hot_code=c.k_hot_code)
+    cast = Step("fixed_point", partial(insert_fixed_point, **opts), partial(insert_fixed_point_outside, **opts),
+                view="module")
+    return (*CONVBN.deploy, cast) if c.fold_bn else (cast,)
+
+
+def _check(model: nn.Module, _: FixedPointConfig) -> None:
+    """A second ``fixed_point`` would wrap calibrated or trained casts in new ones, and a cast on a
+    pruned tensor would cast ``<name>_orig`` behind the mask's back: both refused."""
+    names = [n for n, m in model.named_modules() if isinstance(m, FixedPoint)]
+    if names:
+        raise AlreadyTransformedError(
+            f"{type(model).__name__} already has fixed-point casts ({len(names)}, e.g. '{names[0]}'): "
+            "normfx.fixed_point applies once. Call it on the float model to change the options.")
+    for name, m in model.named_modules():
+        for hook in pruning_hooks(m).values():
+            t = hook._tensor_name
+            raise ValueError(
+                f"'{name}.{t}' is pruned (torch.nn.utils.prune): normfx.fixed_point casts plain parameters. Call "
+                f"torch.nn.utils.prune.remove(model.{name or '<module>'}, {t!r}) on every pruned tensor first "
+                "(the pruned entries stay zero)")
+
+
+FIXED_POINT = Transform(
+    name="fixed_point", config=FixedPointConfig, steps=_steps, exact=False, check=_check, tensors="own",
+    summary="trainable fixed-point casts (ap_fixed) on weights, activations, BatchNorm and residual adds",
+    paper="Fu et al., QFX: Trainable Fixed-Point Quantization (FPGA 2024)",
+    deploy=(Step("freeze_binary_points", freeze_binary_points, freeze_binary_points_outside),),
+    inspect=(("fixed_point", FixedPointConfig()),),
+)

@@ -23,6 +23,7 @@ from normfx.match import module_uses, set_module, set_param
 from normfx.nn.repbn import ChannelAffine, ProgressiveRepBN
 from normfx.errors import RepBNNotFinishedError, TrainingModeError
 from normfx.report import Change, PassResult, Skip, SkipReason
+from normfx.scope import EVERYWHERE, Scope
 from normfx.analysis import Outside
 
 __all__ = ["fold_repbn", "fold_repbn_outside", "RepBNNotFinishedError"]
@@ -31,7 +32,7 @@ __all__ = ["fold_repbn", "fold_repbn_outside", "RepBNNotFinishedError"]
 _DROPOUTS = (nn.Dropout, nn.Identity)
 
 
-def fold_repbn(gm: fx.GraphModule) -> PassResult:
+def fold_repbn(gm: fx.GraphModule, scope: Scope = EVERYWHERE) -> PassResult:
     """Replaces every ``ProgressiveRepBN`` (λ = 0) with its affine, folded into a neighbour if possible.
 
     Raises:
@@ -40,17 +41,22 @@ def fold_repbn(gm: fx.GraphModule) -> PassResult:
     """
     mods = dict(gm.named_modules())
     nodes = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(mods.get(n.target), ProgressiveRepBN)]
+    excluded = {n: scope.skip(str(n.target), (str(n.target), mods[n.target])) for n in nodes}
     for n in nodes:
-        _check_finished(str(n.target), mods[n.target])
+        if excluded[n] is None:
+            _check_finished(str(n.target), mods[n.target])
     uses = module_uses(gm)
     changes, skips = [], []
     for n in nodes:
+        if excluded[n] is not None:
+            skips.append(excluded[n])
+            continue
         hooked = hooks_on(mods[n.target])
         if hooked:
             # Replacing it would stop its hooks: it stays, computing the same affine at λ = 0.
             skips.append(Skip(str(n.target), SkipReason.HOOKED, f"'{n.target}' has {hooked}: kept as it is"))
             continue
-        changes.append(_fold_one(gm, mods, uses, n))
+        changes.append(_fold_one(gm, mods, uses, n, scope))
     return PassResult("fold_repbn", tuple(changes), tuple(skips))
 
 
@@ -66,18 +72,20 @@ def _check_finished(site: str, m: ProgressiveRepBN) -> None:
         raise TrainingModeError(f"ProgressiveRepBN '{site}' is in training mode; call model.eval() before deploy")
 
 
-def fold_repbn_outside(model: nn.Module, outside: list[Outside]) -> PassResult:
+def fold_repbn_outside(model: nn.Module, outside: list[Outside], scope: Scope = EVERYWHERE) -> PassResult:
     """A ProgressiveRepBN no traced region calls cannot fold into a neighbour (only a graph shows
     which Linear it feeds): it becomes its per-channel affine in its slot, one multiply-add, and
     the report says why it was not folded."""
     found = [(o.qualname, o.module, o.why) for o in outside if isinstance(o.module, ProgressiveRepBN)]
+    skips = [sk for site, m, _ in found if (sk := scope.skip(site, (site, m))) is not None]
+    found = [f for f in found if f[0] not in {sk.site for sk in skips}]
     for site, m, _ in found:
         _check_finished(site, m)
     changes = []
     for site, m, why in found:
         set_module(model, site, _affine_of(m))
         changes.append(Change(site, "affine", f"kept as one multiply-add, not folded (untraceable: {why})"))
-    return PassResult("fold_repbn", tuple(changes), ())
+    return PassResult("fold_repbn", tuple(changes), tuple(skips))
 
 
 def _affine_of(m: ProgressiveRepBN) -> ChannelAffine:
@@ -89,21 +97,23 @@ def _affine_of(m: ProgressiveRepBN) -> ChannelAffine:
     return affine
 
 
-def _fold_one(gm: fx.GraphModule, mods: dict, uses, node: fx.Node) -> Change:
+def _fold_one(gm: fx.GraphModule, mods: dict, uses, node: fx.Node, scope: Scope) -> Change:
     rep = mods[node.target].repbn
     a, b = rep.affine()
     site = str(node.target)
     x = node.args[0]
     producer = _producer(gm, mods, uses, x, rep.channels_last) if isinstance(x, fx.Node) else None
-    if producer is not None and hooks_on(producer, ("forward", "backward", "backward_pre")):
-        producer = None   # its hooks would see the folded output
+    if producer is not None and (hooks_on(producer, ("forward", "backward", "backward_pre"))
+                                 or scope.skip(site, (_names(mods, [producer])[0], producer))):
+        producer = None   # its hooks would see the folded output, or the caller excluded it
     if producer is not None and _fold_into_producer(producer, a, b):
         # A leaf change: the parent's forward is untouched.
         set_module(gm, site, nn.Identity().train(mods[node.target].training))
         return Change(site, "fold", f"into preceding '{_names(mods, [producer])[0]}'")
     targets = _consumers(gm, mods, uses, node, rep.channels_last)
-    if targets is not None and any(hooks_on(t, ("forward_pre", "backward", "backward_pre")) for t in targets):
-        targets = None   # their hooks would see the unnormalized input
+    if targets is not None and any(hooks_on(t, ("forward_pre", "backward", "backward_pre"))
+                                   or scope.skip(site, (name, t)) for t, name in zip(targets, _names(mods, targets))):
+        targets = None   # their hooks would see the unnormalized input, or the caller excluded one
     if targets is not None:
         for target in targets:
             _fold_into_consumer(target, a, b)

@@ -4,6 +4,9 @@ role (``normfx.roles``), the random control as its own parameters, and the deplo
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from functools import partial
+from typing import Literal
 
 import torch
 import torch.fx as fx
@@ -16,10 +19,13 @@ from normfx.match import set_param
 from normfx.nn.freeze import add_random_entries, keep_eval, random_entries
 from normfx.report import Change, PassResult, Skip, SkipReason
 from normfx.analysis import Outside
-from normfx.roles import find_heads, owner_layer, param_roles, summarize, tensor_name
+from normfx.config import check_int
+from normfx.roles import ROLES, find_heads, owner_layer, param_roles, summarize, tensor_name
+from normfx.scope import EVERYWHERE, Scope
+from normfx.transform import Step, Transform
 
 __all__ = ["freeze_model", "choose_entries", "choose_per_channel", "output_channels", "PER_CHANNEL",
-           "bake_random_entries", "bake_random_entries_outside"]
+           "bake_random_entries", "bake_random_entries_outside", "Role", "FreezeConfig", "FREEZE"]
 
 PER_CHANNEL = 2
 """Entries the ``random="per_channel"`` control trains in each output channel of a conv/linear
@@ -108,18 +114,23 @@ def freeze_stats(model: nn.Module, keep: set[str]) -> list[str]:
 
 
 def freeze_model(model: nn.Module, keep: set[str], random: int | str, seed: int,
-                 stats: bool) -> tuple[PassResult, tuple[str, ...]]:
+                 stats: bool, scope: Scope = EVERYWHERE) -> tuple[PassResult, tuple[str, ...]]:
     """Set every parameter's ``requires_grad`` from its roles; add the random control; report.
 
     ``model`` owns its tensors and keeps its module tree: only flags change, and the random control
     adds parametrizations. The graph is read from a traced twin. Sites are the layers that own
-    parameters: each is reported with its trainable count.
+    parameters: each is reported with its trainable count; a layer ``scope`` excludes keeps its
+    flags as they are and gives no entry to the random control.
     """
     heads, skips = find_heads(model)
     roles = param_roles(model, heads)
     _check_selects(model, keep, roles, heads, skips)
+    excluded = _excluded_layers(model, scope)
+    if scope.plan:
+        return _plan(model, keep, roles, excluded, skips), ()
     for name, p in model.named_parameters():
-        p.requires_grad_(bool(roles[name] & keep))
+        if owner_layer(name) not in excluded:
+            p.requires_grad_(bool(roles[name] & keep))
     selected = sum(p.numel() for _, p in model.named_parameters() if p.requires_grad)
     if random == "match" and not selected:
         raise ValueError(
@@ -145,9 +156,9 @@ def freeze_model(model: nn.Module, keep: set[str], random: int | str, seed: int,
             skips.append(Skip(site, SkipReason.ALREADY_DONE,
                               f"random control already in place ({e.index.numel():,} entries)"))
     elif per_channel:
-        skips += _add_per_channel(model, roles, keep, seed)
+        skips += _add_per_channel(model, roles, keep, seed, excluded)
     elif count:
-        skips += _add_random(model, roles, keep, count, seed)
+        skips += _add_random(model, roles, keep, count, seed, excluded)
     notes = []
     if stats:
         frozen_bn = freeze_stats(model, keep)
@@ -157,12 +168,44 @@ def freeze_model(model: nn.Module, keep: set[str], random: int | str, seed: int,
     summary = summarize(model, param_roles(model, heads), heads)
     changes = []
     for layer, (t, n) in summary.by_layer.items():
-        action = "train" if t == n else "freeze" if t == 0 else "partial"
-        changes.append(Change(layer or "<root>", action, f"{t:,} of {n:,} entries trainable"))
+        if layer in excluded:
+            skips.append(excluded[layer])
+            continue
+        changes.append(Change(layer or "<root>", _action(t, n), f"{t:,} of {n:,} entries trainable"))
     notes.insert(0, summary.summary())
     if heads:
         notes.append("head: " + ", ".join(heads))
     return PassResult("freeze", tuple(changes), tuple(skips)), tuple(notes)
+
+
+def _action(trainable: int, total: int) -> str:
+    return "train" if trainable == total else "freeze" if trainable == 0 else "partial"
+
+
+def _excluded_layers(model: nn.Module, scope: Scope) -> dict[str, Skip]:
+    """The layers owning parameters that ``scope`` excludes, with the skip each reports."""
+    if scope.everywhere:
+        return {}
+    layers = {owner_layer(n) for n, _ in model.named_parameters()}
+    out = {}
+    for layer in layers:
+        skip = scope.skip(layer or "<root>", (layer, model.get_submodule(layer)))
+        if skip is not None:
+            out[layer] = skip
+    return out
+
+
+def _plan(model: nn.Module, keep: set[str], roles: dict[str, frozenset[str]], excluded: dict[str, Skip],
+          skips: list[Skip]) -> PassResult:
+    """What ``freeze`` would make trainable, layer by layer (the random control not drawn)."""
+    counts: dict[str, list[int]] = {}
+    for name, p in model.named_parameters():
+        slot = counts.setdefault(owner_layer(name), [0, 0])
+        slot[0] += p.numel() if roles[name] & keep else 0
+        slot[1] += p.numel()
+    changes = [Change(layer or "<root>", _action(t, n), f"{t:,} of {n:,} entries trainable")
+               for layer, (t, n) in counts.items() if layer not in excluded]
+    return PassResult("freeze", tuple(changes), tuple(skips) + tuple(excluded[k] for k in counts if k in excluded))
 
 
 def _check_selects(model: nn.Module, keep: set[str], roles: dict[str, frozenset[str]], heads: list[str],
@@ -186,7 +229,7 @@ def _check_selects(model: nn.Module, keep: set[str], roles: dict[str, frozenset[
 
 
 def _pool(model: nn.Module, roles: dict[str, frozenset[str]], keep: set[str],
-          skips: list[Skip]) -> list[tuple[str, nn.Parameter]]:
+          skips: list[Skip], excluded: dict[str, Skip]) -> list[tuple[str, nn.Parameter]]:
     """The frozen parameters a random control may draw from (tied and already parametrized ones are
     reported in ``skips`` and left out)."""
     owners: dict[int, int] = {}
@@ -196,6 +239,8 @@ def _pool(model: nn.Module, roles: dict[str, frozenset[str]], keep: set[str],
                 owners[id(p)] = owners.get(id(p), 0) + 1
     pool = []
     for name, p in frozen_entries(model, roles, keep):
+        if owner_layer(name) in excluded:
+            continue
         if owners.get(id(p), 0) > 1:
             skips.append(Skip(name, SkipReason.SHARED_MODULE, "tied parameter: not in the random control's pool"))
         elif ".parametrizations." in name or name.startswith("parametrizations."):
@@ -205,13 +250,14 @@ def _pool(model: nn.Module, roles: dict[str, frozenset[str]], keep: set[str],
     return pool
 
 
-def _add_per_channel(model: nn.Module, roles: dict[str, frozenset[str]], keep: set[str], seed: int) -> list[Skip]:
+def _add_per_channel(model: nn.Module, roles: dict[str, frozenset[str]], keep: set[str], seed: int,
+                     excluded: dict[str, Skip]) -> list[Skip]:
     """Frankle et al.'s control: ``PER_CHANNEL`` random entries in each output channel of every frozen
     conv/linear weight. Other frozen tensors (biases, norm parameters, embeddings) are not drawn from."""
     skips: list[Skip] = []
     g = torch.Generator().manual_seed(seed)
     drawn = 0
-    for name, p in _pool(model, roles, keep, skips):
+    for name, p in _pool(model, roles, keep, skips, excluded):
         layer = model.get_submodule(owner_layer(name))
         if tensor_name(name) != "weight" or not is_conv_like(layer) or p.dim() < 2:
             continue
@@ -225,10 +271,10 @@ def _add_per_channel(model: nn.Module, roles: dict[str, frozenset[str]], keep: s
 
 
 def _add_random(model: nn.Module, roles: dict[str, frozenset[str]], keep: set[str], count: int,
-                seed: int) -> list[Skip]:
+                seed: int, excluded: dict[str, Skip]) -> list[Skip]:
     """Train ``count`` random entries of the frozen parameters (each in a ``RandomEntries``)."""
     skips: list[Skip] = []
-    pool = _pool(model, roles, keep, skips)
+    pool = _pool(model, roles, keep, skips, excluded)
     available = sum(p.numel() for _, p in pool)
     if count > available:
         raise ValueError(f"random={count:,} is more than the {available:,} frozen entries of "
@@ -239,24 +285,64 @@ def _add_random(model: nn.Module, roles: dict[str, frozenset[str]], keep: set[st
     return skips
 
 
-def bake_random_entries(gm: fx.GraphModule) -> PassResult:
+def bake_random_entries(gm: fx.GraphModule, scope: Scope = EVERYWHERE) -> PassResult:
     """Deploy step: write each random control's trainable entries into its weight (a plain Parameter
     again, requiring grad since some of its entries did). A leaf change: the same step serves
     modules outside traced regions (``bake_random_entries_outside``)."""
-    return PassResult("bake_random_entries", tuple(_bake(list(gm.named_modules()))))
+    return _bake(list(gm.named_modules()), scope)
 
 
-def bake_random_entries_outside(model: nn.Module, outside: list[Outside]) -> PassResult:
+def bake_random_entries_outside(model: nn.Module, outside: list[Outside], scope: Scope = EVERYWHERE) -> PassResult:
     """``bake_random_entries`` on the modules no traced region calls."""
-    return PassResult("bake_random_entries", tuple(_bake([(o.qualname, o.module) for o in outside])))
+    return _bake([(o.qualname, o.module) for o in outside], scope)
 
 
-def _bake(named: list[tuple[str, nn.Module]]) -> list[Change]:
+def _bake(named: list[tuple[str, nn.Module]], scope: Scope) -> PassResult:
     changes = []
+    named, skips = scope.split(named, lambda m: bool(random_entries(m)))
     for name, m in named:
         for tensor, entries in random_entries(m).items():
             value = getattr(m, tensor).detach().clone()
             set_param(m, tensor, value, requires_grad=True)
             changes.append(Change(f"{name}.{tensor}" if name else tensor, "bake",
                                   f"{entries.index.numel():,} random entries written into the weight"))
-    return changes
+    return PassResult("bake_random_entries", tuple(changes), skips)
+
+
+Role = Literal["norm", "head", "bias"]
+"""A parameter role ``freeze(keep=...)`` can keep trainable (``normfx.roles.ROLES``)."""
+
+
+@dataclass(frozen=True)
+class FreezeConfig:
+    """Options of ``normfx.freeze`` (see it for their meaning)."""
+
+    keep: tuple[Role, ...] = ("norm",)
+    random: int | Literal["match", "per_channel"] = 0
+    seed: int = 0
+    freeze_stats: bool = False
+
+    def __post_init__(self) -> None:
+        keep = (self.keep,) if isinstance(self.keep, str) else tuple(self.keep)
+        unknown = [r for r in keep if r not in ROLES]
+        if unknown:
+            raise ValueError(f"unknown role(s) {unknown} in keep; the roles are {list(ROLES)}")
+        object.__setattr__(self, "keep", keep)
+        if not (self.random in ("match", "per_channel")
+                or (isinstance(self.random, int) and not isinstance(self.random, bool) and self.random >= 0)):
+            raise ValueError(f"random must be a non-negative int, 'match' or 'per_channel', got {self.random!r}")
+        check_int("seed", self.seed)
+
+
+def _freeze_step(model: nn.Module, scope: Scope, c: FreezeConfig) -> tuple[PassResult, tuple[str, ...]]:
+    return freeze_model(model, set(c.keep), c.random, c.seed, c.freeze_stats, scope)
+
+
+FREEZE = Transform(
+    name="freeze", config=FreezeConfig, exact=False, tensors="own",
+    steps=lambda c: (Step("freeze", model_pass=partial(_freeze_step, c=c)),),
+    summary="train the roles kept (BatchNorm's γ/β by default) and freeze the rest; the random controls",
+    paper="Frankle et al., Training BatchNorm and Only BatchNorm (ICLR 2021)",
+    deploy=(Step("bake_random_entries", bake_random_entries, bake_random_entries_outside),),
+    inspect=(("freeze", FreezeConfig()),),
+)

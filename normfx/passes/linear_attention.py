@@ -23,16 +23,22 @@ stages not selected.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
 
+from normfx.config import check_choice
 from normfx.match import set_module
 from normfx.nn.linear_attention import SelfAttentionSLA, SimplifiedLinearAttention
 from normfx.report import Change, PassResult, Skip, SkipReason
+from normfx.scope import EVERYWHERE, Scope
+from normfx.transform import Step, Transform
 
-__all__ = ["swap_attention", "drop_class_token"]
+__all__ = ["swap_attention", "drop_class_token", "LinearAttentionConfig", "LINEAR_ATTENTION"]
+
 
 def _timm_attention(m: nn.Module) -> bool:
     return type(m).__name__ == "Attention" and type(m).__module__.startswith("timm.")
@@ -52,7 +58,8 @@ def _swin_kind(m: nn.Module) -> str | None:
 
 
 def swap_attention(model: nn.Module, *, kernel_size: int = 5, stages: Sequence[int] | None = None,
-                   image_size: tuple[int, int] | None = None, dropped_prefix: int = 0) -> PassResult:
+                   image_size: tuple[int, int] | None = None, dropped_prefix: int = 0,
+                   scope: Scope = EVERYWHERE) -> PassResult:
     """Every supported softmax self-attention of ``model`` in the selected stages becomes an SLA (in place).
 
     ``dropped_prefix``: prefix tokens the caller removes after the swap (``drop_class_token``)."""
@@ -87,23 +94,35 @@ def swap_attention(model: nn.Module, *, kernel_size: int = 5, stages: Sequence[i
             if stage not in selected:
                 skips.append(Skip(name, SkipReason.UNSUPPORTED, unselected(stage)))
                 continue
+            block = name.rpartition(".")[0]
+            excluded = scope.skip(name, (name, m), *([(block, model.get_submodule(block))] if kind == "timm" else []))
+            detail = (f"stage {stage}, {m.num_heads} heads, window widened to the stage's {res[0]}×{res[1]} tokens, "
+                      f"no shift, DWC {kernel_size}×{kernel_size}")
+            if excluded:
+                skips.append(excluded)
+                continue
+            if scope.plan:
+                changes.append(Change(name, "linear attention", detail))
+                continue
             sla = SimplifiedLinearAttention.from_projections(m.qkv, m.proj, m.num_heads, res, kernel_size=kernel_size,
                                                              attn_drop=_p(m, "attn_drop", "attention_dropout"),
                                                              proj_drop=_p(m, "proj_drop", "dropout"))
             if kind == "timm":
-                _widen_timm_block(model.get_submodule(name.rpartition(".")[0]), res)
+                _widen_timm_block(model.get_submodule(block), res)
             set_module(model, name, sla.train(m.training))
-            changes.append(Change(name, "linear attention", f"stage {stage}, {m.num_heads} heads, window widened to "
-                                  f"the stage's {res[0]}×{res[1]} tokens, no shift, DWC {kernel_size}×{kernel_size}"))
+            changes.append(Change(name, "linear attention", detail))
         elif _timm_attention(m) or isinstance(m, nn.MultiheadAttention):
             why = _why_not(m, grid, dynamic) or (None if 0 in selected else unselected(0))
             if why:
                 skips.append(Skip(name, SkipReason.UNSUPPORTED, why))
                 continue
             assert grid is not None
-            new = _build(m, grid, prefix, kernel_size)
-            new.train(m.training)
-            set_module(model, name, new)
+            excluded = scope.skip(name, (name, m))
+            if excluded:
+                skips.append(excluded)
+                continue
+            if not scope.plan:
+                set_module(model, name, _build(m, grid, prefix, kernel_size).train(m.training))
             detail = (f"{m.num_heads} heads, grid {grid[0]}×{grid[1]}, {prefix} prefix token(s), "
                       f"DWC {kernel_size}×{kernel_size}")
             changes.append(Change(name, "linear attention", detail))
@@ -258,3 +277,55 @@ def _build(m: Any, grid: tuple[int, int], prefix: int, kernel_size: int) -> nn.M
     return SimplifiedLinearAttention.from_projections(m.qkv, m.proj, m.num_heads, grid, num_prefix_tokens=prefix,
                                                       kernel_size=kernel_size, attn_drop=m.attn_drop.p,
                                                       proj_drop=m.proj_drop.p)
+
+
+@dataclass(frozen=True)
+class LinearAttentionConfig:
+    """Options of ``normfx.linear_attention`` (see it for their meaning); an int ``image_size`` is
+    stored as ``(size, size)``."""
+
+    kernel_size: int = 5
+    stages: tuple[int, ...] | None = None
+    cls_token: Literal["exclude", "drop"] = "exclude"
+    image_size: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        k = self.kernel_size
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:
+            raise ValueError(f"kernel_size must be a positive odd int, got {k!r}")
+        check_choice("cls_token", self.cls_token, ("exclude", "drop"))
+        st = self.stages
+        if st is not None:
+            if isinstance(st, (int, str)) or not all(isinstance(s, int) and not isinstance(s, bool) for s in st):
+                raise ValueError(f"stages must be a sequence of stage indices, e.g. (0, 1), got {st!r}")
+            object.__setattr__(self, "stages", tuple(st))
+        size: Any = self.image_size
+        size = (size, size) if isinstance(size, int) and not isinstance(size, bool) else size
+        if size is not None and (not isinstance(size, (tuple, list)) or len(size) != 2 or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
+            raise ValueError(f"image_size must be a positive int or (H, W), got {self.image_size!r}")
+        object.__setattr__(self, "image_size", None if size is None else tuple(size))
+
+
+def _swap(model: nn.Module, scope: Scope, c: LinearAttentionConfig) -> tuple[PassResult, tuple[str, ...]]:
+    drop = c.cls_token == "drop"
+    result = swap_attention(model, kernel_size=c.kernel_size, stages=c.stages, image_size=c.image_size,
+                            dropped_prefix=int(drop), scope=scope)
+    notes = ["linear_attention: the function changes; fine-tune after the swap"]
+    if drop and not scope.plan:
+        notes.append(drop_class_token(model))
+    return result, tuple(notes)
+
+
+def _check(model: nn.Module, c: LinearAttentionConfig) -> None:
+    if c.cls_token == "drop":
+        drop_class_token(model, check_only=True)     # every error before anything changes
+
+
+LINEAR_ATTENTION = Transform(
+    name="linear_attention", config=LinearAttentionConfig, exact=False, check=_check, tensors="own",
+    steps=lambda c: (Step("linear_attention", model_pass=partial(_swap, c=c)),),
+    summary="softmax self-attention → simplified linear attention, cost linear in tokens (SLAB's SLA)",
+    paper="Guo et al., SLAB (ICML 2024)",
+    inspect=(("linear_attention", LinearAttentionConfig()),),
+)
