@@ -5,95 +5,191 @@ Exit codes: 0 success, 1 export or verification failed, 2 usage (bad arguments o
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
 
-from normfx.api import convbn, evonorm, fixed_point, freeze, linear_attention, repbn
+from normfx.api import apply, calibrate
 from normfx.errors import NormfxError
 from normfx.spec import SPEC_HELP, SpecError, default_input_shape, first_line, load_spec
 from normfx.kinds import is_norm_layer
+from normfx.nn.fixed_point import FixedPoint
 from normfx.nn.repbn import recalibrate_bn
 from normfx.onnx import export
-from normfx.report import last_report
+from normfx.passes.registry import TRANSFORMS, by_name, inspect_columns, transform_for
+from normfx.report import Report, last_report
+from normfx.runner import plan
+from normfx.scope import FilterFn, LeafModules, make_scope
+from normfx.transform import Transform
 
-__all__ = ["main", "load_spec", "SpecError", "inspect_model"]
+__all__ = ["main", "load_spec", "SpecError", "inspect_model", "parse_transform", "COLUMNS"]
 
 logger = logging.getLogger("normfx")
 
-COLUMNS = ("convbn_tune", "convbn_deploy", "repbn", "freeze", "fixed_point", "evonorm", "linear_attention")
-"""What ``inspect`` shows per site: each pass's action there, or ``skip: <reason>``."""
-NORM_COLUMNS = COLUMNS[:-1]
-"""The columns that count normalization sites; ``linear_attention`` counts attention sites."""
+COLUMNS = tuple(column for column, _, _ in inspect_columns())
+"""What ``inspect`` shows per site: each registered transform's action there, or ``skip: <reason>``
+(``normfx.passes.registry``: every ``inspect`` entry of every transform, in registry order)."""
+ATTENTION_COLUMNS = tuple(column for column, t, _ in inspect_columns() if t.sites == "attention")
+"""The columns whose sites are attention modules; the others' rows are normalization sites."""
 
 
-def inspect_model(model: nn.Module, *, image_size: tuple[int, int] | None = None) -> dict:
-    """Every normalization and attention site of ``model`` and what each pass would do there (dry runs
-    on copies).
+def inspect_model(model: nn.Module, *, image_size: tuple[int, int] | None = None,
+                  configs: Sequence[object] | None = None, filter_fn: FilterFn | None = None,
+                  leaf_modules: LeafModules | None = None) -> dict:
+    """Every normalization and attention site of ``model`` and what each registered transform would do
+    there: a dry run (match and plan on one analysis of the model; nothing is copied or changed).
 
-    Per normalization site: ``convbn_tune`` / ``convbn_deploy`` (Tune block, fold, or why not),
-    ``repbn`` (LayerNorm → PRepBN), ``freeze`` (whether ``normfx.freeze``'s default, BN-only training,
-    trains the layer), ``fixed_point`` (the BatchNorm's fixed-point multiply-add) and ``evonorm``
-    (BatchNorm2d + activation → EvoNorm-B0). Per attention site: ``linear_attention`` (softmax →
-    SLAB's linear attention with the default stages; ``image_size`` for a torchvision Swin). Returns
-    ``{"sites": [{"site", "kind", "shape", *COLUMNS}], "totals": {...}}``; ``totals["sites"]`` counts
-    normalization sites, ``totals["attention_sites"]`` attention sites.
+    Columns: one per ``inspect`` entry of the registry (``COLUMNS``), each the transform with its
+    defaults: ``convbn_tune`` / ``convbn_deploy`` (Tune block, fold, or why not), ``repbn``,
+    ``freeze`` (BN-only training), ``fixed_point`` (every default cast; a normalization row shows the
+    BatchNorm's), ``evonorm``, ``linear_attention`` (attention rows; ``image_size`` for a torchvision
+    Swin). ``configs``: inspect these configs instead (a column each, named by the transform).
+    ``filter_fn``/``leaf_modules`` as for the one-liners. Returns ``{"sites": [{"site", "kind",
+    "shape", *columns}], "columns": [...], "totals": {...}}``; ``totals["sites"]`` counts normalization
+    rows, ``totals["attention_sites"]`` attention rows, and each column's total the rows it would
+    transform, plus the sites its whole run would change when that is more (weights, activations).
 
     Example:
         >>> table = inspect_model(torchvision.models.resnet18())
         >>> table["totals"]["convbn_deploy"]
         '20 transformed'
     """
-    model = model.eval()
-    runs = {
-        "convbn_tune": lambda: convbn(model, mode="tune"),
-        "convbn_deploy": lambda: convbn(model, mode="deploy"),
-        "repbn": lambda: repbn(model, total_steps=1),
-        "freeze": lambda: freeze(model, keep=("norm",)),
-        "fixed_point": lambda: fixed_point(model, targets=("norm",)),
-        "evonorm": lambda: evonorm(model),
-        "linear_attention": lambda: linear_attention(model, image_size=image_size),
-    }
+    runs = _columns(configs, image_size)
+    was = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        scope = make_scope(model, filter_fn, leaf_modules, plan=True)
+        analyses: dict = {}
+        reports: dict[str, Report] = {}
+        for column, t, config in runs:
+            try:
+                if t.check is not None:
+                    t.check(model, config)
+                reports[column] = plan(model, t.steps(config), scope, analyses)
+            except (NormfxError, ValueError) as e:   # e.g. freeze on a model without normalization parameters
+                logger.info("inspect: %s does not apply: %s", column, e)
+    finally:
+        for m, training in was.items():
+            m.training = training
+    return _table(model, [c for c, _, _ in runs], reports)
+
+
+def _columns(configs: Sequence[object] | None, image_size: tuple[int, int] | None
+             ) -> list[tuple[str, Transform, object]]:
+    if configs is not None:
+        names = [transform_for(c).name for c in configs]
+        return [(n + (f"_{names[:i].count(n)}" if names[:i].count(n) else ""), transform_for(c), c)
+                for i, (n, c) in enumerate(zip(names, configs))]
+    runs = []
+    for column, t, config in inspect_columns():
+        if image_size is not None and any(f.name == "image_size" for f in dataclasses.fields(config)):
+            config = dataclasses.replace(config, image_size=image_size)
+        runs.append((column, t, config))
+    return runs
+
+
+def _table(model: nn.Module, columns: list[str], reports: dict[str, Report]) -> dict:
     actions: dict[str, dict[str, str]] = {}
-    for column, run in runs.items():
-        try:
-            report = last_report(run())
-        except (NormfxError, ValueError) as e:   # e.g. freeze on a model without normalization parameters
-            logger.info("inspect: %s does not apply: %s", column, e)
-            continue
+    for column, report in reports.items():
         for c in report.changes:
             actions.setdefault(c.site, {})[column] = c.action
         for sk in report.skips:
             actions.setdefault(sk.site, {})[column] = f"skip: {sk.reason.value}"
+    norm_columns = [c for c in columns if c not in ATTENTION_COLUMNS]
     rows = []
     modules = dict(model.named_modules())
     for name, m in modules.items():
         if is_norm_layer(m):
-            rows.append({"site": name, "kind": type(m).__name__, "shape": _shape(m), **_acts(actions.get(name))})
+            rows.append({"site": name, "kind": type(m).__name__, "shape": _shape(m),
+                         **_acts(actions.get(name), columns, norm_columns)})
     functional = {s for s, a in actions.items() if s not in modules and ("convbn_tune" in a or "convbn_deploy" in a)}
     for site in sorted(functional):  # F.batch_norm sites
-        rows.append({"site": site, "kind": "F.batch_norm", "shape": "", **_acts(actions[site])})
+        rows.append({"site": site, "kind": "F.batch_norm", "shape": "", **_acts(actions[site], columns, norm_columns)})
     n_norm = len(rows)
-    attention = [s for s, a in actions.items() if "linear_attention" in a and s in modules]
+    attention = [s for s, a in actions.items() if any(c in a for c in ATTENTION_COLUMNS) and s in modules]
     for site in attention:
         m = modules[site]
         rows.append({"site": site, "kind": type(m).__name__, "shape": f"{getattr(m, 'num_heads', '?')} heads",
-                     **_acts({"linear_attention": actions[site]["linear_attention"]})})
+                     **_acts(actions[site], columns, [c for c in columns if c in ATTENTION_COLUMNS])})
     totals: dict[str, object] = {"sites": n_norm, "attention_sites": len(attention)}
-    for key in COLUMNS:
-        counted = rows[n_norm:] if key == "linear_attention" else rows[:n_norm]
+    for key in columns:
+        counted = rows[n_norm:] if key in ATTENTION_COLUMNS else rows[:n_norm]
         done = sum(1 for r in counted if r[key] != "—" and not r[key].startswith("skip"))
-        totals[key] = f"{done} transformed"
-    return {"sites": rows, "totals": totals}
+        whole = len(reports[key].changes) if key in reports else 0
+        totals[key] = f"{done} transformed" + (f" ({whole} sites in all)" if whole > done else "")
+    return {"sites": rows, "columns": columns, "totals": totals}
 
 
-def _acts(a: dict[str, str] | None) -> dict[str, str]:
+def parse_transform(text: str) -> object:
+    """A transform config from the command line's ``NAME[:KEY=VALUE,...]`` (``fixed_point:bits=8``).
+
+    Values are read as Python literals where they are one (``8``, ``0.5``, ``True``, ``None``), else as
+    text; ``+`` separates the items of a sequence (``targets=weight+activation``, ``stages=0+1``).
+
+    Raises:
+        ValueError: an unknown transform or option, or a value its config refuses (the message
+            lists what the transform takes).
+
+    Example:
+        >>> parse_transform("fixed_point:bits=6,targets=weight+activation")
+        FixedPointConfig(bits=6, int_bits=None, rounding='nearest_even', overflow='saturate', targets=('weight', \
+'activation'), per_channel=False, k_hot=None, k_hot_weights=False, k_hot_code='csd', fold_bn=False)
+    """
+    name, _, rest = text.partition(":")
+    try:
+        t = by_name(name.strip())
+    except KeyError as e:
+        raise ValueError(e.args[0]) from None
+    fields = {f.name: f for f in dataclasses.fields(t.config)}
+    options: dict[str, object] = {}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or key not in fields:
+            raise ValueError(f"{t.name} takes {', '.join(f'{k}=' for k in fields) or 'no options'}; got {item!r}")
+        parts = [_literal(v) for v in value.split("+")]
+        options[key] = tuple(parts) if "+" in value or str(fields[key].type).startswith("tuple") else parts[0]
+    return t.config(**options)
+
+
+def _literal(text: str) -> object:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _load_recipe(path: str) -> list[object]:
+    """A recipe file: a JSON list whose items are ``"NAME:KEY=VALUE,..."`` strings or objects
+    ``{"transform": NAME, KEY: VALUE, ...}``."""
+    try:
+        items = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read recipe {path}: {e}") from None
+    if not isinstance(items, list):
+        raise ValueError(f"recipe {path}: expected a JSON list of transforms, got {type(items).__name__}")
+    configs = []
+    for item in items:
+        if isinstance(item, str):
+            configs.append(parse_transform(item))
+        elif isinstance(item, dict) and "transform" in item:
+            opts = {k: tuple(v) if isinstance(v, list) else v for k, v in item.items() if k != "transform"}
+            configs.append(by_name(item["transform"]).config(**opts))
+        else:
+            raise ValueError(f"recipe {path}: each item is 'NAME:KEY=VALUE,...' or {{\"transform\": NAME, ...}}, "
+                             f"got {item!r}")
+    return configs
+
+
+def _acts(a: dict[str, str] | None, columns: Sequence[str], shown: Sequence[str]) -> dict[str, str]:
     a = a or {}
-    return {key: a.get(key, "—") for key in COLUMNS}
+    return {key: a.get(key, "—") if key in shown else "—" for key in columns}
 
 
 def _shape(m: nn.Module) -> str:
@@ -146,6 +242,20 @@ _tolerance = _number(float, lambda v: 0.0 <= v < float("inf"), "a finite number 
 _opset = _number(int, lambda v: 7 <= v <= 30, "an ONNX opset between 7 and 30")
 
 
+def _transform_args(p: argparse.ArgumentParser) -> None:
+    names = ", ".join(t.name for t in TRANSFORMS)
+    p.add_argument("--transform", action="append", default=[], metavar="NAME[:KEY=VALUE,...]",
+                   help=f"a registered transform with its options, repeatable, applied in order ({names}); "
+                        "e.g. fixed_point:bits=8 or linear_attention:stages=0+1")
+    p.add_argument("--recipe", metavar="FILE",
+                   help="a JSON list of transforms, each 'NAME:KEY=VALUE,...' or {\"transform\": NAME, KEY: VALUE, "
+                        "...}, applied before --transform")
+
+
+def _configs(args: argparse.Namespace) -> list[object]:
+    return (_load_recipe(args.recipe) if args.recipe else []) + [parse_transform(t) for t in args.transform]
+
+
 def _parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(
@@ -169,6 +279,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     i.add_argument("spec", metavar="SPEC")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _transform_args(i)
     i.add_argument("--trust-pickle", action="store_true", help="allow a .pt file that holds a pickled module")
 
     e = sub.add_parser(
@@ -188,6 +299,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--warm-bn", type=_number(int, lambda v: v >= 0, "an integer >= 0"), default=0, metavar="N",
                    help="estimate every BatchNorm's statistics from N random batches before exporting (a fold "
                         "on fresh mean-0/var-1 statistics is nearly the identity and proves little); default 0")
+    _transform_args(e)
+    e.add_argument("--calibrate", type=_number(int, lambda v: v >= 0, "an integer >= 0"), default=0, metavar="N",
+                   help="set the fixed-point binary points from N random batches after the transforms (fixed_point)")
     e.add_argument("--opset", type=_opset, default=None, help="ONNX opset (default: the exporter's)")
     e.add_argument("--static-batch", action="store_true", help="do not make the batch dimension dynamic")
     e.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime comparison")
@@ -206,12 +320,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
+        configs = _configs(args)
         model = load_spec(args.spec, trust_pickle=args.trust_pickle).eval()
-    except SpecError as err:
+    except (SpecError, ValueError, TypeError) as err:
         sys.stderr.write(f"normfx: error: {err}\n")
         return 2
     try:
-        return _run(args, model)
+        return _run(args, model, configs)
     except Exception as err:  # noqa: BLE001 - the command's contract: one line, not a traceback
         if args.verbose:
             logger.exception("normfx %s failed", args.command)
@@ -222,15 +337,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def _run(args: argparse.Namespace, model: nn.Module) -> int:
+def _run(args: argparse.Namespace, model: nn.Module, configs: list[object]) -> int:
     if args.command == "inspect":
         shape = default_input_shape(model)
-        result = inspect_model(model, image_size=(shape[2], shape[3]) if len(shape) == 4 else None)
+        result = inspect_model(model, image_size=(shape[2], shape[3]) if len(shape) == 4 else None,
+                               configs=configs or None)
         if args.json:
             _out(json.dumps(result, indent=2))
         else:
             attn = result["totals"]["attention_sites"]
-            columns = COLUMNS if attn else NORM_COLUMNS
+            columns = [c for c in result["columns"] if attn or c not in ATTENTION_COLUMNS]
             _print_table(result["sites"], ["site", "kind", "shape", *columns])
             t = result["totals"]
             _out(f"\n{t['sites']} normalization sites" + (f", {attn} attention sites" if attn else "") + "; "
@@ -244,6 +360,14 @@ def _run(args: argparse.Namespace, model: nn.Module) -> int:
         recalibrate_bn(model, [torch.randn(*warm) for _ in range(args.warm_bn)], progress=False)
         _out(f"BatchNorm statistics: estimated from {args.warm_bn} random batches of shape {list(warm)} "
              "(--warm-bn), not the fresh mean 0 / var 1")
+    if configs:
+        model = apply(model, *configs)
+        _out(last_report(model).summary())
+    if args.calibrate:
+        if not any(isinstance(m, FixedPoint) and m.trainable for m in model.modules()):
+            raise ValueError("--calibrate sets fixed-point binary points: add --transform fixed_point first")
+        calibrate(model, [torch.randn(*shape) for _ in range(args.calibrate)], progress=False)
+        _out(f"fixed point: binary points calibrated on {args.calibrate} random batches of shape {list(shape)}")
     report = export(
         model, (x,), args.output, dynamic_batch=not args.static_batch, opset=args.opset,
         verify=not args.no_verify, rtol=args.rtol, atol=args.atol, deploy=args.convbn == "deploy",

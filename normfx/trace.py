@@ -286,6 +286,8 @@ def _trace_children(model: nn.Module, prefix: str, user_leaves: frozenset[str], 
                     defaults_only: frozenset[str] = frozenset()) -> nn.Module:
     """Trace each child of a module that is kept as it is, in the child's own slot."""
     for name, child in list(model.named_children()):
+        if name in user_leaves:
+            continue   # the caller's leaf: kept opaque, nothing inside it traced
         new = _trace_region(child, f"{prefix}.{name}" if prefix else name, _sub_leaves(user_leaves, name), walk,
                             name in defaults_only)
         if new is not child:

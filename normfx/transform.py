@@ -68,6 +68,8 @@ class Transform:
     tensors: Literal["share", "own"] = "share"
     inspect: tuple[tuple[str, Any], ...] = field(default=())
     example: Any = None
+    sites: Literal["norm", "attention"] = "norm"
+    """What ``inspect`` lists this transform's sites as: normalization layers or attention modules."""
 
     def example_config(self) -> Any:
         """The config the docs and the contract tests use: ``example``, else the defaults."""

@@ -9,7 +9,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from normfx.cli import SpecError, load_spec, main
+import normfx
+
+from normfx.cli import SpecError, load_spec, main, parse_transform
 
 
 def make_model() -> nn.Module:
@@ -88,10 +90,12 @@ def test_inspect_table(capsys):
     assert main(["inspect", "torchvision:resnet18"]) == 0
     out = capsys.readouterr().out
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("layer1.0.bn1 ")}
-    assert rows["layer1.0.bn1"][1:] == ["BatchNorm2d", "64", "tune", "fold", "—", "train", "fixed-point",
-                                        "multiply-add", "evonorm"]
-    assert ("20 normalization sites; convbn tune: 20 transformed; convbn deploy: 20 transformed; repbn: 0 "
-            "transformed; freeze: 20 transformed; fixed point: 20 transformed; evonorm: 20 transformed") in out
+    assert rows["layer1.0.bn1"][1:] == ["BatchNorm2d", "64", "train", "fixed-point", "multiply-add", "—", "evonorm",
+                                        "tune", "fold"]
+    # Columns in registry order; a total counts the rows, and the whole run's sites where that is more.
+    assert ("20 normalization sites; freeze: 20 transformed (41 sites in all); fixed point: 20 transformed (118 "
+            "sites in all); repbn: 0 transformed; evonorm: 20 transformed; convbn tune: 20 transformed; convbn "
+            "deploy: 20 transformed") in out
 
 
 def test_inspect_shows_every_pass(capsys):
@@ -100,8 +104,9 @@ def test_inspect_shows_every_pass(capsys):
     data = json.loads(capsys.readouterr().out)
     rows = {r["site"]: r for r in data["sites"]}
     assert data["totals"] == {"sites": 25, "attention_sites": 12, "convbn_tune": "0 transformed",
-                              "convbn_deploy": "0 transformed", "repbn": "25 transformed", "freeze": "25 transformed",
-                              "fixed_point": "0 transformed", "evonorm": "0 transformed",
+                              "convbn_deploy": "0 transformed", "repbn": "25 transformed",
+                              "freeze": "25 transformed (77 sites in all)",
+                              "fixed_point": "0 transformed (154 sites in all)", "evonorm": "0 transformed",
                               "linear_attention": "12 transformed"}
     assert rows["encoder.ln"]["repbn"] == "prepbn" and rows["encoder.ln"]["freeze"] == "train"
     attn = rows["encoder.layers.encoder_layer_0.self_attention"]
@@ -279,3 +284,44 @@ def test_export_warms_batchnorm_statistics_first(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "BatchNorm statistics: estimated from 2 random batches of shape [8, 3, 8, 8]" in text
     assert "fold_convbn: 1 sites, 1 transformed" in text and "bake_random_entries" not in text
+
+
+# --- any registered transform from the command line ---------------------------------------------------------
+
+def test_parse_transform_reads_options_and_refuses_unknown_ones():
+
+    assert parse_transform("fixed_point:bits=6,targets=weight+norm") == normfx.FixedPointConfig(
+        bits=6, targets=("weight", "norm"))
+    assert parse_transform("linear_attention:stages=0") == normfx.LinearAttentionConfig(stages=(0,))
+    assert parse_transform("convbn") == normfx.ConvBNConfig()
+    with pytest.raises(ValueError, match="fixed_point takes bits=.*got 'bitz=4'"):
+        parse_transform("fixed_point:bitz=4")
+    with pytest.raises(ValueError, match="no transform named 'fixpoint'"):
+        parse_transform("fixpoint")
+    with pytest.raises(ValueError, match="bits must be in"):
+        parse_transform("fixed_point:bits=40")
+
+
+def test_inspect_with_transforms_and_a_recipe(tmp_path, capsys):
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps([{"transform": "fixed_point", "bits": 4, "targets": ["weight", "norm"]}]))
+    assert main(["inspect", "torchvision:resnet18", "--recipe", str(recipe), "--transform", "convbn:mode=deploy",
+                 "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["columns"] == ["fixed_point", "convbn"]
+    # 21 weights (20 convs and fc; no "bias" target) and the 20 BatchNorms; no activation casts
+    assert data["totals"]["fixed_point"] == "20 transformed (41 sites in all)"
+    assert data["totals"]["convbn"] == "20 transformed"
+    assert main(["inspect", "torchvision:resnet18", "--transform", "fixed_point:bitz=4"]) == 2
+    assert "fixed_point takes bits=" in capsys.readouterr().err
+
+
+def test_export_runs_any_transform_then_calibrates(tmp_path, capsys):
+    out = tmp_path / "q.onnx"
+    assert main(["export", "tests.test_cli:make_model", "-o", str(out), "--input-shape", "2,3,8,8",
+                 "--transform", "fixed_point:bits=8", "--calibrate", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "fixed_point: " in text and "binary points calibrated on 2 random batches" in text
+    assert "QuantizeLinear" in text and "max abs err 0.00e+00" in text
+    assert main(["export", "tests.test_cli:make_model", "-o", str(out), "--calibrate", "2"]) == 1
+    assert "add --transform fixed_point first" in capsys.readouterr().err
