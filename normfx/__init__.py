@@ -8,8 +8,9 @@ from __future__ import annotations
 import logging
 
 from normfx import lab
-from normfx.api import (apply, calibrate, convbn, deploy, directpred, evonorm, fixed_point, freeze, linear_attention,
+from normfx.api import (apply, convbn, deploy, directpred, evonorm, fixed_point, freeze, linear_attention,
                         repbn)
+from normfx.calibrate import calibrate
 from normfx.passes.directpred import DirectPredConfig
 from normfx.passes.evonorm import EvoNormConfig
 from normfx.passes.fixed_point import FixedPointConfig

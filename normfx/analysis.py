@@ -194,15 +194,16 @@ def outside_modules(analysis: Analysis) -> list[Outside]:
                 visible.add(pre + node.target)
     innermost_first = sorted(failures, key=lambda f: -len(f[0]))
     out: list[Outside] = []
-    captured: list[str] = []
+    captured: set[str] = set()
     for name, m in model.named_modules(remove_duplicate=True):
-        if any(name.startswith(c + ".") for c in captured) or name in region_names:
+        parts = name.split(".")
+        if any(".".join(parts[:i]) in captured for i in range(1, len(parts))) or name in region_names:
             continue
         is_leaf = bool(name) and not _is_container(m) and leaf.is_leaf_module(m, name)
         if is_leaf:
             # A leaf's insides are its own, called or not: a PRepBN's LayerNorm, the norms of a
             # torch module whose forward reads their tensors directly (TransformerEncoderLayer).
-            captured.append(name)
+            captured.add(name)
         if name in visible:
             # A graph calls it: a leaf is that region's; any other module a graph calls is one whose
             # forward could not be traced, and what is inside it is outside every region.

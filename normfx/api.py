@@ -3,18 +3,13 @@
 runner (``normfx.runner.transform``)."""
 from __future__ import annotations
 
-from typing import Iterable, Literal, Sequence, TypeVar
+from typing import Literal, Sequence, TypeVar
 
-import torch
 import torch.nn as nn
-from torch.nn.utils import parametrize
-from tqdm import tqdm
 
-from normfx.batches import ForwardFn, run_batch
 from normfx.functional import KHotCode, Overflow, Rounding
 from normfx.nn.directpred import Mode
 from normfx.nn.evonorm import Preset
-from normfx.nn.fixed_point import FixedPoint
 from normfx.passes.directpred import DirectPredConfig
 from normfx.passes.evonorm import EvoNormConfig
 from normfx.passes.fixed_point import TARGETS, FixedPointConfig, Target
@@ -27,7 +22,7 @@ from normfx.runner import transform
 from normfx.scope import FilterFn, LeafModules, make_scope
 
 __all__ = ["apply", "convbn", "deploy", "repbn", "evonorm", "directpred", "linear_attention", "freeze",
-           "fixed_point", "calibrate", "M", "Role"]
+           "fixed_point", "M", "Role"]
 
 M = TypeVar("M", bound=nn.Module)
 """The caller's model type: every one-liner returns the caller's class (a forward it rewrote makes
@@ -79,7 +74,7 @@ def apply(model: M, *configs: object, filter_fn: FilterFn | None = None, leaf_mo
         if t.check is not None:
             t.check(model, c)
     steps = [step for t, c in zip(transforms, configs) for step in t.steps(c)]
-    tensors = "own" if any(t.tensors == "own" for t in transforms) else "share"
+    tensors: Literal["share", "own"] = "own" if any(t.tensors == "own" for t in transforms) else "share"
     return transform(model, steps, inplace=inplace, tensors=tensors, scope=scope)
 
 
@@ -383,44 +378,3 @@ def fixed_point(model: M, *, bits: int = 8, int_bits: float | None = None,
     config = FixedPointConfig(bits, int_bits, rounding, overflow, tuple(targets), per_channel, k_hot, k_hot_weights,
                               k_hot_code, fold_bn)
     return apply(model, config, filter_fn=filter_fn, leaf_modules=leaf_modules, inplace=inplace)
-
-
-def calibrate(model: M, batches: Iterable, *, steps: int | None = None,
-              progress: bool = True, forward_fn: ForwardFn | None = None) -> M:
-    """Set every trainable fixed-point binary point from the ranges observed on ``batches``.
-
-    Each cast records ``max |x|`` while the model runs (in eval mode, casts passing values through),
-    then takes the smallest integer width that holds it. Training refines the binary points from
-    there; without training this is post-training quantization. Returns ``model`` (modified in place).
-    Batches follow ``normfx.batches``: a tensor, a tuple/list whose first item is the input (a
-    DataLoader's ``(x, y)``), a dict of keyword arguments, or anything with ``forward_fn(model, batch)``.
-    ``progress=False`` turns off the tqdm progress bar (for libraries that embed normfx).
-    """
-    casts = [m for m in model.modules() if isinstance(m, FixedPoint) and m.trainable
-             and not _is_weight_cast(model, m)]
-    if not casts:
-        raise ValueError(f"{type(model).__name__} has no trainable FixedPoint cast: call normfx.fixed_point first")
-    was = model.training
-    model.eval()
-    for q in casts:
-        q.observed_max.zero_()
-        q.observing = True
-    try:
-        with torch.no_grad():
-            for i, batch in enumerate(tqdm(batches, total=steps, desc="calibrate fixed point", unit="batch",
-                                             disable=not progress)):
-                if steps is not None and i >= steps:
-                    break
-                run_batch(model, batch, forward_fn)
-    finally:
-        for q in casts:
-            q.observing = False
-    for q in casts:
-        q.calibrate_from_observed()
-    model.train(was)
-    return model
-
-
-def _is_weight_cast(model: nn.Module, q: nn.Module) -> bool:
-    return any(parametrize.is_parametrized(m) and any(q is p for plist in m.parametrizations.values() for p in plist)
-               for m in model.modules())

@@ -16,7 +16,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
-from normfx.api import apply, calibrate
+from normfx.api import apply
+from normfx.calibrate import calibrate
 from normfx.errors import NormfxError
 from normfx.spec import SPEC_HELP, SpecError, default_input_shape, first_line, load_spec
 from normfx.kinds import is_norm_layer

@@ -260,7 +260,9 @@ def test_module_tree_hooks_and_deploy(t, model_name):
     with torch.no_grad():
         out.eval()(x)
     assert "root" in calls, "the caller's hook on the model stopped firing"
-    if leaf_name in names and type(dict(out.named_modules())[leaf_name]) is type(dict(model.named_modules())[leaf_name]):
+    same_leaf = leaf_name in names and type(dict(out.named_modules())[leaf_name]) is type(
+        dict(model.named_modules())[leaf_name])
+    if same_leaf:
         assert "leaf" in calls, f"the caller's hook on '{leaf_name}' stopped firing"
     for m in out.modules():   # PRepBN at the end of its schedule, as deploy requires
         if isinstance(m, ProgressiveRepBN):

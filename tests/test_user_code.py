@@ -142,7 +142,7 @@ def test_tune_training_steps_leak_nothing() -> None:
     through: every step's links (and the memory they held) stayed alive."""
     import gc
 
-    from normfx.nn.convbn import _Link
+    from normfx.nn.convbn_autograd import Link as _Link
 
     tuned = normfx.convbn(torchvision.models.resnet18(num_classes=10).eval(), mode="tune")
     x = torch.randn(2, 3, 32, 32)

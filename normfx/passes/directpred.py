@@ -113,10 +113,14 @@ def swap_predictor(model: nn.Module, scope: Scope, c: DirectPredConfig) -> tuple
     return PassResult("directpred", (change,)), ()
 
 
+def _check(model: nn.Module, c: DirectPredConfig) -> None:
+    _dim(model, c)     # its errors, raised on the caller's model before anything is copied
+
+
 DIRECTPRED = Transform(
     name="directpred", config=DirectPredConfig, exact=False, tensors="own",
     steps=lambda c: (Step("directpred", model_pass=partial(swap_predictor, c=c)),),
-    check=lambda model, c: _dim(model, c) and None,    # its errors, on the caller's model
+    check=_check,
     summary="a BYOL/SimSiam predictor → DirectPred, set from its inputs' correlation (deploy bakes a Linear)",
     paper="Tian et al., Understanding Self-Supervised Learning Dynamics without Contrastive Pairs (ICML 2021)",
     deploy=(Step("bake_directpred", bake_directpred, bake_directpred_outside),),

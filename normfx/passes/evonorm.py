@@ -209,7 +209,7 @@ class EvoNormConfig:
 
 
 def _steps(config: EvoNormConfig) -> tuple[Step, ...]:
-    opts = dict(variant=config.variant, groups=config.groups, eps=config.eps, preset=config.preset)
+    opts: dict[str, Any] = dict(variant=config.variant, groups=config.groups, eps=config.eps, preset=config.preset)
     return (Step("evonorm", partial(swap_evonorm, **opts), swap_evonorm_outside, view="module"),)
 
 

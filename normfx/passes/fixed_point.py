@@ -24,9 +24,9 @@ Sites and what each becomes:
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import partial
-from typing import Literal, NamedTuple, Sequence
+from typing import Any, Literal, NamedTuple, Sequence
 
 import torch
 import torch.fx as fx
@@ -195,13 +195,13 @@ def _cast_weights(m: nn.Module, site: str, o: _Options, scope: Scope) -> list[Ch
         out = int(m.weight.shape[0])
         q = _q(o.bits, o.int_bits, o.rounding, o.overflow, channels=out if per else 1, axis=0)
         q.site = (t, "")
-        _init_from(q, getattr(m, t), per)
         if o.k_hot_weights and t == "weight":
             q.k_hot, q.k_hot_code = o.k_hot, o.k_hot_code
         excluded = scope.skip(f"{site}.{t}", (site, m))
-        if excluded or scope.plan:
+        if excluded or scope.plan:   # a dry run reports the cast before its binary point is set from the weight
             changes.append(excluded or Change(f"{site}.{t}", "cast", q.extra_repr()))
             continue
+        _init_from(q, getattr(m, t), per)
         keep_state_dict_keys(m)
         parametrize.register_parametrization(m, t, q, unsafe=True)
         changes.append(Change(f"{site}.{t}", "cast", q.extra_repr()))
@@ -334,8 +334,7 @@ class FixedPointConfig:
 
 
 def _steps(c: FixedPointConfig) -> tuple[Step, ...]:
-    opts = dict(bits=c.bits, int_bits=c.int_bits, rounding=c.rounding, overflow=c.overflow, targets=c.targets,
-                per_channel=c.per_channel, k_hot=c.k_hot, k_hot_weights=c.k_hot_weights, k_hot_code=c.k_hot_code)
+    opts: dict[str, Any] = {f.name: getattr(c, f.name) for f in fields(c) if f.name != "fold_bn"}
     cast = Step("fixed_point", partial(insert_fixed_point, **opts), partial(insert_fixed_point_outside, **opts),
                 view="module")
     return (*CONVBN.deploy, cast) if c.fold_bn else (cast,)

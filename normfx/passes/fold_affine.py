@@ -46,10 +46,12 @@ def fold_repbn(gm: fx.GraphModule, scope: Scope = EVERYWHERE) -> PassResult:
         if excluded[n] is None:
             _check_finished(str(n.target), mods[n.target])
     uses = module_uses(gm)
-    changes, skips = [], []
+    changes: list[Change] = []
+    skips: list[Skip] = []
     for n in nodes:
-        if excluded[n] is not None:
-            skips.append(excluded[n])
+        skip = excluded[n]
+        if skip is not None:
+            skips.append(skip)
             continue
         hooked = hooks_on(mods[n.target])
         if hooked:

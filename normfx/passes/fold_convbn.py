@@ -20,15 +20,15 @@ from typing import Any, Literal
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normfx.errors import TrainingModeError
 from normfx.functional import bn_scale_shift, fold_bn_after, fold_bn_before, scale_is_safe
-from normfx.kinds import bn_kind, eval_affine, fold_refusal, is_conv_like, original_class
-from normfx.match import get_attr, is_functional_bn, module_uses, set_module, set_param
-from normfx.nn.convbn import TuneBN, tune, tune_convbn, tune_convbn_functional, tuned_pair, untune
-from normfx.passes.convbn_sites import (Ctx, Site, Unsupported, dims_match, fn_args, frozen, functional_name, guard,
+from normfx.kinds import bn_kind, eval_affine, fold_refusal, is_conv_like
+from normfx.match import is_functional_bn, module_uses, set_module, set_param
+from normfx.nn.convbn import TuneBN, tune_convbn, tuned_pair
+from normfx.passes.tune_blocks import make_tune_block, untune_modules, untune_node
+from normfx.passes.convbn_sites import (Ctx, Site, Unsupported, dims_match, frozen, functional_name, guard,
                                         is_tune_node, producer_problem, prune_note, rank, set_weights,
                                         single_conv_user)
 from normfx.report import Change, PassResult, Skip, SkipReason
@@ -123,6 +123,7 @@ def _visit_affine(ctx: Ctx, node: Any, mode: ConvBNMode) -> Change | Skip:
     hooked = guard(ctx, m, name, conv, producer.target)
     if hooked:
         return hooked
+    assert affine is not None
     gamma, beta = affine
     if getattr(conv, "out_channels", None) != gamma.numel():     # a Linear has none: not channels-first
         return Skip(name, SkipReason.UNSUPPORTED,
@@ -164,7 +165,7 @@ def _visit(ctx: Ctx, node: Any, mode: ConvBNMode) -> Change | Skip:
         if ctx.scope.plan:
             return Change(str(node.target), "fold", "Tune block: folded into its conv, or back to conv -> BN "
                           "where it cannot fold")
-        _untune_modules(ctx, bn)
+        untune_modules(ctx, bn)
         result = _visit(ctx, node, mode)
         if isinstance(result, Skip):
             # Deploy leaves no Tune block behind: an unfoldable one is conv -> BN again.
@@ -205,7 +206,7 @@ def _visit(ctx: Ctx, node: Any, mode: ConvBNMode) -> Change | Skip:
                                       (str(producer.target), conv))
             if excluded or ctx.scope.plan:
                 return excluded or Change(site.name, "tune", f"{producer.target} + {site.name}")
-            return _make_tune_block(gm, site, producer)
+            return make_tune_block(gm, site, producer)
         return guard(ctx, site.module, site.name, conv, producer.target) or _fold_after(ctx, site, producer, conv)
 
     follower = single_conv_user(ctx, node)
@@ -217,46 +218,13 @@ def _visit(ctx: Ctx, node: Any, mode: ConvBNMode) -> Change | Skip:
     return Skip(site.name, SkipReason.NO_NEIGHBOUR, "input is not a conv/linear output")
 
 
-def _untune_modules(ctx: Ctx, bn: Any) -> None:  # bn: the Tune block's BatchNorm
-    """Give a Tune block's BN, and the conv that folds it, their own classes back."""
-    for m in ctx.mods.values():
-        pair = tuned_pair(m)
-        if pair is not None and pair is bn:
-            untune(m, pair)
-    bn.__class__ = original_class(bn)
-
-
-def _make_tune_block(gm: fx.GraphModule, site: Site, producer: Any) -> Change:
-    if site.module is not None:
-        # A leaf change: the conv and BN keep their slots (the parent's forward is untouched).
-        tune(get_attr(gm, str(producer.target)), site.module)
-        return Change(site.name, "tune", f"{producer.target} + {site.name}")
-    graph = gm.graph
-    node = site.node
-    with graph.inserting_before(node):
-        conv_ref = graph.get_attr(producer.target)
-        if node.op == "call_module":
-            bn_ref = graph.get_attr(node.target)
-            new = graph.call_function(tune_convbn, (producer.args[0], conv_ref, bn_ref))
-        else:
-            a = fn_args(node)
-            new = graph.call_function(
-                tune_convbn_functional,
-                (producer.args[0], conv_ref, a["running_mean"], a["running_var"], a["weight"], a["bias"], a["eps"]),
-            )
-    new.meta = dict(node.meta)
-    node.replace_all_uses_with(new)
-    graph.erase_node(node)
-    graph.erase_node(producer)
-    return Change(site.name, "tune", f"{producer.target} + {site.name}")
-
-
 def _refused(site: Site, conv: Any) -> Skip | None:
     why = fold_refusal(conv)
     return Skip(site.name, SkipReason.UNSUPPORTED, why) if why else None
 
 
-def _checked_fold(site: Site, conv: Any) -> tuple[torch.Tensor, torch.Tensor] | Skip:
+def _checked_fold(site: Site, conv: Any, plan: bool = False) -> tuple[torch.Tensor, torch.Tensor] | Skip | None:
+    """The folded ``(weight, bias)``, or why the fold is refused; ``plan``: only check (``None``)."""
     refused = _refused(site, conv)
     if refused is not None:
         return refused
@@ -264,6 +232,8 @@ def _checked_fold(site: Site, conv: Any) -> tuple[torch.Tensor, torch.Tensor] | 
     ok, why = scale_is_safe(c, conv.weight)
     if not ok:
         return Skip(site.name, SkipReason.NON_FINITE, why)
+    if plan:
+        return None
     return fold_bn_after(
         conv.weight, conv.bias, site.stats, transposed=bool(getattr(conv, "transposed", False)),
         groups=getattr(conv, "groups", 1), scale_shift=(c, t),
@@ -291,10 +261,10 @@ def _tail(bn: Any) -> nn.Module:
 
 
 def _fold_after(ctx: Ctx, site: Site, producer: Any, conv: Any) -> Change | Skip:
-    folded = _checked_fold(site, conv)
+    folded = _checked_fold(site, conv, ctx.scope.plan)
     if isinstance(folded, Skip):
         return folded
-    if ctx.scope.plan:
+    if folded is None:   # a dry run
         return Change(site.name, "fold", f"into {producer.target}{prune_note(conv, producer.target)}")
     note = set_weights(conv, producer.target, *folded, site)
     _replace_bn_by_tail(ctx, site, producer)
@@ -311,31 +281,19 @@ def _deploy_tune_block(ctx: Ctx, site: Site) -> Change | Skip:
                               (str(conv_ref.target), conv))
     if excluded:
         return excluded
-    folded = guard(ctx, site.module, site.name, conv, conv_ref.target) or _checked_fold(site, conv)
-    if ctx.scope.plan:
+    folded = guard(ctx, site.module, site.name, conv, conv_ref.target) or _checked_fold(site, conv, ctx.scope.plan)
+    if folded is None or ctx.scope.plan:
         return Change(site.name, "revert" if isinstance(folded, Skip) else "fold", "Tune block")
     with gm.graph.inserting_before(node):
         conv_call = gm.graph.call_module(conv_ref.target, (site.input,))
     conv_call.meta = dict(node.meta)
     if isinstance(folded, Skip):
         # Deploy leaves no Tune block behind: an unfoldable one goes back to conv -> BN.
-        _untune(gm, site, conv_call)
+        untune_node(gm, site, conv_call)
         return Change(site.name, "revert", f"Tune block back to conv -> BN: {folded.reason.value}: {folded.detail}")
     note = set_weights(conv, conv_ref.target, *folded, site)
     _replace_bn_by_tail(ctx, site, conv_call)
     return Change(site.name, "fold", f"Tune block into {conv_ref.target}{note}")
-
-
-def _untune(gm: fx.GraphModule, site: Site, conv_call: fx.Node) -> None:
-    node = site.node
-    with gm.graph.inserting_after(conv_call):
-        if node.target is tune_convbn:
-            bn_call = gm.graph.call_module(node.args[2].target, (conv_call,))
-        else:
-            _, _, mean, var, w, b, eps = node.args
-            bn_call = gm.graph.call_function(F.batch_norm, (conv_call, mean, var, w, b, False, 0.0, eps))
-    node.replace_all_uses_with(bn_call)
-    gm.graph.erase_node(node)
 
 
 def _fold_before(ctx: Ctx, site: Site, follower: fx.Node) -> Change | Skip:

@@ -198,7 +198,7 @@ class RepBNConfig:
 
 
 def _steps(config: RepBNConfig) -> tuple[Step, ...]:
-    opts = dict(total_steps=config.total_steps, eta_init=float(config.eta_init))
+    opts: dict[str, Any] = dict(total_steps=config.total_steps, eta_init=float(config.eta_init))
     return (Step("swap_layernorm", partial(swap_layernorm, **opts), partial(swap_layernorm_outside, **opts),
                  view="module"),)
 
