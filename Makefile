@@ -21,12 +21,15 @@ $(STAMP): $(PY) setup.cfg pyproject.toml Makefile
 	touch $(STAMP)
 
 # The main job on built-in defaults: inspect, then export in Deploy mode and verify in ONNX Runtime,
-# with BatchNorm statistics estimated from random batches first (fresh ones make a fold trivial).
+# with BatchNorm statistics estimated from random batches first (fresh ones make a fold trivial);
+# then the same through registered transforms: 8-bit fixed point (calibrated), EvoNorm-S0.
 demo: $(STAMP)
 	mkdir -p out
 	$(VENV)/bin/normfx inspect torchvision:resnet18
 	$(VENV)/bin/normfx export torchvision:resnet18 -o out/resnet18.onnx --input-shape 1,3,224,224 --warm-bn 4
 	$(VENV)/bin/normfx export torchvision:mobilenet_v3_large -o out/mobilenet_v3_large.onnx --input-shape 1,3,224,224 --warm-bn 4
+	$(VENV)/bin/normfx export torchvision:resnet18 -o out/resnet18_q8.onnx --input-shape 1,3,224,224 --warm-bn 4 --transform fixed_point:bits=8 --calibrate 4
+	$(VENV)/bin/normfx export torchvision:resnet18 -o out/resnet18_evonorm_s0.onnx --input-shape 1,3,224,224 --warm-bn 4 --transform evonorm:variant=S0
 
 example: $(STAMP)
 	$(PY) examples/convbn_finetune.py

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DOC, replace_section  # noqa: E402
 
 SECTIONS = {"convbn": "convbn", "export": "export", "repbn": "repbn", "fixed_point": "fixed_point",
-            "evonorm": "evonorm", "linear_attention": "linear_attention"}
+            "evonorm": "evonorm", "linear_attention": "linear_attention", "inspect": "inspect_sites"}
 
 
 def render_page(text: str) -> str:

@@ -68,6 +68,8 @@ class Transform:
     tensors: Literal["share", "own"] = "share"
     inspect: tuple[tuple[str, Any], ...] = field(default=())
     example: Any = None
+    page: str = ""
+    """Its page under ``docs/``."""
     sites: Literal["norm", "attention"] = "norm"
     """What ``inspect`` lists this transform's sites as: normalization layers or attention modules."""
 

@@ -254,6 +254,7 @@ def test_module_tree_hooks_and_deploy(t, model_name):
     except ValueError:
         pytest.skip(f"{t.name} does not apply to the {model_name} model")
     assert isinstance(out, type(model))
+    assert not [n for n, m in out.named_modules() if m.training], "a module came back in training mode"
     names = {n for n, _ in out.named_modules()}
     assert set(first) <= names
     x = torch.randn(*shape)

@@ -123,5 +123,5 @@ DIRECTPRED = Transform(
     check=_check,
     summary="a BYOL/SimSiam predictor → DirectPred, set from its inputs' correlation (deploy bakes a Linear)",
     paper="Tian et al., Understanding Self-Supervised Learning Dynamics without Contrastive Pairs (ICML 2021)",
-    deploy=(Step("bake_directpred", bake_directpred, bake_directpred_outside),),
+    deploy=(Step("bake_directpred", bake_directpred, bake_directpred_outside),), page="directpred.md",
 )

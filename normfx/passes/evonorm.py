@@ -152,7 +152,8 @@ def swap_evonorm(gm: fx.GraphModule, scope: Scope = EVERYWHERE, *, variant: str 
                 continue
             set_module(gm, site, new)
             if act.op == "call_module" and uses[id(mods[str(act.target)])] == 1:
-                set_module(gm, str(act.target), nn.Identity())   # a leaf swap: the forward is unchanged
+                # a leaf swap (the forward is unchanged), in the activation's mode
+                set_module(gm, str(act.target), nn.Identity().train(mods[str(act.target)].training))
             else:                                                  # shared module or a function: rewire
                 act.replace_all_uses_with(node)
                 gm.graph.erase_node(act)
@@ -217,5 +218,6 @@ EVONORM = Transform(
     name="evonorm", config=EvoNormConfig, steps=_steps, exact=False,
     summary="BatchNorm + activation → one EvoNorm-B0/S0 layer (deploy folds the variant without nonlinearity)",
     paper="Liu et al., Evolving Normalization-Activation Layers (NeurIPS 2020)",
+    page="evonorm.md",
     inspect=(("evonorm", EvoNormConfig()),),
 )

@@ -78,7 +78,7 @@ def insert_fixed_point(gm: fx.GraphModule, scope: Scope = EVERYWHERE, *, bits: i
     tensors = tensor_nodes(gm)
 
     def add_cast(after: fx.Node, signed: bool, name: str) -> None:
-        q = _q(bits, int_bits, rounding, overflow, signed=signed)
+        q = _q(bits, int_bits, rounding, overflow, signed=signed).train(gm.training)   # the model's mode
         owner = (str(after.target), mods[str(after.target)]) if after.op == "call_module" else ("", None)
         excluded = scope.skip(name, owner)
         if excluded or scope.plan:
@@ -117,7 +117,7 @@ def insert_fixed_point(gm: fx.GraphModule, scope: Scope = EVERYWHERE, *, bits: i
             if len(ins) == 2 and ins[0] is not ins[1] and (excluded or scope.plan):
                 _sort([excluded or Change(node.name, "shared input cast", "both inputs in one format")], changes, skips)
             elif len(ins) == 2 and ins[0] is not ins[1]:
-                q = _q(bits, int_bits, rounding, overflow)
+                q = _q(bits, int_bits, rounding, overflow).train(gm.training)
                 q.site = ("inputs", node.name)
                 qname = free_name(gm, f"fxq_{node.name}_in")
                 gm.add_submodule(qname, q)
@@ -204,6 +204,7 @@ def _cast_weights(m: nn.Module, site: str, o: _Options, scope: Scope) -> list[Ch
         _init_from(q, getattr(m, t), per)
         keep_state_dict_keys(m)
         parametrize.register_parametrization(m, t, q, unsafe=True)
+        m.parametrizations.train(m.training)   # torch builds the containers in training mode
         changes.append(Change(f"{site}.{t}", "cast", q.extra_repr()))
     return changes
 
@@ -221,7 +222,7 @@ def _quantize_bn(root: nn.Module, site: str, m: _BatchNorm, o: _Options, scope: 
     scale_q, shift_q = (_q(o.bits, o.int_bits, o.rounding, o.overflow) for _ in range(2))
     scale_q.site, shift_q.site = ("scale", ""), ("shift", "")
     fq = FixedPointBatchNorm.from_bn(m, scale_q=scale_q, shift_q=shift_q, k_hot=o.k_hot, k_hot_code=o.k_hot_code)
-    set_module(root, site, fq)
+    set_module(root, site, fq.train(m.training))
     return Change(site, "fixed-point multiply-add", f"k_hot={o.k_hot} ({o.k_hot_code})" if o.k_hot else "")
 
 
@@ -360,7 +361,8 @@ def _check(model: nn.Module, _: FixedPointConfig) -> None:
 FIXED_POINT = Transform(
     name="fixed_point", config=FixedPointConfig, steps=_steps, exact=False, check=_check, tensors="own",
     summary="trainable fixed-point casts (ap_fixed) on weights, activations, BatchNorm and residual adds",
-    paper="Fu et al., QFX: Trainable Fixed-Point Quantization (FPGA 2024)",
+    paper="Dai et al., QFX (2024)",
     deploy=(Step("freeze_binary_points", freeze_binary_points, freeze_binary_points_outside),),
+    page="fixed_point.md",
     inspect=(("fixed_point", FixedPointConfig()),),
 )

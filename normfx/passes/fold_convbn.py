@@ -360,7 +360,8 @@ def _steps(config: ConvBNConfig) -> tuple[Step, ...]:
 CONVBN = Transform(
     name="convbn", config=ConvBNConfig, steps=_steps, exact=True,
     summary="Conv/Linear + BatchNorm → Tune mode (Eval-mode gradients, Deploy-mode memory) or folded (Deploy)",
-    paper="You et al., Efficient ConvBN Blocks for Transfer Learning and Beyond",
+    paper="You et al., Efficient ConvBN Blocks for Transfer Learning and Beyond (ICLR 2024)",
     deploy=_steps(ConvBNConfig("deploy")),
+    page="convbn.md",
     inspect=(("convbn_tune", ConvBNConfig("tune")), ("convbn_deploy", ConvBNConfig("deploy"))),
 )

@@ -344,5 +344,6 @@ FREEZE = Transform(
     summary="train the roles kept (BatchNorm's γ/β by default) and freeze the rest; the random controls",
     paper="Frankle et al., Training BatchNorm and Only BatchNorm (ICLR 2021)",
     deploy=(Step("bake_random_entries", bake_random_entries, bake_random_entries_outside),),
+    page="freeze.md",
     inspect=(("freeze", FreezeConfig()),),
 )

@@ -327,5 +327,6 @@ LINEAR_ATTENTION = Transform(
     steps=lambda c: (Step("linear_attention", model_pass=partial(_swap, c=c)),),
     summary="softmax self-attention → simplified linear attention, cost linear in tokens (SLAB's SLA)",
     paper="Guo et al., SLAB (ICML 2024)",
+    page="linear_attention.md",
     inspect=(("linear_attention", LinearAttentionConfig()),), sites="attention",
 )

@@ -9,6 +9,7 @@ line here.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,8 @@ from normfx.passes.linear_attention import LINEAR_ATTENTION
 from normfx.passes.swap_layernorm import REPBN
 from normfx.transform import Step, Transform
 
-__all__ = ["TRANSFORMS", "DEPLOY", "DEPLOY_STEPS", "DeployConfig", "transform_for", "by_name", "inspect_columns"]
+__all__ = ["TRANSFORMS", "DEPLOY", "DEPLOY_STEPS", "DeployConfig", "transform_for", "by_name", "inspect_columns",
+           "markdown_table"]
 
 _TRAINING: tuple[Transform, ...] = (FREEZE, DIRECTPRED, FIXED_POINT, REPBN, LINEAR_ATTENTION, EVONORM, CONVBN)
 
@@ -36,7 +38,7 @@ class DeployConfig:
 
 DEPLOY = Transform(
     name="deploy", config=DeployConfig, steps=lambda _: DEPLOY_STEPS, exact=True,
-    summary="finalize for inference: bake what training left, fold RepBN and BatchNorm (exact)",
+    summary="finalize for inference: bake what training left, fold RepBN and BatchNorm (exact)", page="export.md",
 )
 
 TRANSFORMS: tuple[Transform, ...] = (*_TRAINING, DEPLOY)
@@ -69,3 +71,17 @@ def by_name(name: str) -> Transform:
 def inspect_columns() -> tuple[tuple[str, Transform, Any], ...]:
     """``normfx inspect``'s columns: ``(column, transform, config)`` for every ``inspect`` entry."""
     return tuple((column, t, config) for t in TRANSFORMS for column, config in t.inspect)
+
+
+def markdown_table() -> str:
+    """The docs table of the registered transforms (``docs/index.md`` holds it between
+    ``<!-- transforms:start -->`` and ``<!-- transforms:end -->``; a test checks it is current)."""
+    rows = ["| transform | one-liner | config | what it does | exact | deploy finalizes with | page |",
+            "|---|---|---|---|---|---|---|"]
+    for t in TRANSFORMS:
+        fields = ", ".join(f.name for f in dataclasses.fields(t.config))
+        deploy = ", ".join(f"`{s.name}`" for s in t.deploy) or "—"
+        summary = t.summary + (f" — {t.paper}" if t.paper else "")
+        rows.append(f"| `{t.name}` | `normfx.{t.name}(model, ...)` | `{t.config.__name__}({fields})` | {summary} "
+                    f"| {'yes' if t.exact else 'no'} | {deploy} | [{t.page}]({t.page}) |")
+    return "\n".join(rows)

@@ -208,5 +208,6 @@ REPBN = Transform(
     summary="LayerNorm → progressive re-parameterized BatchNorm, folded away by deploy (SLAB's PRepBN)",
     paper="Guo et al., SLAB (ICML 2024)",
     deploy=(Step("fold_repbn", fold_repbn, fold_repbn_outside),),
+    page="repbn.md",
     inspect=(("repbn", RepBNConfig(total_steps=1)),), example=RepBNConfig(total_steps=10_000),
 )
