@@ -64,7 +64,7 @@ def child(model_name: str, variant: str, repeats: int) -> None:
 
 
 def render() -> str:
-    from _common import load, machine_line, ratio_cell, table
+    from _common import load, ratio_cell, table
 
     data = load(NAME)
     raw = data["raw"]
@@ -80,14 +80,21 @@ def render() -> str:
         old = json.loads(path.read_text())
         cells = []
         for model in MODELS:
-            o = old["raw"][model]
+            o, n = old["raw"][model], raw[model]
+            was = statistics.median(r["ms"] for r in o["inspect"])
+            now = statistics.median(r["ms"] for r in n["inspect"])
             ratio = [t / i for t, i in zip([r["ms"] for r in o["transforms"]], [r["ms"] for r in o["inspect"]])]
-            cells.append(f"{model} {ratio_cell(ratio)}")
-        before = (f"\n\nBefore the dry run (`{old['command']}` at commit {old['config'].get('commit', '?')}), "
-                  "`inspect` ran the transforms on copies; its time over the anchor's was: " + "; ".join(cells) + ".")
+            cells.append(f"{model}: {was:.0f} ms, speed-up over the anchor {ratio_cell(ratio)}; now {now:.0f} ms "
+                         f"({was / now:.1f}× faster)")
+        before = (f"\n\nBefore the dry run (`{old['command']}` at commit {old['config'].get('commit', '?')}, the "
+                  "same script), `inspect` ran seven transforms on copies: " + "; ".join(cells)
+                  + ". The two runs are separate, so that comparison carries the drift between them; the speed-ups "
+                  "over the anchor are each measured within one run.")
+    m, v = data["machine"], data["versions"]
     return (
         "## `normfx inspect`: a dry run over the registry\n\n"
-        f"`{data['command']}` — {machine_line(data)}; {data['config']['rounds']} rounds, each variant in its own "
+        f"`{data['command']}` — {m['cpu']}, {m['cores']} cores, torch {v['torch']}, Python {v['python']}, one "
+        f"thread per process; {data['config']['rounds']} rounds, each variant in its own "
         f"process, median of {data['config']['repeats']} calls per process. `transforms` (the anchor) runs the "
         "seven one-liners `inspect` shows on copies and reads their reports, as `inspect` used to; `inspect` is "
         "`normfx.cli.inspect_model`, which matches and plans every registered transform on one analysis of the "
