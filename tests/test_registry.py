@@ -121,3 +121,11 @@ def test_leaf_modules_by_type_and_a_deploy_that_leaves_a_filtered_site():
     kept = normfx.deploy(tuned, filter_fn=lambda m, fqn: fqn != "layer1.0.bn1")
     assert type(kept.layer1[0].bn1).__name__ == "TuneBatchNorm2d"     # left as it is, reported
     assert normfx.last_report(kept).get("fold_convbn").skip_counts() == {"excluded by filter_fn": 1}
+
+
+def test_freeze_leaves_an_excluded_batchnorm_as_it_is():
+    net = torchvision.models.resnet18()
+    out = normfx.freeze(net, keep=(), freeze_stats=True, filter_fn=lambda m, fqn: fqn != "bn1")
+    assert out.bn1.weight.requires_grad and not out.layer1[0].bn1.weight.requires_grad
+    assert not out.bn1._forward_pre_hooks and out.layer1[0].bn1._forward_pre_hooks   # stats frozen elsewhere only
+    assert normfx.last_report(out).get("freeze").skip_counts() == {"excluded by filter_fn": 1}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from functools import partial
-from typing import Literal
+from typing import Collection, Literal
 
 import torch
 import torch.fx as fx
@@ -98,11 +98,12 @@ def _first_occurrence(x: torch.Tensor) -> torch.Tensor:
     return first.sort().values
 
 
-def freeze_stats(model: nn.Module, keep: set[str]) -> list[str]:
-    """Put every BatchNorm whose γ/β are frozen into permanent eval mode; returns their names."""
+def freeze_stats(model: nn.Module, keep: set[str], excluded: Collection[str] = ()) -> list[str]:
+    """Put every BatchNorm whose γ/β are frozen into permanent eval mode (but those in ``excluded``,
+    which the caller keeps as they are); returns their names."""
     done = []
     for name, m in model.named_modules():
-        if isinstance(m, _BatchNorm) and m.track_running_stats:
+        if isinstance(m, _BatchNorm) and m.track_running_stats and name not in excluded:
             if any(p.requires_grad for p in m.parameters(recurse=False)):
                 continue
             m.training = False
@@ -161,7 +162,7 @@ def freeze_model(model: nn.Module, keep: set[str], random: int | str, seed: int,
         skips += _add_random(model, roles, keep, count, seed, excluded)
     notes = []
     if stats:
-        frozen_bn = freeze_stats(model, keep)
+        frozen_bn = freeze_stats(model, keep, excluded)
         notes.append(f"freeze_stats: {len(frozen_bn)} BatchNorm(s) with frozen γ/β run in eval mode")
         if not frozen_bn:
             logger.warning("freeze_stats=True but no BatchNorm has frozen γ/β (keep=%s)", sorted(keep))
