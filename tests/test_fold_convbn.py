@@ -522,3 +522,20 @@ def test_frozen_bn_tune_block_folds_in_train_mode_too():
     extra = [s for s in saved if s.data_ptr() not in params and s.data_ptr() != x.data_ptr()]
     assert extra == [], [tuple(s.shape) for s in extra]   # bn(conv(x)) would save conv(x)
     assert rel_err(y, m(x)) < DEPLOY_RTOL
+
+
+def test_fold_reads_other_normalizations_through_eval_affine():
+    """fold_convbn knows no EvoNorm or fixed-point class: a module's ``eval_affine()`` says whether it
+    is a constant affine to fold (EvoNorm without nonlinearity) or why not (a fixed-point BatchNorm)."""
+    conv = nn.Conv2d(3, 4, 3)
+    evo = normfx.nn.EvoNorm2dB0(4, apply_act=False)
+    with torch.no_grad():
+        evo.weight.uniform_(0.5, 1.5)
+        evo.bias.normal_()
+    net = nn.Sequential(conv, evo).eval()
+    x = torch.randn(2, 3, 8, 8)
+    folded = normfx.deploy(net)
+    assert type(folded[1]) is nn.Identity and torch.allclose(folded(x), net(x), atol=1e-5)
+    q = normfx.fixed_point(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval(), targets=("norm",))
+    (skip,) = normfx.last_report(normfx.deploy(q.eval())).get("fold_convbn").skips
+    assert skip.reason is normfx.SkipReason.UNSUPPORTED and "fixed-point grid" in skip.detail

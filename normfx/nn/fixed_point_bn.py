@@ -30,6 +30,12 @@ class FixedPointBatchNorm(nn.BatchNorm2d):
     deployed_scale: torch.Tensor | None
     deployed_shift: torch.Tensor | None
 
+    def eval_affine(self) -> str:
+        """``normfx.kinds.eval_affine``: its multiply-add is on the fixed-point grid, which a fold into
+        the conv would leave."""
+        return ("a fixed-point BatchNorm computes its multiply-add on the fixed-point grid: folding it would "
+                "leave the grid (use normfx.fixed_point(..., fold_bn=True) to fold first)")
+
     def __init__(self, num_features: int, *, scale_q: FixedPoint, shift_q: FixedPoint,
                  k_hot: int | None = None, k_hot_code: str = "csd", **kw) -> None:
         super().__init__(num_features, **kw)
