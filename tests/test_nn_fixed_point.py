@@ -246,3 +246,31 @@ def test_fused_gradients_equal_the_plain_autograd_formulation(rounding, overflow
     (_reference_ste(x, ib, 5, 1, rounding, overflow, signed) * w).sum().backward()
     assert torch.equal(gx, x.grad)
     assert torch.allclose(gi, ib.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("overflow", ["saturate", "saturate_sym", "saturate_zero", "wrap"])
+@pytest.mark.parametrize("rounding", ["nearest_even", "floor", "half_away"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_traceable_cast_gives_the_eager_values_and_gradients(signed, overflow, rounding, channels):
+    """torch.compile and torch.export run the cast as plain tensor ops (``_traceable_cast``); it must
+    give the custom autograd node's values and gradients bit for bit (the binary point's: one sum,
+    to summation order), bounds and wrap-around included."""
+    from normfx.nn.fixed_point import _FixedPointSTE, _traceable_cast
+
+    torch.manual_seed(0)
+    q = FixedPoint(6, None, signed=signed, rounding=rounding, overflow=overflow, channels=channels, axis=1,
+                   init_int_bits=1.0)
+    with torch.no_grad():
+        q.int_bits.copy_(torch.tensor([1.2, 0.6, 2.4][:channels]))
+    x = (torch.randn(64, channels, 5) * 2).requires_grad_()
+    g = torch.randn(64, channels, 5)
+    lo, hi = q._range()
+    args = (lo, hi, q.bits, q.signed, q.rounding, q.overflow, 1)
+    eager = _FixedPointSTE.apply(x, q.int_bits, *args)
+    traced = _traceable_cast(x, q.int_bits, *args)
+    assert torch.equal(eager, traced)
+    gx_e, gi_e = torch.autograd.grad(eager, (x, q.int_bits), g)
+    gx_t, gi_t = torch.autograd.grad(traced, (x, q.int_bits), g)
+    assert torch.equal(gx_e, gx_t)
+    assert torch.allclose(gi_e, gi_t, rtol=1e-5, atol=1e-5)

@@ -90,6 +90,11 @@ class TuneConv(_Swapped):
     and the BN runs as the BatchNorm it is: exact, with Eval mode's memory."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if torch.compiler.is_compiling():
+            # Compiled (torch.compile, torch.export): plain conv -> BN, Eval mode's exact computation.
+            # The link to the BN is Python state a graph cannot carry (dynamo breaks the graph at it);
+            # inductor's efficient_conv_bn_eval pass is the compiled counterpart of the fused path.
+            return self._normfx_base.forward(self, x)
         bn = self.__dict__.get("_normfx_bn")
         if bn is None or not _folds(self, bn, x):
             return self._normfx_base.forward(self, x)
@@ -113,6 +118,8 @@ class TuneBN(_Swapped):
     BatchNorm always did."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if torch.compiler.is_compiling():
+            return self._normfx_base.forward(self, x)     # its conv ran plain too (TuneConv.forward)
         link = self.__dict__.pop("_normfx_link", None)
         # The very tensor its conv returned, from the conv's own autograd node (a reentrant
         # checkpoint runs the conv without autograd and recomputes it in backward: no pairing).

@@ -72,7 +72,8 @@ class DirectPred(nn.Module):
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         if isinstance(f, torch.Tensor) and f.shape[-1] != self.dim:
             raise ValueError(f"DirectPred({self.dim}) got features of size {f.shape[-1]}")
-        if self.training and not torch.jit.is_tracing() and not _fx_tracing() and not torch.compiler.is_compiling():
+        # Compiled code collects too (an in-place buffer update under no_grad is part of the graph).
+        if self.training and not torch.jit.is_tracing() and not _fx_tracing():
             with torch.no_grad():
                 flat = f.detach().reshape(-1, self.dim).to(torch.float64)
                 self.pending.add_(flat.T @ flat)

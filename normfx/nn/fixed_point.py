@@ -57,6 +57,32 @@ _SCALAR_STEP_DEVICES = {"cpu"}
 _ROUND_CONST = {torch.float32: (1.5 * 2.0 ** 23, 22), torch.float64: (1.5 * 2.0 ** 52, 51)}
 
 
+def _traceable_cast(x: torch.Tensor, int_bits: torch.Tensor, lo: int, hi: int, bits: int, signed: bool,
+                    rounding: str, overflow: str, axis: int) -> torch.Tensor:
+    """The cast in plain differentiable tensor ops, for ``torch.compile`` and ``torch.export``: no
+    autograd.Function, no ``out=`` writes and no Python number read from a tensor (a data-dependent
+    guard for export, a graph break for dynamo). Values are ``_FixedPointSTE``'s (the same ops on
+    ``v = x/s``), and so are its straight-through gradients: with ``inside = [lo ≤ round(v) ≤ hi]``,
+    ``∂x̂/∂x = inside`` and ``∂x̂/∂s = m_sat − inside·x/s``. (``torch.clamp`` would pass no gradient
+    at a value equal to a bound, so the mask is explicit.)"""
+    i = int_bits + (torch.round(int_bits) - int_bits).detach()       # round, straight through
+    steps = torch.exp2(i - bits).to(x.dtype)
+    shape = [1] * x.dim()
+    if steps.numel() > 1:
+        shape[axis] = -1
+    step = steps.reshape(shape if steps.numel() > 1 else ())
+    v = x / step                                                       # exact: a power of two
+    with torch.no_grad():
+        m = torch.round(v) if rounding == "nearest_even" else round_fixed(v, rounding)
+        inside = ((m >= lo) & (m <= hi)).to(x.dtype)
+        m_sat = torch.clamp(m, lo, hi)
+    out = (m_sat + inside * (v - v.detach())) * step
+    if overflow in ("saturate", "saturate_sym"):
+        return out
+    # The value wraps; the gradient is the saturated one, as in eager.
+    return out + ((overflow_fixed(m, bits, signed, overflow) - m_sat) * step).detach()
+
+
 class _FixedPointSTE(torch.autograd.Function):
     """The whole cast, binary point included, as one autograd node:
     ``I = round(int_bits)`` (straight-through), ``s = 2^(I − W)``, ``x̂ = O(Q(x/s))·s``;
@@ -225,8 +251,12 @@ class FixedPoint(nn.Module):
             step = torch.exp2(self.integer_bits() - self.bits).to(x.dtype)
             step = step.reshape(()) if step.numel() == 1 else step
             return fixed_point_qdq(x, step, lo, hi, self.axis % x.dim())
-        y = _FixedPointSTE.apply(x, self.int_bits, lo, hi, self.bits, self.signed, self.rounding, self.overflow,
-                                 self.axis % x.dim())
+        if torch.compiler.is_compiling():    # torch.compile and torch.export: tensor ops only
+            y = _traceable_cast(x, self.int_bits, lo, hi, self.bits, self.signed, self.rounding, self.overflow,
+                                self.axis % x.dim())
+        else:
+            y = _FixedPointSTE.apply(x, self.int_bits, lo, hi, self.bits, self.signed, self.rounding,
+                                     self.overflow, self.axis % x.dim())
         return self._k_hot(y) if self.k_hot else y
 
     def _range(self) -> tuple[int, int]:

@@ -86,6 +86,11 @@ class ProgressiveRepBN(nn.Module):
         self.register_buffer("lam", torch.tensor(1.0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # No Python number read from λ (a graph break for dynamo, a data-dependent guard for
+            # torch.export): the blend, which is exactly the branches below — 1·a + 0·b == a for
+            # finite b, and a RepBN run in eval mode has no side effect to skip.
+            return self.lam * self.norm(x) + (1.0 - self.lam) * self.repbn(x)
         lam = float(self.lam)
         if lam <= 0.0:
             return self.repbn(x)
