@@ -103,6 +103,21 @@ class ProgressiveRepBN(nn.Module):
     def extra_repr(self) -> str:
         return f"lam={float(self.lam):.4f}, total_steps={self.total_steps}"
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,  # type: ignore[override]
+                              unexpected_keys, error_msgs):
+        """A checkpoint of the model before ``normfx.repbn`` holds this slot's LayerNorm as
+        ``<prefix>weight``/``<prefix>bias``: they load into ``norm``, and what the LayerNorm did not
+        have (RepBN, η, λ) keeps its current values, so ``load_state_dict(original, strict=True)``
+        works. A checkpoint of the transformed model loads as it is."""
+        if (prefix + "norm.weight") not in state_dict and any(prefix + k in state_dict for k in ("weight", "bias")):
+            for k in ("weight", "bias"):
+                if prefix + k in state_dict:
+                    state_dict[prefix + "norm." + k] = state_dict.pop(prefix + k)
+            for key, value in self.state_dict(prefix=prefix, keep_vars=True).items():
+                state_dict.setdefault(key, value.detach())
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
 
 class ChannelAffine(nn.Module):
     """``x·scale + shift`` over the channel axis: what is left of a RepBN that could not fold."""
