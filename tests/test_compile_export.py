@@ -90,3 +90,33 @@ def test_compiled_training_step_equals_eager(t, model_name):
         assert torch.allclose(a.double(), b.double(), rtol=1e-5, atol=1e-6), name
     with torch.no_grad():     # train -> eval: the trained values, recompiled for eval mode
         assert torch.allclose(run.eval()(x), eager.eval()(x), rtol=1e-4, atol=1e-5)
+
+
+_AOTI_RUN = """
+import sys, torch
+package = torch._inductor.aoti_load_package(sys.argv[1])
+io = torch.load(sys.argv[2], weights_only=True)
+print(float((package(io["x"]) - io["y"]).abs().max()))
+"""
+
+
+@pytest.mark.slow
+def test_aoti_package_of_a_deployed_resnet18_runs_in_a_fresh_process(tmp_path):
+    """The deployment path beside ONNX: torch.export -> AOTInductor package -> a new interpreter."""
+    import subprocess
+    import sys
+
+    import torchvision
+
+    from tests.conftest import randomize_bn
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64)
+    model = normfx.deploy(normfx.convbn(randomize_bn(torchvision.models.resnet18(), x).eval()))
+    program = torch.export.export(model, (x,))
+    package = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "r18.pt2"))
+    with torch.no_grad():
+        torch.save({"x": x, "y": model(x)}, tmp_path / "io.pt")
+    out = subprocess.run([sys.executable, "-c", _AOTI_RUN, package, str(tmp_path / "io.pt")],
+                         capture_output=True, text=True, check=True)
+    assert float(out.stdout.strip().splitlines()[-1]) < 1e-4
