@@ -97,6 +97,48 @@ def child_memory(variant: str, steps: int) -> dict:
             "step_s": statistics.median(times)}
 
 
+COMPILE_VARIANTS = ["eval", "tune", "compiled_eval", "compiled_tune"]
+
+
+def child_compile(variant: str, steps: int) -> dict:
+    """One training setup of the memory benchmark, eager or under ``torch.compile`` (inductor, with its
+    ``efficient_conv_bn_eval`` FX pass on, the compiled counterpart of Tune mode; no compile cache, so
+    each compiled process pays its compilation): RSS once loaded, peak RSS, the first step (which
+    compiles), and the median of ``steps`` steps after it."""
+    import normfx
+
+    torch.set_num_threads(2)
+    model = _model(MEM_MODEL).eval()
+    if variant.endswith("tune"):
+        model = normfx.convbn(model, mode="tune")
+    compiled = variant.startswith("compiled")
+    if compiled:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.efficient_conv_bn_eval_fx_passes = True
+        inductor_config.fx_graph_cache = False
+        if hasattr(inductor_config, "autograd_cache"):
+            inductor_config.autograd_cache = False
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    x = torch.randn(MEM_BATCH, 3, MEM_SIZE, MEM_SIZE)
+    y = torch.randint(0, 1000, (MEM_BATCH,))
+    run = torch.compile(model) if compiled else model
+
+    def step() -> float:
+        t0 = time.perf_counter()
+        F.cross_entropy(run(x), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    gc.collect()
+    loaded = _rss_mib()
+    first = step()
+    times = [step() for _ in range(steps)]
+    return {"loaded_rss_mib": loaded, "peak_rss_mib": _rss_mib(), "first_step_s": first,
+            "step_s": statistics.median(times)}
+
+
 def child_latency(name: str, variant: str, repeats: int) -> dict:
     from _common import latency_ms
     from torch.fx.experimental.optimization import fuse
@@ -151,7 +193,8 @@ def main() -> None:
     from _common import parse_args, write_section
 
     def options(ap) -> None:
-        ap.add_argument("--only", choices=["memory", "latency"], help="run one part; keep the other's numbers")
+        ap.add_argument("--only", choices=["memory", "latency", "compile"],
+                        help="run one part; keep the others' numbers")
         ap.add_argument("--models", nargs="+", choices=LAT_MODELS,
                         help="latency: rerun these models; the others keep their stored results")
         ap.add_argument("--rounds", type=int, help="latency: alternating rounds (default 7)")
@@ -161,6 +204,8 @@ def main() -> None:
         kind, *rest = args.child
         if kind == "memory":
             res = child_memory(rest[0], int(rest[1]))
+        elif kind == "compile":
+            res = child_compile(rest[0], int(rest[1]))
         elif kind == "interleaved":
             res = child_interleaved(rest[0], int(rest[1]))
         else:
@@ -172,9 +217,11 @@ def main() -> None:
     reps = 10 if args.quick else 20
     rounds = 1 if args.quick else 3
     lat_rounds = 1 if args.quick else 7
-    if args.only != "latency":
+    if args.only in (None, "memory"):
         _memory(rounds, steps)
-    if args.only != "memory":
+    if args.only in (None, "compile"):
+        _compile(rounds, steps)
+    if args.only in (None, "latency"):
         for name in args.models or LAT_MODELS:
             _latency(name, args.rounds or lat_rounds, reps)
     body = render()
@@ -191,6 +238,52 @@ def _memory(rounds: int, steps: int) -> None:
             runs[v].append(run_variant(__file__, "memory", v, str(steps)))
     record("convbn_memory", {"model": MEM_MODEL, "batch": MEM_BATCH, "size": MEM_SIZE, "rounds": rounds,
                              "steps": steps}, {"runs": runs})
+
+
+def _compile(rounds: int, steps: int) -> None:
+    from _common import record, run_variant
+
+    runs: dict[str, list[dict]] = {v: [] for v in COMPILE_VARIANTS}
+    for r in range(rounds):
+        for v in (COMPILE_VARIANTS if r % 2 == 0 else COMPILE_VARIANTS[::-1]):
+            runs[v].append(run_variant(__file__, "compile", v, str(steps)))
+    record("convbn_compile", {"model": MEM_MODEL, "batch": MEM_BATCH, "size": MEM_SIZE, "rounds": rounds,
+                              "steps": steps, "threads": 2}, {"runs": runs})
+
+
+def _compile_md(data: dict) -> str:
+    from _common import median, table
+
+    c = data["config"]
+    runs = data["raw"]["runs"]
+    mem = {v: {k: median(x[k] for x in rs) for k in rs[0]} for v, rs in runs.items()}
+    ev = mem["eval"]
+    rows = []
+    for v, r in mem.items():
+        over = r["peak_rss_mib"] - r["loaded_rss_mib"]
+        compile_s = r["first_step_s"] - r["step_s"]
+        rows.append([v, f"{r['step_s'] * 1e3:.0f}", f"{r['step_s'] / ev['step_s']:.2f}", f"{over:.0f}",
+                     f"{over / (ev['peak_rss_mib'] - ev['loaded_rss_mib']):.2f}",
+                     f"{compile_s:.1f}" if v.startswith("compiled") else "—"])
+    intro = (f"ResNet-50, batch {c['batch']}, {c['size']}², BatchNorm in eval mode (fine-tuning), SGD with momentum, "
+             f"two threads; each variant its own process, alternating over {c['rounds']} rounds; medians across "
+             f"rounds of per-process medians of {c['steps']} steps after the first. `compiled_*`: `torch.compile` "
+             "(inductor) with `efficient_conv_bn_eval_fx_passes` on and no compile cache; under compilation a "
+             "normfx Tune block runs as conv → BatchNorm, so `compiled_tune` is the compiled pass on the same "
+             "graph. Peak RSS over loaded includes, for the compiled variants, the compiler's own memory (the "
+             f"peak is a process maximum). Compile: the first step's time minus a step's. `{data['command']}`.")
+    over = {v: r["peak_rss_mib"] - r["loaded_rss_mib"] for v, r in mem.items()}
+    tune, ce, ct = mem["tune"], mem["compiled_eval"], mem["compiled_tune"]
+    verdict = (
+        "Targets: eager Tune at or below the compiled pass's peak memory and within 1.05 × eager Eval's step "
+        "time, with no compile wait; compiled Tune at least as fast and as lean as the compiled pass. Measured: "
+        f"eager Tune peaks at {over['tune'] / over['compiled_eval']:.2f} × the compiled pass's memory over loaded, "
+        f"at {tune['step_s'] / ev['step_s']:.2f} × eager Eval's step time"
+        + (" (over the 1.05 target: a gap)" if tune["step_s"] / ev["step_s"] > 1.05 else "")
+        + f"; compiled Tune takes {ct['step_s'] / ce['step_s']:.2f} × the compiled pass's step time and "
+        f"{over['compiled_tune'] / over['compiled_eval']:.2f} × its memory.")
+    return intro + "\n\n" + table(["variant", "step (ms)", "step ÷ eager Eval", "peak RSS over loaded (MiB)",
+                                     "÷ eager Eval", "compile (s)"], rows) + "\n\n" + verdict
 
 
 def _latency(name: str, rounds: int, reps: int) -> None:
@@ -263,6 +356,8 @@ def render() -> str:
     mem_md, m = _memory_md(mem)
     lat_md = _latency_md([load(f"convbn_latency_{n}") for n in LAT_MODELS
                           if (RESULTS / f"convbn_latency_{n}.json").exists()])
+    compile_md = (_compile_md(load("convbn_compile")) if (RESULTS / "convbn_compile.json").exists()
+                  else "Not yet measured: `python benchmarks/convbn.py --only compile`.")
     c = mem["config"]
     tune, ev, de = m["tune"], m["eval"], m["deploy"]
     return f"""## ConvBN (`benchmarks/convbn.py`)
@@ -281,6 +376,10 @@ time Tune ≤ 1.05 × Eval. Measured: Tune saves {tune['saved_mib'] / ev['saved_
 step time.
 
 {mem_md}
+
+### Eager Tune against `torch.compile` with inductor's `efficient_conv_bn_eval` pass
+
+{compile_md}
 
 ### Deploy vs `torch.fx.experimental.optimization.fuse`, batch 1 at 224×224, eval mode
 
