@@ -8,7 +8,8 @@ from __future__ import annotations
 import logging
 
 from normfx import lab
-from normfx.api import (apply, convbn, deploy, directpred, evonorm, fixed_point, freeze, linear_attention,
+from normfx.passes.sync_bn import SyncBNConfig
+from normfx.api import (apply, convbn, sync_bn, deploy, directpred, evonorm, fixed_point, freeze, linear_attention,
                         repbn)
 from normfx.calibrate import calibrate
 from normfx.passes.directpred import DirectPredConfig
@@ -38,6 +39,8 @@ __all__ = [
     "LinearAttentionConfig",
     "FreezeConfig",
     "FixedPointConfig",
+    "SyncBNConfig",
+    "sync_bn",
     "convbn",
     "deploy",
     "repbn",

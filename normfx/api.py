@@ -18,11 +18,12 @@ from normfx.passes.freeze import FreezeConfig, Role
 from normfx.passes.linear_attention import LinearAttentionConfig
 from normfx.passes.registry import DeployConfig, transform_for
 from normfx.passes.swap_layernorm import RepBNConfig
+from normfx.passes.sync_bn import SyncBNConfig
 from normfx.runner import transform
 from normfx.scope import FilterFn, LeafModules, make_scope
 
 __all__ = ["apply", "convbn", "deploy", "repbn", "evonorm", "directpred", "linear_attention", "freeze",
-           "fixed_point", "M", "Role"]
+           "fixed_point", "sync_bn", "M", "Role"]
 
 M = TypeVar("M", bound=nn.Module)
 """The caller's model type: every one-liner returns the caller's class (a forward it rewrote makes
@@ -378,3 +379,19 @@ def fixed_point(model: M, *, bits: int = 8, int_bits: float | None = None,
     config = FixedPointConfig(bits, int_bits, rounding, overflow, tuple(targets), per_channel, k_hot, k_hot_weights,
                               k_hot_code, fold_bn)
     return apply(model, config, filter_fn=filter_fn, leaf_modules=leaf_modules, inplace=inplace)
+
+
+def sync_bn(model: M, *, process_group: object | None = None, filter_fn: FilterFn | None = None,
+            leaf_modules: LeafModules | None = None, inplace: bool = False) -> M:
+    """Every BatchNorm computes its training statistics over the batch of every rank of
+    ``process_group`` (``torch.distributed``; CPU and gloo included), each module keeping its class,
+    slot and behaviour (a norm-act layer its activation, a Tune block its fused eval path). Exact.
+    Order: transform → ``sync_bn`` → ``DistributedDataParallel``; ``deploy`` gives the classes back.
+    See docs/distributed.md.
+
+    Example:
+        >>> m = normfx.sync_bn(normfx.convbn(torchvision.models.resnet18()))
+        >>> type(m.layer1[0].bn1).__name__
+        'SyncTuneBatchNorm2d'
+    """
+    return apply(model, SyncBNConfig(process_group), filter_fn=filter_fn, leaf_modules=leaf_modules, inplace=inplace)

@@ -23,6 +23,7 @@ from normfx.nn.directpred import DirectPred
 from normfx.nn.fixed_point import FixedPoint
 from normfx.nn.freeze import random_entries
 from normfx.nn.repbn import ProgressiveRepBN
+from normfx.nn.sync_bn import SyncBN
 from normfx.passes.registry import DEPLOY
 from normfx.runner import plan
 from normfx.scope import make_scope
@@ -272,7 +273,7 @@ def test_module_tree_hooks_and_deploy(t, model_name):
     with torch.no_grad():
         assert torch.isfinite(deployed(x)).all()
     for name, m in deployed.named_modules():
-        assert not isinstance(m, (TuneBN, TuneConv, ProgressiveRepBN, DirectPred)), name
+        assert not isinstance(m, (TuneBN, TuneConv, ProgressiveRepBN, DirectPred, SyncBN)), name
         assert not (isinstance(m, FixedPoint) and m.trainable), name
         assert not random_entries(m), name
     assert copy.deepcopy(deployed) is not None

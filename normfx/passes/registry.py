@@ -20,12 +20,14 @@ from normfx.passes.fold_convbn import CONVBN
 from normfx.passes.freeze import FREEZE
 from normfx.passes.linear_attention import LINEAR_ATTENTION
 from normfx.passes.swap_layernorm import REPBN
+from normfx.passes.sync_bn import SYNC_BN
 from normfx.transform import Step, Transform
 
 __all__ = ["TRANSFORMS", "DEPLOY", "DEPLOY_STEPS", "DeployConfig", "transform_for", "by_name", "inspect_columns",
            "markdown_table"]
 
-_TRAINING: tuple[Transform, ...] = (FREEZE, DIRECTPRED, FIXED_POINT, REPBN, LINEAR_ATTENTION, EVONORM, CONVBN)
+_TRAINING: tuple[Transform, ...] = (FREEZE, DIRECTPRED, FIXED_POINT, REPBN, LINEAR_ATTENTION, EVONORM, CONVBN,
+                                    SYNC_BN)
 
 DEPLOY_STEPS: tuple[Step, ...] = tuple(step for t in _TRAINING for step in t.deploy)
 """What ``normfx.deploy`` runs, in order: each transform's ``deploy`` steps, in registry order."""

@@ -1,0 +1,142 @@
+"""Batch statistics synchronized across processes, on any device (``torch.distributed``, gloo included).
+
+``nn.SyncBatchNorm`` refuses CPU tensors once a process group exists ("SyncBatchNorm expected input
+tensor to be on GPU ..."). ``synced_moments(x, group)`` is the piece every normfx batch-statistics
+layer needs instead: the per-channel mean and biased variance of ``x`` over the batch of *every*
+rank (two all-reduces: the sums and counts, then the centred sums of squares), and in backward the
+gradient of the loss summed over ranks (one all-reduce of the statistics' gradients), so that
+``DistributedDataParallel``'s averaging of parameter gradients gives exactly the gradients of one
+process on the global batch. Without an initialized process group, or with one rank, it is the
+local computation.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from normfx.kinds import bn_kind
+
+__all__ = ["synced_moments", "world_size", "SyncBN", "synced_class", "sync", "unsync"]
+
+
+def world_size(group: Any = None) -> int:
+    """Ranks in ``group`` (1 without an initialized process group)."""
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+
+
+class _SyncedMoments(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: Any):  # type: ignore[override]
+        dims = [d for d in range(x.dim()) if d != 1]
+        local_n = x.numel() // x.shape[1]
+        sums = torch.cat([x.sum(dims, dtype=torch.float64), x.new_tensor([local_n], dtype=torch.float64)])
+        dist.all_reduce(sums, group=group)
+        n = float(sums[-1])
+        mean = (sums[:-1] / n)
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        centred = x.double() - mean.view(shape)
+        sq = centred.pow(2).sum(dims)
+        dist.all_reduce(sq, group=group)
+        var = sq / n
+        ctx.save_for_backward(centred.to(x.dtype))
+        ctx.n, ctx.group, ctx.shape = n, group, shape
+        return mean.to(x.dtype), var.to(x.dtype), torch.tensor(n)
+
+    @staticmethod
+    def backward(ctx, g_mean: torch.Tensor, g_var: torch.Tensor, _: torch.Tensor):  # type: ignore[override]
+        (centred,) = ctx.saved_tensors
+        grads = torch.cat([g_mean, g_var]).double()
+        dist.all_reduce(grads, group=ctx.group)     # the statistics are every rank's: sum their gradients
+        c = g_mean.numel()
+        gm, gv = grads[:c].view(ctx.shape), grads[c:].view(ctx.shape)
+        gx = (gm + 2.0 * gv * centred.double()) / ctx.n
+        return gx.to(centred.dtype), None
+
+
+def synced_moments(x: torch.Tensor, group: Any = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-channel (axis 1) mean and biased variance of ``x`` over the batch of every rank in ``group``,
+    and the number of values per channel they were taken over (a 0-dim tensor)."""
+    if world_size(group) == 1:
+        dims = [d for d in range(x.dim()) if d != 1]
+        return x.mean(dims), x.var(dims, unbiased=False), torch.tensor(float(x.numel() // x.shape[1]))
+    return _SyncedMoments.apply(x, group)
+
+
+class SyncBN(nn.Module):
+    """Mixin of a BatchNorm whose batch statistics are every rank's (``normfx.sync_bn``): the module
+    keeps its object, slot, parameters, keys and class (a subclass of its own, as Tune blocks do).
+
+    When it normalizes with batch statistics (training, or no running statistics) and more than one
+    rank is in its group, it computes them with ``synced_moments`` and updates its running
+    statistics as BatchNorm does (unbiased variance over the global count); a norm-act layer (timm's
+    ``BatchNormAct2d``) then applies its ``drop`` and ``act``. Otherwise it is the module it was
+    (a Tune block's BatchNorm keeps its eval-mode fused path)."""
+
+    _normfx_sync_inner: type
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        bn: Any = self
+        group = self.__dict__.get("_normfx_group")
+        batch_stats = bn.training or bn.running_mean is None
+        if not batch_stats or world_size(group) == 1:
+            return super().forward(x)
+        mean, var, n = synced_moments(x, group)
+        if bn.training and bn.track_running_stats and bn.running_mean is not None:
+            with torch.no_grad():
+                bn.num_batches_tracked.add_(1)
+                f = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+                unbiased = var.detach() * (n / max(float(n) - 1.0, 1.0))
+                bn.running_mean.mul_(1 - f).add_(mean.detach().to(bn.running_mean.dtype), alpha=f)
+                bn.running_var.mul_(1 - f).add_(unbiased.to(bn.running_var.dtype), alpha=f)
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + bn.eps)
+        if bn.weight is not None:
+            y = y * bn.weight.view(shape) + bn.bias.view(shape)
+        if bn_kind(self) == "norm_act":
+            y = bn.act(bn.drop(y))
+        return y
+
+    def __reduce_ex__(self, protocol):  # type: ignore[override]
+        # The inner class may itself be made at run time (a Tune BatchNorm): reduce as it, then re-sync.
+        self.__class__ = self._normfx_sync_inner
+        try:
+            inner = self.__reduce_ex__(protocol)
+        finally:
+            self.__class__ = synced_class(self.__class__)
+        return (_resynced, (inner[0], inner[1]), *inner[2:])
+
+
+_SYNCED: dict[type, type] = {}
+
+
+def synced_class(inner: type) -> type:
+    """``SyncBN`` over ``inner`` (one class per inner class; the name reads ``SyncBatchNorm2d``)."""
+    if inner not in _SYNCED:
+        namespace = {"_normfx_sync_inner": inner, "__module__": __name__,
+                     "_normfx_base": getattr(inner, "_normfx_base", inner)}
+        _SYNCED[inner] = type("Sync" + inner.__name__, (SyncBN, inner), namespace)
+    return _SYNCED[inner]
+
+
+def _resynced(rebuild: Any, args: tuple) -> nn.Module:
+    obj = rebuild(*args)
+    obj.__class__ = synced_class(type(obj))
+    return obj
+
+
+def sync(bn: nn.Module, group: Any) -> None:
+    """Make ``bn`` synchronize its batch statistics over ``group`` (in place; the default group when
+    ``None``)."""
+    inner = bn._normfx_sync_inner if isinstance(bn, SyncBN) else type(bn)
+    bn.__class__ = synced_class(inner)
+    bn.__dict__["_normfx_group"] = group
+
+
+def unsync(bn: nn.Module) -> None:
+    """Give a synchronized BatchNorm its class back."""
+    if isinstance(bn, SyncBN):
+        bn.__class__ = bn._normfx_sync_inner
+        bn.__dict__.pop("_normfx_group", None)
