@@ -1,6 +1,7 @@
-"""``normfx.sync_bn`` and ``DistributedDataParallel`` on CPU (gloo, two processes): a training step of
-a synchronized model under DDP equals one process's step on the global batch — losses, parameters,
-running statistics. And what ``sync_bn`` keeps that ``nn.SyncBatchNorm.convert_sync_batchnorm``
+"""``normfx.sync_bn`` and ``DistributedDataParallel`` on CPU (gloo, two processes): training steps of
+a synchronized model under DDP equal one process's steps on the global batch — losses, parameters,
+running statistics, PRepBN's λ, the random control's entries — for a plain CNN, Tune mode, BN-only
+training with the random control and a PRepBN ViT with its scheduler. And what ``sync_bn`` keeps that ``nn.SyncBatchNorm.convert_sync_batchnorm``
 drops (a BatchNorm subclass's activation, a Tune block)."""
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import normfx
+from normfx.nn.repbn import ProgressiveRepBN
 from normfx.nn.sync_bn import SyncBN, synced_moments
 
 STEPS, GLOBAL_BATCH = 2, 8
@@ -27,10 +29,24 @@ def _net() -> nn.Module:
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
 
 
+def _vit() -> nn.Module:
+    import torchvision
+
+    torch.manual_seed(0)
+    return torchvision.models.VisionTransformer(8, 4, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32,
+                                                num_classes=4)
+
+
 def _prepared(variant: str) -> nn.Module:
+    if variant == "prepbn":       # mid-schedule: λ moves every step, both branches count
+        net = normfx.repbn(_vit().train(), total_steps=4)
+        normfx.RepBNScheduler(net, warmup_steps=0).step()
+        return normfx.sync_bn(net)
     net = _net().train()
     if variant == "tune":
         net = normfx.convbn(net, mode="tune")
+    if variant == "bn_only":      # the paper's control: random entries train in every frozen conv
+        net = normfx.freeze(net, random="per_channel")
     return normfx.sync_bn(net)
 
 
@@ -41,13 +57,19 @@ def _data() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _train(model: nn.Module, xs: torch.Tensor, ys: torch.Tensor) -> list[float]:
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    sched = normfx.RepBNScheduler(inner) if any(isinstance(m, ProgressiveRepBN) for m in inner.modules()) else None
+    if sched is not None:
+        sched.last_step = 1
     losses = []
     for x, y in zip(xs, ys):
         opt.zero_grad()
         loss = F.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
+        if sched is not None:
+            sched.step()
         losses.append(float(loss))
     return losses
 
@@ -75,7 +97,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["plain", "tune"])
+@pytest.mark.parametrize("variant", ["plain", "tune", "bn_only", "prepbn"])
 def test_ddp_step_equals_one_process_on_the_global_batch(variant, tmp_path):
     mp.spawn(_worker, args=(2, _free_port(), variant, str(tmp_path)), nprocs=2, join=True)
     single = _prepared(variant)
