@@ -1,8 +1,9 @@
 """``normfx.sync_bn`` and ``DistributedDataParallel`` on CPU (gloo, two processes): training steps of
 a synchronized model under DDP equal one process's steps on the global batch — losses, parameters,
 running statistics, PRepBN's λ, the random control's entries — for a plain CNN, Tune mode, BN-only
-training with the random control and a PRepBN ViT with its scheduler. And what ``sync_bn`` keeps that ``nn.SyncBatchNorm.convert_sync_batchnorm``
-drops (a BatchNorm subclass's activation, a Tune block)."""
+training with the random control and a PRepBN ViT with its scheduler. And what ``sync_bn`` keeps
+that ``nn.SyncBatchNorm.convert_sync_batchnorm`` drops (a BatchNorm subclass's activation, a Tune
+block)."""
 from __future__ import annotations
 
 import os
