@@ -20,7 +20,6 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -46,21 +45,14 @@ def _transforms(model: torch.nn.Module) -> None:
 
 
 def child(model_name: str, variant: str, repeats: int) -> None:
-    from _common import torchvision_model
+    from _common import latency_ms, torchvision_model
 
     from normfx.cli import inspect_model
 
     torch.set_num_threads(1)
     model = torchvision_model(model_name)
     run = (lambda: inspect_model(model)) if variant == "inspect" else (lambda: _transforms(model))
-    run()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    print(json.dumps({"model": model_name, "variant": variant, "ms": 1e3 * statistics.median(times),
-                      "runs_ms": [1e3 * t for t in times]}))
+    print(json.dumps({"model": model_name, "variant": variant, "ms": latency_ms(run, repeats, warmup=1)}))
 
 
 def render() -> str:

@@ -24,6 +24,7 @@ Sites and what each becomes:
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from dataclasses import dataclass, fields
 from functools import partial
 from typing import Any, Literal, NamedTuple, Sequence
@@ -96,14 +97,15 @@ def insert_fixed_point(gm: fx.GraphModule, scope: Scope = EVERYWHERE, *, bits: i
         changes.append(Change(name, "cast", q.extra_repr()))
 
     opts = _Options(bits, int_bits, rounding, overflow, set(targets), per_channel, k_hot, k_hot_weights, k_hot_code)
-    seen: set[str] = set()
+    calls: Counter[str] = Counter()   # module calls so far, per module: its first call is its one site
     for node in list(gm.graph.nodes):
-        if node.op == "call_module" and str(node.target) not in seen:
+        if node.op == "call_module":
+            calls[str(node.target)] += 1
+        if node.op == "call_module" and calls[str(node.target)] == 1:
             m = mods[node.target]
             if isinstance(m, FixedPoint):
                 continue
             site = str(node.target)
-            seen.add(site)   # a module called at several places is one site
             if is_conv_like(m):
                 _sort(_cast_weights(m, site, opts, scope), changes, skips)
             elif isinstance(m, _BatchNorm) and "norm" in wanted:
@@ -137,31 +139,29 @@ def insert_fixed_point(gm: fx.GraphModule, scope: Scope = EVERYWHERE, *, bits: i
             if node.op == "call_module" and node.target in gm.meta.get("normfx_subregions", ()):
                 continue
             if node.op == "call_module" and node not in tensors and node.users:
-                excluded = scope.skip(output_site(node), (str(node.target), mods[node.target]))
-                skips.append(excluded or Skip(output_site(node), SkipReason.UNSUPPORTED,
+                excluded = scope.skip(output_site(node, calls[str(node.target)]), (str(node.target), mods[node.target]))
+                skips.append(excluded or Skip(output_site(node, calls[str(node.target)]), SkipReason.UNSUPPORTED,
                                   f"'{node.target}' ({type(mods[node.target]).__name__}) may not return one tensor "
                                   "(its forward could not be traced): its output is not cast"))
             elif node in tensors and not same_values(gm, node) and node.users:
                 if integer_indices(gm, node):
-                    skips.append(Skip(output_site(node), SkipReason.UNSUPPORTED,
+                    skips.append(Skip(output_site(node, calls[str(node.target)]), SkipReason.UNSUPPORTED,
                                       "integer tensor: every use is an embedding's indices"))
                 else:
-                    add_cast(node, not unsigned(gm, node), output_site(node))
+                    add_cast(node, not unsigned(gm, node), output_site(node, calls[str(node.target)]))
     if not scope.plan:
         gm.graph.lint()
         gm.recompile()
     return PassResult("fixed_point", tuple(changes), tuple(skips))
 
 
-def output_site(node: fx.Node) -> str:
+def output_site(node: fx.Node, call: int = 1) -> str:
     """How an activation cast's site is reported: ``<module> (output)`` after a module call (the
-    module's name; ``(output 2)`` for its second call), ``<node> (output)`` after a function or an
-    input."""
+    module's name; ``(output 2)`` for its ``call``-th call, 2), ``<node> (output)`` after a function
+    or an input."""
     if node.op != "call_module":
         return f"{node.name} (output)"
-    calls = [n for n in node.graph.nodes if n.op == "call_module" and n.target == node.target]
-    k = calls.index(node)
-    return f"{node.target} (output{f' {k + 1}' if k else ''})"
+    return f"{node.target} (output{f' {call}' if call > 1 else ''})"
 
 
 def _sort(results: list[Change | Skip], changes: list[Change], skips: list[Skip]) -> None:
