@@ -21,6 +21,8 @@ from typing import Literal, NamedTuple
 import torch
 import torch.nn as nn
 
+from normfx.nn.sync_bn import sync_group, synced_moments, update_running, world_size
+
 __all__ = ["EvoNorm2dB0", "EvoNorm2dS0", "Preset", "PRESETS", "EvoNormPreset", "fit_groups"]
 
 logger = logging.getLogger("normfx")
@@ -118,6 +120,7 @@ class EvoNorm2dB0(_EvoNorm):
     """
 
     running_var: torch.Tensor
+    normfx_syncs_itself = True   # normfx.sync_bn: the batch variance over every rank in _normalize
 
     def __init__(self, num_features: int, *, apply_act: bool = True, eps: float = 1e-5, momentum: float = 0.1,
                  unbiased_running: bool = False) -> None:
@@ -129,11 +132,14 @@ class EvoNorm2dB0(_EvoNorm):
     def _normalize(self, xf: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         spatial = tuple(range(2, xf.dim()))
         if self.training:
-            var = xf.var(dim=(0, *spatial), unbiased=False)
-            with torch.no_grad():
+            synced, group = sync_group(self)
+            n: float | torch.Tensor
+            if synced and world_size(group) > 1:      # normfx.sync_bn under torch.distributed
+                _, var, n = synced_moments(xf, group)
+            else:
+                var = xf.var(dim=(0, *spatial), unbiased=False)
                 n = xf.numel() / xf.shape[1]
-                run = var.detach() * (n / (n - 1) if self.unbiased_running and n > 1 else 1.0)
-                self.running_var.mul_(1 - self.momentum).add_(run.to(self.running_var.dtype), alpha=self.momentum)
+            update_running(None, self.running_var, None, var, n, self.momentum, unbiased=self.unbiased_running)
         else:
             var = self.running_var.float()
         left = _view(torch.sqrt(var + self.eps), xf)

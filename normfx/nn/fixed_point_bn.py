@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normfx.nn.fixed_point import FixedPoint
+from normfx.nn.sync_bn import sync_group, synced_moments, update_running, world_size
 
 __all__ = ["FixedPointBatchNorm"]
 
@@ -29,6 +30,7 @@ class FixedPointBatchNorm(nn.BatchNorm2d):
 
     deployed_scale: torch.Tensor | None
     deployed_shift: torch.Tensor | None
+    normfx_syncs_itself = True   # normfx.sync_bn: batch statistics over every rank in scale_shift
 
     def eval_affine(self) -> str:
         """``normfx.kinds.eval_affine``: its multiply-add is on the fixed-point grid, which a fold into
@@ -70,9 +72,17 @@ class FixedPointBatchNorm(nn.BatchNorm2d):
             if update:
                 self.num_batches_tracked.add_(1)
                 m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)  # type: ignore[arg-type]
-            mean, var = _BatchStats.apply(x, self.running_mean if update else None,
-                                          self.running_var if update else None, m)
+            synced, group = sync_group(self)
+            if synced and world_size(group) > 1:       # normfx.sync_bn under torch.distributed
+                mean, var, n = synced_moments(x, group)
+                if update:
+                    assert self.running_var is not None
+                    update_running(self.running_mean, self.running_var, mean, var, n, m)
+            else:
+                mean, var = _BatchStats.apply(x, self.running_mean if update else None,
+                                              self.running_var if update else None, m)
         else:
+            assert self.running_mean is not None and self.running_var is not None
             mean, var = self.running_mean, self.running_var
         scale = torch.rsqrt(var + self.eps)
         if self.weight is not None:

@@ -6,8 +6,10 @@ training step equals one process's step on the global batch. Each module keeps i
 parameters, keys and class (a subclass of its own, as Tune blocks are), so what a BatchNorm subclass
 adds stays (timm's ``BatchNormAct2d`` keeps its activation; a Tune block stays a Tune block), where
 ``nn.SyncBatchNorm.convert_sync_batchnorm`` rebuilds subclasses as plain ``SyncBatchNorm`` (and
-``SyncBatchNorm`` refuses CPU tensors). Skipped with their reason: fixed-point BatchNorms and
-EvoNorm-B0 (their statistics are computed in their own forward; not synchronized yet).
+``SyncBatchNorm`` refuses CPU tensors). normfx's own layers that compute batch statistics in their
+forward (``FixedPointBatchNorm``, EvoNorm-B0's batch variance) keep their class and synchronize
+there. Skipped with their reason: a BatchNorm subclass with a forward of its own that normfx does not
+know.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from normfx.kinds import bn_kind
 from normfx.nn.evonorm import EvoNorm2dB0
-from normfx.nn.sync_bn import SyncBN, sync, unsync
+from normfx.nn.sync_bn import SyncBN, is_synced, sync, sync_group, unsync
 from normfx.report import Change, PassResult, Skip, SkipReason
 from normfx.scope import Scope
 from normfx.transform import Step, Transform
@@ -36,13 +38,14 @@ class SyncBNConfig:
 
 
 def _site(name: str, m: nn.Module, scope: Scope) -> Change | Skip | None:
-    if isinstance(m, EvoNorm2dB0) and m.apply_act:
-        return Skip(name, SkipReason.UNSUPPORTED, "EvoNorm-B0's batch variance is not synchronized yet")
-    if not isinstance(m, _BatchNorm):
+    own = getattr(type(m), "normfx_syncs_itself", False)
+    if isinstance(m, EvoNorm2dB0) and not m.apply_act:
+        return None                     # x·γ + β: no statistics
+    if not (own or isinstance(m, _BatchNorm)):
         return None
-    if isinstance(m, SyncBN) or isinstance(m, nn.SyncBatchNorm):
+    if is_synced(m):
         return Skip(name, SkipReason.ALREADY_DONE, f"already synchronized ({type(m).__name__})")
-    if bn_kind(m) is None:
+    if not own and bn_kind(m) is None:
         return Skip(name, SkipReason.UNSUPPORTED, f"{type(m).__name__} computes its statistics in its own forward; "
                     "not synchronized yet")
     return scope.skip(name, (name, m)) or Change(name, "sync", type(m).__name__)
@@ -63,10 +66,11 @@ def sync_batchnorms(model: nn.Module, scope: Scope, c: SyncBNConfig) -> tuple[Pa
 
 
 def _unsync(root: nn.Module, named: list[tuple[str, nn.Module]], scope: Scope) -> PassResult:
-    named, skips = scope.split(named, lambda m: isinstance(m, SyncBN))
+    ours = lambda m: isinstance(m, SyncBN) or sync_group(m)[0]  # noqa: E731
+    named, skips = scope.split(named, ours)
     changes = []
     for name, m in named:
-        if isinstance(m, SyncBN):
+        if ours(m):
             unsync(m)
             changes.append(Change(name, "unsync", "inference needs no synchronized statistics"))
     return PassResult("unsync_bn", tuple(changes), skips)
