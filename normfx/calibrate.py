@@ -3,15 +3,17 @@ quantization, or the start of QFX training). It changes the model it is given, a
 does: no transform, no copy."""
 from __future__ import annotations
 
-from typing import Iterable, TypeVar
+from typing import Any, Iterable, TypeVar
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.utils import parametrize
 from tqdm import tqdm
 
 from normfx.batches import ForwardFn, run_batch
 from normfx.nn.fixed_point import FixedPoint
+from normfx.nn.sync_bn import world_size
 
 __all__ = ["calibrate"]
 
@@ -19,7 +21,8 @@ M = TypeVar("M", bound=nn.Module)
 
 
 def calibrate(model: M, batches: Iterable, *, steps: int | None = None,
-              progress: bool = True, forward_fn: ForwardFn | None = None) -> M:
+              progress: bool = True, forward_fn: ForwardFn | None = None,
+              process_group: Any = None, sync_ranks: bool = True) -> M:
     """Set every trainable fixed-point binary point from the ranges observed on ``batches``.
 
     Each cast records ``max |x|`` while the model runs (in eval mode, casts passing values through),
@@ -28,6 +31,12 @@ def calibrate(model: M, batches: Iterable, *, steps: int | None = None,
     Batches follow ``normfx.batches``: a tensor, a tuple/list whose first item is the input (a
     DataLoader's ``(x, y)``), a dict of keyword arguments, or anything with ``forward_fn(model, batch)``.
     ``progress=False`` turns off the tqdm progress bar (for libraries that embed normfx).
+
+    Under ``torch.distributed`` (more than one rank in ``process_group``, the default group when
+    ``None``) every rank must call it, each with its own share of the batches: the observed ranges
+    are reduced (the maximum over ranks) before the binary points are set, so every rank sets the
+    same ones, those of one process on every rank's batches. ``sync_ranks=False`` keeps each rank's
+    own (then broadcast the state yourself, or the ranks train different models).
     """
     casts = [m for m in model.modules() if isinstance(m, FixedPoint) and m.trainable
              and not _is_weight_cast(model, m)]
@@ -48,6 +57,11 @@ def calibrate(model: M, batches: Iterable, *, steps: int | None = None,
     finally:
         for q in casts:
             q.observing = False
+    if sync_ranks and world_size(process_group) > 1:
+        observed = torch.cat([q.observed_max for q in casts])
+        dist.all_reduce(observed, op=dist.ReduceOp.MAX, group=process_group)
+        for q, part in zip(casts, observed.split([q.observed_max.numel() for q in casts])):
+            q.observed_max.copy_(part)
     for q in casts:
         q.calibrate_from_observed()
     model.train(was)

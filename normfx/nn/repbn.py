@@ -9,7 +9,7 @@
 """
 from __future__ import annotations
 
-from typing import Iterable, TypeVar
+from typing import Any, Iterable, TypeVar
 
 import torch
 import torch.nn as nn
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from normfx.batches import ForwardFn, run_batch
+from normfx.nn.sync_bn import is_synced, sync, unsync, world_size
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -33,8 +34,18 @@ class RepBN(nn.Module):
                  channels_last: bool = True) -> None:
         super().__init__()
         self.bn = nn.BatchNorm1d(num_features, eps=eps, momentum=momentum)
-        self.eta = nn.Parameter(torch.tensor(float(eta_init)))
+        # One element, not a 0-dim tensor (as SLAB's ``alpha = nn.Parameter(torch.ones(1))``): FSDP's
+        # ``fully_shard`` refuses scalar parameters.
+        self.eta = nn.Parameter(torch.full((1,), float(eta_init)))
         self.channels_last = channels_last
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,  # type: ignore[override]
+                              unexpected_keys, error_msgs):
+        eta = state_dict.get(prefix + "eta")
+        if isinstance(eta, torch.Tensor) and eta.dim() == 0:   # a checkpoint from before η had one element
+            state_dict[prefix + "eta"] = eta.reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dev = x.device.type
@@ -199,7 +210,8 @@ class RepBNScheduler:
 
 @torch.no_grad()
 def recalibrate_bn(model: M, batches: Iterable, *, steps: int | None = None,
-                   progress: bool = True, forward_fn: ForwardFn | None = None) -> M:
+                   progress: bool = True, forward_fn: ForwardFn | None = None,
+                   process_group: Any = None, sync_ranks: bool = True) -> M:
     """Re-estimate every BatchNorm's running statistics from ``batches`` (SLAB does this after training).
 
     The model runs in eval mode — Dropout, DropPath and stochastic depth off, as at inference — with
@@ -211,6 +223,12 @@ def recalibrate_bn(model: M, batches: Iterable, *, steps: int | None = None,
     follow ``normfx.batches``: a tensor, a tuple/list whose first item is the input, a dict of
     keyword arguments, or anything with ``forward_fn(model, batch)``. ``progress=False`` turns off
     the tqdm progress bar.
+
+    Under ``torch.distributed`` (more than one rank in ``process_group``, the default group when
+    ``None``) every rank must call it, each with its own share of the batches: the BatchNorms compute
+    their batch statistics over every rank's batch (``normfx.sync_bn`` for the duration of the call),
+    so every rank ends with the same statistics, those of one process on the global batches.
+    ``sync_ranks=False`` keeps each rank's own.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 6), nn.Dropout(0.5), nn.BatchNorm1d(6))
@@ -225,7 +243,10 @@ def recalibrate_bn(model: M, batches: Iterable, *, steps: int | None = None,
         raise ValueError(f"{type(model).__name__} has no BatchNorm with running statistics to recalibrate")
     modes = {m: m.training for m in model.modules()}
     momenta = {m: m.momentum for m in bns}
+    synced = [m for m in bns if sync_ranks and world_size(process_group) > 1 and not is_synced(m)]
     try:
+        for m in synced:
+            sync(m, process_group)
         for m in bns:
             m.reset_running_stats()
             m.momentum = None
@@ -247,4 +268,6 @@ def recalibrate_bn(model: M, batches: Iterable, *, steps: int | None = None,
             mod.training = mode
         for m, mom in momenta.items():
             m.momentum = mom
+        for m in synced:
+            unsync(m)
     return model
