@@ -21,6 +21,7 @@ import math
 import torch
 import torch.nn as nn
 
+from normfx.nn.param_keys import full, sharded
 from normfx.functional import (OVERFLOW, ROUNDING, KHotCode, fixed_mode, integer_range, k_hot_project, k_hot_table,
                                 overflow_fixed, round_fixed)
 
@@ -246,18 +247,21 @@ class FixedPoint(nn.Module):
                 cur = x.detach().abs().amax(dim=dims) if dims else x.detach().abs()
                 self.observed_max.copy_(torch.maximum(self.observed_max, cur.float().reshape(-1)))
             return x
+        int_bits = self.int_bits
+        if sharded(x) or sharded(int_bits):     # FSDP's state_dict (see normfx.nn.param_keys.full)
+            x, int_bits = full(x), full(int_bits)
         lo, hi = self._range()
         if self.export_form:
-            step = torch.exp2(self.integer_bits() - self.bits).to(x.dtype)
+            step = torch.exp2(torch.round(int_bits.detach()) - self.bits).to(x.dtype)
             step = step.reshape(()) if step.numel() == 1 else step
             return fixed_point_qdq(x, step, lo, hi, self.axis % x.dim())
         if torch.compiler.is_compiling():    # torch.compile and torch.export: tensor ops only
-            y = _traceable_cast(x, self.int_bits, lo, hi, self.bits, self.signed, self.rounding, self.overflow,
+            y = _traceable_cast(x, int_bits, lo, hi, self.bits, self.signed, self.rounding, self.overflow,
                                 self.axis % x.dim())
         else:
-            y = _FixedPointSTE.apply(x, self.int_bits, lo, hi, self.bits, self.signed, self.rounding,
+            y = _FixedPointSTE.apply(x, int_bits, lo, hi, self.bits, self.signed, self.rounding,
                                      self.overflow, self.axis % x.dim())
-        return self._k_hot(y) if self.k_hot else y
+        return self._k_hot(y, torch.round(int_bits.detach()).reshape(-1)) if self.k_hot else y
 
     def _range(self) -> tuple[int, int]:
         """The integer range ``[lo, hi]`` of the word (``saturate_sym`` drops the most negative)."""
@@ -280,16 +284,15 @@ class FixedPoint(nn.Module):
             cache[key] = table.to(device=self.int_bits.device, dtype=dtype)
         return cache[key]
 
-    def _k_hot(self, y: torch.Tensor) -> torch.Tensor:
+    def _k_hot(self, y: torch.Tensor, ib: torch.Tensor) -> torch.Tensor:
         """Nearest K-hot value on each channel's own grid and range, straight-through in backward.
 
         Per-channel casts project each channel with its own format's table: a union of the
         formats would hand a channel values its word cannot hold (the deployed cast would then
         saturate them into a different, many-term value)."""
         yd = y.detach()
-        ib = self.integer_bits().reshape(-1)
         if ib.numel() == 1:
-            proj = k_hot_project(yd, self.k_hot_table(y.dtype))
+            proj = k_hot_project(yd, self.k_hot_table(y.dtype, int(ib[0])))
         else:
             axis = self.axis % y.dim()
             moved = yd.movedim(axis, 0)

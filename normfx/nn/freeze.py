@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from normfx.nn.param_keys import keep_state_dict_keys, normfx_parametrized
+from normfx.nn.param_keys import full, keep_state_dict_keys, normfx_parametrized, sharded
 
 __all__ = ["RandomEntries", "add_random_entries", "keep_eval", "random_entries"]
 
@@ -33,7 +33,10 @@ class RandomEntries(nn.Module):
 
     def forward(self, original: torch.Tensor) -> torch.Tensor:
         index = cast(torch.Tensor, self.index)
-        return original.reshape(-1).index_put((index,), self.values).view_as(original)
+        values: torch.Tensor = self.values
+        if sharded(original) or sharded(values):   # FSDP's state_dict (see normfx.nn.param_keys.full)
+            original, values = full(original), full(values)
+        return original.reshape(-1).index_put((index,), values).view_as(original)
 
     def extra_repr(self) -> str:
         return f"{self.index.numel()} trainable entries"

@@ -17,10 +17,25 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-__all__ = ["keep_state_dict_keys", "normfx_parametrized"]
+__all__ = ["keep_state_dict_keys", "normfx_parametrized", "sharded", "full"]
+
+
+def sharded(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a ``torch.distributed`` DTensor (a parameter FSDP's ``fully_shard`` holds)."""
+    return callable(getattr(t, "full_tensor", None))
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """``t`` whole: a DTensor gathered from every rank (a collective: every rank calls it), else ``t``.
+
+    Outside FSDP's forward (its ``state_dict``, ``torch.distributed.checkpoint``'s key lookup) a
+    parametrized tensor is computed from the sharded parameters; normfx's parametrizations compute it
+    from the gathered ones, so the checkpoint holds the whole tensor under the original key."""
+    return t.full_tensor() if sharded(t) else t  # type: ignore[attr-defined]
 
 
 def _key(name: str, *rest: str) -> str:
