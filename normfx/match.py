@@ -63,12 +63,21 @@ def set_param(module: nn.Module, name: str, value: torch.Tensor, *, requires_gra
     loses its parametrization: ``value`` is computed from what the parametrization produced, so it
     already holds the parametrized result.
     """
+    # Where ``name`` stood among the module's parameters (state_dict order): pruning and
+    # parametrizations re-register it last, so it goes back to its place.
+    order = list(module.__dict__.get("_normfx_own_keys") or
+                 [name if k == name + "_orig" else k for k in module._parameters])
     unprune(module, name)
     if parametrize.is_parametrized(module, name):
         # leave_parametrized=False puts the untouched original back (True would ``set_`` it in place,
         # and the original may be shared with the caller's model).
         parametrize.remove_parametrizations(module, name, leave_parametrized=False)
     setattr(module, name, nn.Parameter(value, requires_grad=requires_grad))
+    if name in order:
+        params = module._parameters
+        ranked = sorted(params.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order))
+        params.clear()
+        params.update(ranked)
 
 
 def unprune(module: nn.Module, name: str) -> bool:

@@ -114,3 +114,62 @@ def test_a_checkpoint_of_the_layernorm_model_loads_into_prepbn():
     own.load_state_dict(prepbn.state_dict(), strict=True)     # its own keys load as they are
     with torch.no_grad():
         assert torch.equal(own.eval()(x), prepbn(x))
+
+
+def _resnet18() -> nn.Module:
+    import torchvision
+
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=10).eval()
+
+
+def _folded_keys(model: nn.Module) -> list[str]:
+    """``model``'s keys after folding each BatchNorm into the conv before it (ResNet naming): the
+    BatchNorm's keys gone, the conv's ``bias`` after its ``weight``."""
+    bns = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    convs = {n.replace("bn", "conv").removesuffix(".1") + (".0" if n.endswith("downsample.1") else "") for n in bns}
+    keys = []
+    for k in model.state_dict():
+        if any(k.startswith(b + ".") for b in bns):
+            continue
+        keys.append(k)
+        if k.endswith(".weight") and k.removesuffix(".weight") in convs:
+            keys.append(k.removesuffix(".weight") + ".bias")
+    return keys
+
+
+def test_deployed_state_dict_holds_what_docs_export_md_says():
+    """The table in docs/export.md, construct by construct."""
+    plain = _resnet18()
+    folded = _folded_keys(plain)
+    assert len(plain.state_dict()) == 122 and len(folded) == 42
+    for before in (plain, normfx.convbn(plain, mode="tune").eval(), normfx.sync_bn(plain).eval(),
+                   normfx.freeze(plain, random="per_channel").eval()):
+        assert list(normfx.deploy(before).state_dict()) == folded
+
+    q = normfx.fixed_point(plain).eval()
+    deployed = normfx.deploy(q)
+    bns = [n for n, m in q.named_modules() if isinstance(m, normfx.nn.FixedPointBatchNorm)]
+    added = {f"{n}.{b}" for n in bns for b in ("deployed_scale", "deployed_shift")}
+    assert set(deployed.state_dict()) == set(q.state_dict()) | added and len(added) == 40
+    assert not any(n.endswith("int_bits") for n, _ in deployed.named_parameters())
+
+    vit = normfx.repbn(_vit(), total_steps=1)
+    for m in vit.modules():
+        if isinstance(m, ProgressiveRepBN):
+            m.lam.fill_(0.0)
+    prepbn = [n for n, m in vit.named_modules() if isinstance(m, ProgressiveRepBN)]
+    kept = [k for k in vit.state_dict() if not any(k.startswith(p + ".") for p in prepbn)]
+    assert list(normfx.deploy(vit.eval()).state_dict()) == kept
+
+    class SimSiam(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder, self.predictor = nn.Linear(8, 8), nn.Linear(8, 8, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.predictor(self.encoder(x))
+
+    dp = normfx.directpred(SimSiam(), predictor="predictor")
+    assert {"predictor.corr", "predictor.steps"} <= set(dp.state_dict())
+    assert list(normfx.deploy(dp.eval()).state_dict()) == ["encoder.weight", "encoder.bias", "predictor.weight"]
