@@ -16,11 +16,11 @@ from normfx.kinds import is_plain_conv
 
 __all__ = ["Link", "TuneConvOut", "TuneBNOut", "folded_forward", "padded_input"]
 
-def _per_out_sum(t: torch.Tensor, transposed: bool, groups: int) -> torch.Tensor:
-    """Sum a weight-shaped tensor down to one value per output channel."""
+def _per_out_dot(a: torch.Tensor, w: torch.Tensor, transposed: bool, groups: int) -> torch.Tensor:
+    """``Σ a·w`` over each output channel of two weight-shaped tensors (a dot product per channel)."""
     if not transposed:
-        return t.reshape(t.shape[0], -1).sum(1)
-    return t.reshape(groups, t.shape[0] // groups, t.shape[1], -1).sum((1, 3)).reshape(-1)
+        return torch.linalg.vecdot(a.reshape(a.shape[0], -1), w.reshape(w.shape[0], -1), dim=1)
+    return (a * w).reshape(groups, a.shape[0] // groups, a.shape[1], -1).sum((1, 3)).reshape(-1)
 
 
 class _TuneConv(torch.autograd.Function):
@@ -78,9 +78,9 @@ def _folded_backward(ctx: Any, gy: torch.Tensor, need_x: bool, need_beta: bool) 
     gwf, gbf = gwf.to(acc), gbf.to(acc)
     if gx is not None:
         gx = gx.to(ctx.x_dtype)
-    gw = (gwf * cv).to(w.dtype)
     centred = -mean if b is None else b - mean
-    gc = _per_out_sum(gwf * w, tr, groups) + gbf * centred
+    gc = _per_out_dot(gwf, w.to(acc), tr, groups) + gbf * centred
+    gw = gwf.mul_(cv).to(w.dtype)   # gwf is ours (convolution_backward's fresh output, or its cast)
     g_gamma = (gc * inv).to(gamma.dtype) if gamma is not None else None
     g_b = (gbf * c).to(b.dtype) if b is not None else None
     g_beta = gbf if need_beta else None
