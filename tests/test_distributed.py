@@ -179,7 +179,24 @@ def _check_ranks(tmp_path, losses: list[float], reference: dict) -> list[dict]:
         assert list(r["state"]) == list(reference)
         for key, value in reference.items():
             assert torch.allclose(r["state"][key].double(), value.double(), rtol=1e-4, atol=1e-6), key
+    _frozen_entries_untouched(ranks)
     return ranks
+
+
+def _frozen_entries_untouched(ranks: list[dict]) -> None:
+    """The random control: every weight entry outside its trainable index is, on every rank, bit for
+    bit the entry at initialization."""
+    suffix = ".parametrizations.weight.0.index"
+    if not any(k.endswith(suffix) for k in ranks[0]["state"]):
+        return
+    init = _prepared("bn_only").state_dict()
+    indices = {k.removesuffix(suffix): v for k, v in init.items() if k.endswith(suffix)}
+    for layer, index in indices.items():
+        frozen = torch.ones(init[layer + ".weight"].numel(), dtype=torch.bool)
+        frozen[index] = False
+        for r in ranks:
+            assert torch.equal(r["state"][layer + ".weight"].reshape(-1)[frozen],
+                               init[layer + ".weight"].reshape(-1)[frozen]), layer
 
 
 @pytest.mark.slow
