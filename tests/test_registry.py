@@ -47,7 +47,7 @@ def test_every_transform_has_its_one_liner_and_config(t):
 def test_deploy_steps_and_inspect_columns_derive_from_the_registry():
     assert [s.name for s in DEPLOY_STEPS] == [s.name for t in TRANSFORMS for s in t.deploy]
     assert [s.name for s in DEPLOY_STEPS] == ["bake_random_entries", "bake_directpred", "freeze_binary_points",
-                                              "fold_repbn", "fold_convbn", "unsync_bn"]
+                                              "fold_repbn", "fold_convbn", "merge_branches", "unsync_bn"]
     assert DEPLOY.steps(normfx.DeployConfig()) == DEPLOY_STEPS
     assert list(COLUMNS) == [c for t in TRANSFORMS for c, _ in t.inspect]
 

@@ -27,6 +27,7 @@ from normfx.functional import bn_scale_shift, fold_bn_after, fold_bn_before, sca
 from normfx.kinds import bn_kind, eval_affine, fold_refusal, is_conv_like
 from normfx.match import is_functional_bn, module_uses, set_module, set_param
 from normfx.nn.convbn import TuneBN, tune_convbn, tuned_pair
+from normfx.passes.merge_branches import merge_branches, merge_branches_outside
 from normfx.passes.tune_blocks import make_tune_block, untune_modules, untune_node
 from normfx.passes.convbn_sites import (Ctx, Site, Unsupported, dims_match, frozen, functional_name, guard,
                                         is_tune_node, producer_problem, prune_note, rank, set_weights,
@@ -354,7 +355,11 @@ class ConvBNConfig:
 
 def _steps(config: ConvBNConfig) -> tuple[Step, ...]:
     mode = config.mode
-    return (Step("fold_convbn", partial(fold_convbn, mode=mode), partial(fold_convbn_outside, mode=mode)),)
+    fold = Step("fold_convbn", partial(fold_convbn, mode=mode), partial(fold_convbn_outside, mode=mode))
+    if mode == "tune":
+        return (fold,)
+    # Deploy: then summed branches of one input (RepVGG/MobileOne/ACNet) become one conv.
+    return (fold, Step("merge_branches", merge_branches, merge_branches_outside))
 
 
 CONVBN = Transform(

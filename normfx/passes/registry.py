@@ -40,7 +40,8 @@ class DeployConfig:
 
 DEPLOY = Transform(
     name="deploy", config=DeployConfig, steps=lambda _: DEPLOY_STEPS, exact=True,
-    summary="finalize for inference: bake what training left, fold RepBN and BatchNorm (exact)", page="export.md",
+    summary="finalize for inference: bake what training left, fold RepBN and BatchNorm, merge summed conv branches "
+            "(exact)", page="export.md",
 )
 
 TRANSFORMS: tuple[Transform, ...] = (*_TRAINING, DEPLOY)
