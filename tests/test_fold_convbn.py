@@ -296,6 +296,33 @@ def test_shared_bn_left_exact():
     assert rel_err(out(X), m(X)) < 1e-6
 
 
+class Siamese(nn.Module):
+    """One backbone run on two views (SimSiam, BYOL): every conv → BN pair is called twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                                      nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))
+
+    def forward(self, x1, x2):
+        return self.backbone(x1) - 2 * self.backbone(x2)
+
+
+def test_shared_pair_called_on_two_views_folds_once():
+    m = randomize_bn(Siamese().backbone, torch.randn(4, 3, 4, 4))
+    siamese = Siamese().eval()
+    siamese.backbone = m.eval()
+    x1, x2 = torch.randn(2, 3, 6, 6), torch.randn(2, 3, 6, 6)
+    deployed = normfx.convbn(siamese, mode="deploy")
+    report = normfx.last_report(deployed)
+    assert not report.skips and {c.site for c in report.changes} == {"backbone.1", "backbone.4"}
+    assert any("called at 2 places: folded once" in c.detail for c in report.changes)
+    assert not any(isinstance(q, nn.BatchNorm2d) for q in deployed.modules())
+    assert rel_err(deployed(x1, x2), siamese(x1, x2)) < 1e-6
+    tuned = normfx.last_report(normfx.convbn(siamese, mode="tune"))   # a Tune link is per call: left as is
+    assert {s.reason for s in tuned.skips} == {SkipReason.SHARED_MODULE}
+
+
 def test_no_running_stats():
     m = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, track_running_stats=False)).eval()
     out, skips = _skips(m)

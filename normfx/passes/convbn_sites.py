@@ -50,13 +50,15 @@ class Unsupported(Exception):
 
 
 class Ctx(NamedTuple):
-    """What every site visit needs: the graph module, a name -> module map built once, and how
-    often each module is used."""
+    """What every site visit needs: the graph module, a name -> module map built once, how often
+    each module is used, and the shared conv → BatchNorm pairs folded so far (BN id -> its first
+    call's site)."""
 
     gm: fx.GraphModule
     mods: dict[str, nn.Module]
     uses: Counter
     scope: Scope
+    shared_folds: dict[int, str]
 
     def module(self, node) -> Any:
         if not isinstance(node, fx.Node) or node.op not in ("call_module", "get_attr"):

@@ -53,7 +53,7 @@ def fold_convbn(gm: fx.GraphModule, scope: Scope = EVERYWHERE, *, mode: ConvBNMo
     if mode not in ("tune", "deploy"):
         raise ValueError(f"mode must be 'tune' or 'deploy', got {mode!r}")
     graph = gm.graph
-    ctx = Ctx(gm, dict(gm.named_modules(remove_duplicate=False)), module_uses(gm), scope)
+    ctx = Ctx(gm, dict(gm.named_modules(remove_duplicate=False)), module_uses(gm), scope, {})
     sites = []
     for node in list(graph.nodes):
         m = ctx.module(node) if node.op == "call_module" else None
@@ -186,6 +186,8 @@ def _visit(ctx: Ctx, node: Any, mode: ConvBNMode) -> Change | Skip:
     if node.op == "call_function" and not is_tune_node(node) and site.training:
         return Skip(site.name, SkipReason.TRAINING_MODE, "functional batch_norm traced with training=True")
     if site.module is not None and uses[id(site.module)] > 1:
+        if mode == "deploy":
+            return _fold_shared(ctx, site)
         return Skip(site.name, SkipReason.SHARED_MODULE, "BatchNorm module is called at several places")
 
     if is_tune_node(node):
@@ -270,6 +272,44 @@ def _fold_after(ctx: Ctx, site: Site, producer: Any, conv: Any) -> Change | Skip
     note = set_weights(conv, producer.target, *folded, site)
     _replace_bn_by_tail(ctx, site, producer)
     return Change(site.name, "fold", f"into {producer.target}{note}")
+
+
+def _fold_shared(ctx: Ctx, site: Site) -> Change | Skip:
+    """A BatchNorm module called at several places (a Siamese backbone run on two views): the fold is
+    exact when every call normalizes the output of the same conv, that conv is called nowhere else,
+    and each of its outputs feeds only the BatchNorm. Folded once, at its first call; each call is
+    reported."""
+    bn = site.module
+    first = ctx.shared_folds.get(id(bn))
+    if first is not None:
+        return Change(site.name, "fold", f"another call of the pair folded at its first call ({first})")
+    calls = [n for n in ctx.gm.graph.nodes if n.op == "call_module" and ctx.mods.get(n.target) is bn]
+    producers = [n.args[0] if len(n.args) == 1 and not n.kwargs else None for n in calls]
+    convs = {id(ctx.module(p)) for p in producers if isinstance(p, fx.Node) and p.op == "call_module"}
+    conv: Any = ctx.module(producers[0]) if isinstance(producers[0], fx.Node) else None
+    shared = "BatchNorm module is called at several places"
+    if len(convs) != 1 or None in producers or not is_conv_like(conv):
+        return Skip(site.name, SkipReason.SHARED_MODULE, f"{shared}, not every call after the same conv/linear")
+    if ctx.uses[id(conv)] != len(calls) or any(len(p.users) > 1 for p in producers):
+        return Skip(site.name, SkipReason.SHARED_MODULE,
+                    f"{shared}; its conv '{producers[0].target}' is also called or used elsewhere")
+    why = dims_match(conv, bn, site.stats)
+    if why:
+        return Skip(site.name, SkipReason.UNSUPPORTED, why)
+    if isinstance(conv, nn.Linear) and any(rank(p) not in (None, 2) for p in producers):
+        return Skip(site.name, SkipReason.UNSUPPORTED, "Linear output is not [N, C]")
+    conv_name = producers[0].target
+    skip = guard(ctx, bn, site.name, conv, conv_name)
+    folded = skip or _checked_fold(site, conv, ctx.scope.plan)
+    if isinstance(folded, Skip):
+        return folded
+    ctx.shared_folds[id(bn)] = site.name
+    detail = f"into {conv_name} (the pair is called at {len(calls)} places: folded once)"
+    if folded is None:   # a dry run
+        return Change(site.name, "fold", detail)
+    note = set_weights(conv, conv_name, *folded, site)
+    set_module(ctx.gm, site.name, _tail(bn))
+    return Change(site.name, "fold", detail + note)
 
 
 def _deploy_tune_block(ctx: Ctx, site: Site) -> Change | Skip:
