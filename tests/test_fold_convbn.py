@@ -566,3 +566,49 @@ def test_fold_reads_other_normalizations_through_eval_affine():
     q = normfx.fixed_point(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval(), targets=("norm",))
     (skip,) = normfx.last_report(normfx.deploy(q.eval())).get("fold_convbn").skips
     assert skip.reason is normfx.SkipReason.UNSUPPORTED and "fixed-point grid" in skip.detail
+
+
+class MixedConv(nn.Module):
+    """MixNet's mixed-kernel conv: channel groups through 3×3, 5×5 and 7×7 convs, concatenated, one BN."""
+
+    def __init__(self, extra: str = ""):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(2, c, k, padding=k // 2, bias=b)
+                                   for c, k, b in ((3, 3, False), (2, 5, True), (4, 7, False)))
+        self.bn = nn.BatchNorm2d(9 + (2 if extra == "pool" else 0))
+        self.extra = extra
+
+    def forward(self, x):
+        pieces = torch.split(x, 2, 1)
+        parts = [conv(pieces[i]) for i, conv in enumerate(self.convs)]
+        if self.extra == "pool":
+            parts.append(torch.nn.functional.avg_pool2d(x[:, :2], 3, 1, 1))
+        y = torch.cat(parts, 1)
+        out = self.bn(y)
+        return out + y.mean() if self.extra == "shared" else out
+
+
+@pytest.mark.parametrize("extra, reason", [("", None), ("pool", SkipReason.NO_NEIGHBOUR),
+                                           ("shared", SkipReason.MULTI_USER)])
+def test_batchnorm_after_a_concatenation_of_convs_splits_over_them(extra, reason):
+    m = randomize_bn(MixedConv(extra), torch.randn(4, 6, 8, 8)).eval()
+    x = torch.randn(2, 6, 8, 8)
+    out, skips = _skips(m)
+    assert rel_err(out(x), m(x)) < 1e-6
+    if reason is None:
+        assert not skips and isinstance(out.bn, nn.Identity)
+        assert "split over the concatenated convs.0, convs.1, convs.2" in normfx.last_report(out).changes[0].detail
+        assert out.convs[1].bias is not None and m.convs[0].bias is None     # the caller's convs untouched
+    else:
+        assert skips == {"bn": reason}
+
+
+def test_timm_mixnet_folds_every_batchnorm():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    m = randomize_bn(timm.create_model("mixnet_s"), torch.randn(4, 3, 64, 64)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    d = normfx.deploy(m)
+    assert not any(isinstance(q, nn.modules.batchnorm._BatchNorm) for q in d.modules())
+    with torch.no_grad():
+        assert rel_err(d(x), m(x)) < 1e-4

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+from types import SimpleNamespace
 from typing import Any, Literal
 
 import torch
@@ -23,7 +24,7 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normfx.errors import TrainingModeError
-from normfx.functional import bn_scale_shift, fold_bn_after, fold_bn_before, scale_is_safe
+from normfx.functional import BNStats, bn_scale_shift, fold_bn_after, fold_bn_before, scale_is_safe
 from normfx.kinds import bn_kind, eval_affine, fold_refusal, is_conv_like
 from normfx.match import is_functional_bn, module_uses, set_module, set_param
 from normfx.nn.convbn import TuneBN, tune_convbn, tuned_pair
@@ -212,6 +213,8 @@ def _visit(ctx: Ctx, node: Any, mode: ConvBNMode) -> Change | Skip:
             return make_tune_block(gm, site, producer)
         return guard(ctx, site.module, site.name, conv, producer.target) or _fold_after(ctx, site, producer, conv)
 
+    if mode == "deploy" and _channel_cat(producer) is not None:
+        return _fold_after_cat(ctx, site, producer)
     follower = single_conv_user(ctx, node)
     if follower is not None and mode == "deploy":
         return (guard(ctx, site.module, site.name, ctx.module(follower), follower.target, before=True)
@@ -310,6 +313,59 @@ def _fold_shared(ctx: Ctx, site: Site) -> Change | Skip:
     note = set_weights(conv, conv_name, *folded, site)
     set_module(ctx.gm, site.name, _tail(bn))
     return Change(site.name, "fold", detail + note)
+
+
+def _channel_cat(node: Any) -> list | None:
+    """The inputs of ``torch.cat(inputs, 1)`` (a concatenation along the channel axis), else ``None``."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target in (torch.cat, torch.concat)):
+        return None
+    args = dict(zip(("tensors", "dim"), node.args))
+    args.update(node.kwargs)
+    tensors = args.get("tensors")
+    return list(tensors) if args.get("dim", 0) == 1 and isinstance(tensors, (list, tuple)) else None
+
+
+def _fold_after_cat(ctx: Ctx, site: Site, cat: fx.Node) -> Change | Skip:
+    """``BN(cat([conv_1(..), conv_2(..), ...], 1))`` (MixNet's mixed-kernel convs): the BatchNorm
+    is per channel, so each conv takes the slice of it over its own output channels. Exact when every
+    input is a conv's output used by the concatenation alone and each conv is called once."""
+    inputs = _channel_cat(cat) or []
+    convs: list[Any] = [ctx.module(n) if isinstance(n, fx.Node) and n.op == "call_module" else None for n in inputs]
+    what = "BatchNorm after a concatenation"
+    if not inputs or any(c is None or not is_conv_like(c) or isinstance(c, nn.Linear) for c in convs):
+        return Skip(site.name, SkipReason.NO_NEIGHBOUR, f"{what} of something other than conv outputs")
+    if len(cat.users) > 1:
+        return Skip(site.name, SkipReason.MULTI_USER, f"{what}: the concatenation has other users")
+    if len(set(inputs)) != len(inputs):
+        return Skip(site.name, SkipReason.MULTI_USER, f"{what}: one conv output is concatenated twice")
+    for n, c in zip(inputs, convs):
+        problem = producer_problem(ctx, n, c)
+        if problem:
+            return Skip(site.name, problem[0], f"{what}: {problem[1]}")
+    widths = [c.out_channels for c in convs]
+    if sum(widths) != site.stats.mean.numel():
+        return Skip(site.name, SkipReason.UNSUPPORTED,
+                    f"{what}: the convs produce {sum(widths)} channels, the BatchNorm has {site.stats.mean.numel()}")
+    folds, start = [], 0
+    for n, c, width in zip(inputs, convs, widths):
+        part = slice(start, start + width)
+        start += width
+        st = site.stats
+        stats = BNStats(st.mean[part], st.var[part], None if st.weight is None else st.weight[part],
+                        None if st.bias is None else st.bias[part], st.eps)
+        piece = SimpleNamespace(name=site.name, stats=stats)
+        skip = guard(ctx, site.module, site.name, c, n.target)
+        folded = skip or _checked_fold(piece, c, ctx.scope.plan)   # type: ignore[arg-type]
+        if isinstance(folded, Skip):
+            return folded
+        folds.append((n, c, piece, folded))
+    names = ", ".join(str(n.target) for n in inputs)
+    if ctx.scope.plan:
+        return Change(site.name, "fold", f"split over the concatenated {names}")
+    notes = "".join(set_weights(c, n.target, folded[0], folded[1], piece)  # type: ignore[arg-type]
+                    for n, c, piece, folded in folds)
+    _replace_bn_by_tail(ctx, site, cat)
+    return Change(site.name, "fold", f"split over the concatenated {names}{notes}")
 
 
 def _deploy_tune_block(ctx: Ctx, site: Site) -> Change | Skip:
