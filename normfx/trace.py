@@ -14,6 +14,8 @@ A module *with* parameters that branches on ``self.training`` is traced in the m
 """
 from __future__ import annotations
 
+import copy
+
 import logging
 import traceback
 from dataclasses import dataclass
@@ -108,13 +110,18 @@ def _trace_once(
     return gm
 
 
-_Snapshot = list[tuple[nn.Module, dict, dict, dict, dict]]
+_Snapshot = list[tuple[nn.Module, dict, dict, dict, dict, dict]]
 _PLAIN = (bool, int, float, str, type(None))
+_MODULE_INTERNALS = frozenset(nn.Module().__dict__)
 
 
 def _snapshot(model: nn.Module) -> _Snapshot:
-    """Every module's attributes, parameters, buffers and children, as they are (shallow)."""
-    return [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules))
+    """Every module's attributes, parameters, buffers and children, as they are (shallow), and the
+    contents of its plain ``dict``/``list`` attributes (a cache a forward fills, as timm's LeViT
+    fills ``attention_bias_cache``, would otherwise keep a Proxy of this trace)."""
+    return [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules),
+             {k: (v, copy.copy(v)) for k, v in m.__dict__.items()
+              if type(v) in (dict, list) and k not in _MODULE_INTERNALS})
             for m in model.modules()]
 
 
@@ -122,11 +129,18 @@ def _same(a: object, b: object) -> bool:
     return a is b or (type(a) is type(b) and isinstance(a, _PLAIN) and a == b)
 
 
+def _same_contents(now: dict | list, then: dict | list) -> bool:
+    if isinstance(now, dict) and isinstance(then, dict):
+        return now.keys() == then.keys() and all(_same(now[k], then[k]) for k in now)
+    return len(now) == len(then) and all(_same(a, b) for a, b in zip(now, then))
+
+
 def _restore(snapshot: _Snapshot) -> list[tuple[nn.Module, str]]:
-    """Put back whatever a trace wrote into the modules (a lazy forward's ``self.scales = ...`` would
-    otherwise leave a Proxy in the model); returns ``(module, attribute)`` for each write."""
+    """Put back whatever a trace wrote into the modules (a lazy forward's ``self.scales = ...``, or a
+    cache it fills, would otherwise leave a Proxy in the model); returns ``(module, attribute)`` for
+    each write."""
     written: list[tuple[nn.Module, str]] = []
-    for m, attrs, params, buffers, children in snapshot:
+    for m, attrs, params, buffers, children, containers in snapshot:
         pairs: list[tuple[dict, dict]] = [(m._parameters, params), (m._buffers, buffers), (m._modules, children)]
         if not isinstance(m, fx.GraphModule):
             # A generated forward writes no state of its own; tracing one sets torch.fx's lazy
@@ -139,6 +153,14 @@ def _restore(snapshot: _Snapshot) -> list[tuple[nn.Module, str]]:
                 written += [(m, k) for k in changed]
                 now.clear()
                 now.update(then)
+        for name, (obj, then_contents) in containers.items():
+            if not _same_contents(obj, then_contents):
+                written.append((m, name))
+                if isinstance(obj, dict):
+                    obj.clear()
+                    obj.update(then_contents)   # type: ignore[arg-type]
+                else:
+                    obj[:] = then_contents
     return written
 
 

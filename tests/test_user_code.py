@@ -7,6 +7,7 @@ errors a second application raises. Every test here failed on the main branch be
 from __future__ import annotations
 
 import pickle
+import re
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ import torchvision
 from torch.utils.checkpoint import checkpoint
 
 import normfx
+from normfx.cli import inspect_model
 from normfx.nn.convbn import tune_path
 from normfx.report import SkipReason
 from tests.conftest import DEPLOY_RTOL, GRAD_RTOL, amp_grads, randomize_bn, rel_err
@@ -260,6 +262,40 @@ def test_state_writing_forward_is_reported() -> None:
     out = normfx.fixed_point(randomize_bn(Parent()))
     why = dict(normfx.last_report(out).untraceable)
     assert "writes module state" in why["lazy"]
+
+
+class Cached(nn.Module):
+    """Fills a cache on its eval-mode calls, as timm's LeViT attention fills ``attention_bias_cache``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)
+        self.bias = nn.Parameter(torch.randn(8, 1, 1))
+        self.cache: dict[str, torch.Tensor] = {}
+        self.seen: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        key = str(x.device)
+        if key not in self.cache:
+            self.cache[key] = self.bias * 2
+        self.seen.append(1)
+        return self.bn(self.conv(x)) + self.cache[key]
+
+
+def test_a_cache_filled_while_tracing_keeps_no_proxy_and_a_second_pass_works() -> None:
+    """Tracing the caller's model itself (``analyze``, ``inspect``, ``plan``) once left a Proxy in
+    such a cache, and the next trace of the model failed inside torch.fx ("does not belong to this
+    Graph"). The write is undone and reported; the module keeps running its own forward."""
+    model = randomize_bn(nn.Sequential(Cached(), nn.ReLU())).eval()
+    analysis = normfx.analysis.analyze(model)
+    assert model[0].cache == {} and model[0].seen == []
+    assert re.search(r"writes module state while it runs \('(seen|cache)' of Cached\)", dict(analysis.untraceable)["0"])
+    inspect_model(model)                            # normfx inspect: a dry run on the model itself
+    x = torch.randn(2, 3, 8, 8)
+    deployed = normfx.deploy(model)                  # traced again: no stale Proxy
+    with torch.no_grad():
+        assert torch.allclose(deployed(x), model(x), atol=1e-5)
+    assert list(model[0].cache) == ["cpu"] and all(isinstance(v, torch.Tensor) for v in model[0].cache.values())
 
 
 # --- Pruning -------------------------------------------------------------------------------------------------
