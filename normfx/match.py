@@ -25,6 +25,15 @@ def module_uses(gm: fx.GraphModule) -> Counter[int]:
     return uses
 
 
+def inside_called_module(gm: fx.GraphModule, qualname: str) -> str:
+    """The module the graph calls whose subtree holds ``qualname`` (a leaf the tracer kept, which may
+    call it from a forward no graph shows), or ``""``: a change to ``qualname`` would reach that call."""
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(node.target, str) and qualname.startswith(node.target + "."):
+            return node.target
+    return ""
+
+
 def is_functional_bn(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in (F.batch_norm,)
 

@@ -134,3 +134,18 @@ def test_a_residual_network_has_no_branches_to_merge():
     torchvision = pytest.importorskip("torchvision")
     deployed = normfx.deploy(torchvision.models.resnet18().eval())
     assert _merge_pass(deployed).sites == 0
+
+
+def test_a_conv_also_called_inside_an_untraceable_module_is_not_merged():
+    """``y + block.conv(y)`` where ``block``'s own forward (kept as a leaf: it writes module state) calls
+    the same conv: merging would change the call no graph shows (found by
+    tests/test_user_code_properties.py)."""
+    from tests.test_user_code_properties import Net
+
+    model = randomize_bn(Net([(True, True)], share=True), torch.randn(8, 3, 6, 6)).eval()
+    x = torch.randn(2, 3, 6, 6)
+    deployed = normfx.deploy(model)
+    skip = _merge_pass(deployed).skips
+    assert skip and skip[0].reason == SkipReason.SHARED_MODULE and "also called inside 'blocks.0'" in skip[0].detail
+    with torch.no_grad():
+        assert rel_err(deployed(x), model(x)) < 1e-6

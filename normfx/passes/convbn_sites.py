@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from normfx.functional import BNStats
 from normfx.kinds import hooks_on, is_conv_like, pruning_hooks
-from normfx.match import get_attr, set_param
+from normfx.match import get_attr, inside_called_module, set_param
 from normfx.nn.convbn import bn_stats, tune_convbn, tune_convbn_functional
 from normfx.report import Skip, SkipReason
 from normfx.scope import Scope
@@ -158,6 +158,10 @@ def producer_problem(ctx: Ctx, producer: Any, conv: Any) -> tuple[SkipReason, st
         return SkipReason.MULTI_USER, f"output of '{producer.target}' has other users"
     if ctx.uses[id(conv)] > 1:
         return SkipReason.SHARED_MODULE, f"'{producer.target}' is called at several places"
+    holder = inside_called_module(ctx.gm, str(producer.target))
+    if holder:
+        return SkipReason.SHARED_MODULE, (f"'{producer.target}' is also called inside '{holder}', "
+                                          "whose forward no graph shows")
     if len(producer.args) != 1 or producer.kwargs:
         return SkipReason.UNSUPPORTED, f"'{producer.target}' is called with extra arguments"
     return None

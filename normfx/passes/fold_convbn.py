@@ -26,7 +26,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from normfx.errors import TrainingModeError
 from normfx.functional import BNStats, bn_scale_shift, fold_bn_after, fold_bn_before, scale_is_safe
 from normfx.kinds import bn_kind, eval_affine, fold_refusal, is_conv_like
-from normfx.match import is_functional_bn, module_uses, set_module, set_param
+from normfx.match import inside_called_module, is_functional_bn, module_uses, set_module, set_param
 from normfx.nn.convbn import TuneBN, tune_convbn, tuned_pair
 from normfx.passes.merge_branches import merge_branches, merge_branches_outside
 from normfx.passes.tune_blocks import make_tune_block, untune_modules, untune_node
@@ -293,7 +293,8 @@ def _fold_shared(ctx: Ctx, site: Site) -> Change | Skip:
     shared = "BatchNorm module is called at several places"
     if len(convs) != 1 or None in producers or not is_conv_like(conv):
         return Skip(site.name, SkipReason.SHARED_MODULE, f"{shared}, not every call after the same conv/linear")
-    if ctx.uses[id(conv)] != len(calls) or any(len(p.users) > 1 for p in producers):
+    if (ctx.uses[id(conv)] != len(calls) or any(len(p.users) > 1 for p in producers)
+            or inside_called_module(ctx.gm, str(producers[0].target))):
         return Skip(site.name, SkipReason.SHARED_MODULE,
                     f"{shared}; its conv '{producers[0].target}' is also called or used elsewhere")
     why = dims_match(conv, bn, site.stats)

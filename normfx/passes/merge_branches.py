@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from normfx.analysis import Outside
 from normfx.kinds import bn_kind, fold_refusal, hooks_on
-from normfx.match import module_uses, set_module, set_param
+from normfx.match import inside_called_module, module_uses, set_module, set_param
 from normfx.report import Change, PassResult, Skip, SkipReason
 from normfx.scope import EVERYWHERE, Scope
 
@@ -91,8 +91,12 @@ def _terms(node: fx.Node, mods: dict[str, nn.Module], chain: tuple[fx.Node, ...]
     return [_Term("id", node, nodes=chain)]
 
 
-def _problem(terms: list[_Term], uses: Any) -> tuple[SkipReason, str] | None:
+def _problem(terms: list[_Term], uses: Any, gm: fx.GraphModule) -> tuple[SkipReason, str] | None:
     """Why these branches cannot merge into one conv (``None`` when they can)."""
+    for t in terms:
+        holder = inside_called_module(gm, t.name) if t.module is not None else ""
+        if holder:
+            return SkipReason.SHARED_MODULE, f"'{t.name}' is also called inside '{holder}' (a forward no graph shows)"
     convs = [t.module for t in terms if t.kind == "conv"]
     first = convs[0]
     for c in convs:
@@ -192,7 +196,7 @@ def merge_branches(gm: fx.GraphModule, scope: Scope = EVERYWHERE) -> PassResult:
         big = max(convs, key=lambda t: t.module.weight[0, 0].numel())
         site = big.name
         parts = " + ".join(t.name or "identity" for t in terms)
-        why = _problem(terms, uses)
+        why = _problem(terms, uses, gm)
         if why:
             skips.append(Skip(site, why[0], f"branches {parts}: {why[1]}"))
             continue
