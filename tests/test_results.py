@@ -63,8 +63,26 @@ def test_benchmark_results_are_raw_with_command_and_versions():
         data = json.loads(f.read_text())
         assert data["command"].startswith("python benchmarks/"), f.name
         assert data["raw"] and data["versions"]["torch"] and data["machine"]["cores"], f.name
-    # nothing in benchmarks/results that is not a raw JSON record
-    assert not [p.name for p in (ROOT / "benchmarks" / "results").iterdir() if p.suffix != ".json"]
+    for f in sorted((ROOT / "benchmarks" / "results" / "zoo").glob("*.json")):   # one record per model
+        data = json.loads(f.read_text())
+        assert data["command"] == f"python benchmarks/zoo.py --models {data['src']}:{data['model']}", f.name
+        assert data["status"] and data["versions"]["torch"] and data["machine"]["cores"], f.name
+    # nothing in benchmarks/results that is not a raw JSON record (or the zoo's folder of them)
+    results = ROOT / "benchmarks" / "results"
+    assert not [p.name for p in results.rglob("*") if p.is_file() and p.suffix != ".json"]
+    assert [p.name for p in results.iterdir() if p.is_dir()] in ([], ["zoo"])
+
+
+def test_coverage_page_equals_the_stored_zoo_results():
+    """docs/coverage.md is what benchmarks/results/zoo/*.json render to (python benchmarks/zoo.py --render)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    _zspec = importlib.util.spec_from_file_location("normfx_benchmarks_zoo", ROOT / "benchmarks" / "zoo.py")
+    zoo = importlib.util.module_from_spec(_zspec)
+    _zspec.loader.exec_module(zoo)  # type: ignore[union-attr]
+    from _common import replace_section
+
+    text = (ROOT / "docs" / "coverage.md").read_text()
+    assert replace_section(text, "zoo", zoo.render()) == text, "run python benchmarks/zoo.py --render"
 
 
 def test_a_changed_benchmark_number_is_caught():
