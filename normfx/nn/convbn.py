@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from normfx.functional import BNStats
 from normfx.kinds import bn_kind, hooks_on, is_frozen_bn, is_plain_conv, original_class
-from normfx.nn.sync_bn import SyncBN, sync
+from normfx.nn.sync_bn import sync, synced_by_normfx
 from normfx.nn.convbn_autograd import Link, TuneBNOut, TuneConvOut, folded_forward, padded_input
 
 __all__ = ["tune_convbn", "tune_convbn_functional", "bn_stats", "TuneConv", "TuneBN", "tune", "untune",
@@ -182,20 +182,18 @@ def tune(conv: nn.Module, bn: nn.Module) -> None:
     """
     conv.__class__ = _tuned_class(original_class(conv), TuneConv)
     conv.__dict__["_normfx_bn"] = bn   # a plain reference: not a child, so no new state_dict key
-    synced = isinstance(bn, SyncBN)
     bn.__class__ = _tuned_class(original_class(bn), TuneBN)
-    if synced:      # normfx.sync_bn came first: the Tune BatchNorm keeps synchronizing
-        sync(bn, bn.__dict__.get("_normfx_group"))
+    if synced_by_normfx(bn):      # normfx.sync_bn came first: the Tune BatchNorm keeps synchronizing
+        sync(bn, bn.__dict__["_normfx_group"])
 
 
 def untune(conv: nn.Module, bn: nn.Module) -> None:
     """Give a Tune block's conv and BN their own classes back (Deploy folds them next)."""
     conv.__class__ = original_class(conv)
     conv.__dict__.pop("_normfx_bn", None)
-    synced = isinstance(bn, SyncBN)
     bn.__class__ = original_class(bn)
-    if synced:
-        sync(bn, bn.__dict__.get("_normfx_group"))
+    if synced_by_normfx(bn):
+        sync(bn, bn.__dict__["_normfx_group"])
     bn.__dict__.pop("_normfx_link", None)
     bn.__dict__.pop("_normfx_path", None)
 

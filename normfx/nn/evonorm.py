@@ -120,7 +120,12 @@ class EvoNorm2dB0(_EvoNorm):
     """
 
     running_var: torch.Tensor
-    normfx_syncs_itself = True   # normfx.sync_bn: the batch variance over every rank in _normalize
+
+    @property
+    def normfx_syncs_itself(self) -> bool:
+        """``normfx.sync_bn``: with its nonlinearity the layer takes a batch variance, synchronized in
+        ``_normalize``; without it the layer is ``x·γ + β`` and has nothing to synchronize."""
+        return self.apply_act
 
     def __init__(self, num_features: int, *, apply_act: bool = True, eps: float = 1e-5, momentum: float = 0.1,
                  unbiased_running: bool = False) -> None:

@@ -20,7 +20,7 @@ import torch.nn as nn
 from normfx.kinds import bn_kind
 
 __all__ = ["synced_moments", "world_size", "update_running", "SyncBN", "synced_class", "sync", "unsync", "is_synced",
-           "sync_group"]
+           "synced_by_normfx", "sync_group"]
 
 
 def _distributed() -> bool:
@@ -113,16 +113,21 @@ def _group(m: nn.Module) -> Any:
     return holder.get(m) if isinstance(holder, _Group) else holder
 
 
+def synced_by_normfx(m: nn.Module) -> bool:
+    """Whether ``normfx.sync_bn`` synchronizes ``m`` (``sync`` keeps its group on it)."""
+    return "_normfx_group" in m.__dict__
+
+
 def sync_group(m: nn.Module) -> tuple[bool, Any]:
     """``(synchronized, process group)`` of a module that computes its batch statistics in its own
     forward (``FixedPointBatchNorm``, ``EvoNorm2dB0``): what ``sync`` set on it."""
-    synced = bool(m.__dict__.get("_normfx_synced", False))
+    synced = synced_by_normfx(m)
     return synced, _group(m) if synced and _distributed() else None
 
 
 def is_synced(m: nn.Module) -> bool:
     """Whether ``normfx.sync_bn`` (or ``nn.SyncBatchNorm``) synchronizes ``m``'s batch statistics."""
-    return isinstance(m, (SyncBN, nn.SyncBatchNorm)) or sync_group(m)[0]
+    return isinstance(m, nn.SyncBatchNorm) or synced_by_normfx(m)
 
 
 class SyncBN(nn.Module):
@@ -188,20 +193,13 @@ def sync(bn: nn.Module, group: Any) -> None:
     ``None``). A module that computes them in its own forward (``normfx_syncs_itself``:
     ``FixedPointBatchNorm``, ``EvoNorm2dB0``) keeps its class and reads the group from ``sync_group``;
     any other BatchNorm becomes a ``SyncBN`` subclass of its class."""
-    group = group if isinstance(group, _Group) else _Group(group)
-    if getattr(type(bn), "normfx_syncs_itself", False):
-        bn.__dict__["_normfx_synced"] = True
-        bn.__dict__["_normfx_group"] = group
-        return
-    inner = bn._normfx_sync_inner if isinstance(bn, SyncBN) else type(bn)
-    bn.__class__ = synced_class(inner)
-    bn.__dict__["_normfx_group"] = group
+    bn.__dict__["_normfx_group"] = group if isinstance(group, _Group) else _Group(group)
+    if not getattr(bn, "normfx_syncs_itself", False):
+        bn.__class__ = synced_class(bn._normfx_sync_inner if isinstance(bn, SyncBN) else type(bn))
 
 
 def unsync(bn: nn.Module) -> None:
     """Give a synchronized BatchNorm its class back (a self-synchronizing one its local statistics)."""
-    if bn.__dict__.pop("_normfx_synced", False):
-        bn.__dict__.pop("_normfx_group", None)
+    bn.__dict__.pop("_normfx_group", None)
     if isinstance(bn, SyncBN):
         bn.__class__ = bn._normfx_sync_inner
-        bn.__dict__.pop("_normfx_group", None)

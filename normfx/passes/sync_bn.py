@@ -21,8 +21,7 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normfx.kinds import bn_kind
-from normfx.nn.evonorm import EvoNorm2dB0
-from normfx.nn.sync_bn import SyncBN, is_synced, sync, sync_group, unsync
+from normfx.nn.sync_bn import is_synced, sync, synced_by_normfx, unsync
 from normfx.report import Change, PassResult, Skip, SkipReason
 from normfx.scope import Scope
 from normfx.transform import Step, Transform
@@ -38,9 +37,7 @@ class SyncBNConfig:
 
 
 def _site(name: str, m: nn.Module, scope: Scope) -> Change | Skip | None:
-    own = getattr(type(m), "normfx_syncs_itself", False)
-    if isinstance(m, EvoNorm2dB0) and not m.apply_act:
-        return None                     # x·γ + β: no statistics
+    own = getattr(m, "normfx_syncs_itself", False)
     if not (own or isinstance(m, _BatchNorm)):
         return None
     if is_synced(m):
@@ -66,11 +63,10 @@ def sync_batchnorms(model: nn.Module, scope: Scope, c: SyncBNConfig) -> tuple[Pa
 
 
 def _unsync(root: nn.Module, named: list[tuple[str, nn.Module]], scope: Scope) -> PassResult:
-    ours = lambda m: isinstance(m, SyncBN) or sync_group(m)[0]  # noqa: E731
-    named, skips = scope.split(named, ours)
+    named, skips = scope.split(named, synced_by_normfx)
     changes = []
     for name, m in named:
-        if ours(m):
+        if synced_by_normfx(m):
             unsync(m)
             changes.append(Change(name, "unsync", "inference needs no synchronized statistics"))
     return PassResult("unsync_bn", tuple(changes), skips)
