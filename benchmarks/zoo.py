@@ -144,11 +144,6 @@ def first_tensor(out: Any) -> torch.Tensor:
     raise TypeError(f"no tensor in the output ({type(out).__name__})")
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
 def bn_count(model: nn.Module) -> int:
     """BatchNorm layers in ``model`` (torch's, their subclasses, FrozenBatchNorm2d)."""
     from normfx.kinds import is_frozen_bn
@@ -183,7 +178,7 @@ def _crash(e: BaseException) -> dict:
 def child(src: str, name: str) -> dict:
     import normfx
     from normfx.analysis import analyze
-    from tests.conftest import randomize_bn
+    from tests.conftest import randomize_bn, rel_err
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

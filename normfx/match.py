@@ -25,13 +25,17 @@ def module_uses(gm: fx.GraphModule) -> Counter[int]:
     return uses
 
 
-def inside_called_module(gm: fx.GraphModule, qualname: str) -> str:
-    """The module the graph calls whose subtree holds ``qualname`` (a leaf the tracer kept, which may
-    call it from a forward no graph shows), or ``""``: a change to ``qualname`` would reach that call."""
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and isinstance(node.target, str) and qualname.startswith(node.target + "."):
-            return node.target
-    return ""
+def called_modules(gm: fx.GraphModule) -> frozenset[str]:
+    """The qualified names of the modules ``gm``'s graph calls."""
+    return frozenset(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
+
+
+def inside_called_module(called: frozenset[str], qualname: str) -> str:
+    """The module among ``called`` (``called_modules``) whose subtree holds ``qualname`` (a leaf the
+    tracer kept, which may call it from a forward no graph shows), or ``""``: a change to
+    ``qualname`` would reach that call."""
+    parts = qualname.split(".")
+    return next((p for p in (".".join(parts[:i]) for i in range(1, len(parts))) if p in called), "")
 
 
 def is_functional_bn(node: fx.Node) -> bool:

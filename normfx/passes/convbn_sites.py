@@ -51,12 +51,13 @@ class Unsupported(Exception):
 
 class Ctx(NamedTuple):
     """What every site visit needs: the graph module, a name -> module map built once, how often
-    each module is used, and the shared conv → BatchNorm pairs folded so far (BN id -> its first
-    call's site)."""
+    each module is used, the names of the modules the graph calls, and the shared conv → BatchNorm
+    pairs folded so far (BN id -> its first call's site)."""
 
     gm: fx.GraphModule
     mods: dict[str, nn.Module]
     uses: Counter
+    called: frozenset[str]
     scope: Scope
     shared_folds: dict[int, str]
 
@@ -158,7 +159,7 @@ def producer_problem(ctx: Ctx, producer: Any, conv: Any) -> tuple[SkipReason, st
         return SkipReason.MULTI_USER, f"output of '{producer.target}' has other users"
     if ctx.uses[id(conv)] > 1:
         return SkipReason.SHARED_MODULE, f"'{producer.target}' is called at several places"
-    holder = inside_called_module(ctx.gm, str(producer.target))
+    holder = inside_called_module(ctx.called, str(producer.target))
     if holder:
         return SkipReason.SHARED_MODULE, (f"'{producer.target}' is also called inside '{holder}', "
                                           "whose forward no graph shows")

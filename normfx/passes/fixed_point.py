@@ -138,17 +138,18 @@ def insert_fixed_point(gm: fx.GraphModule, scope: Scope = EVERYWHERE, *, bits: i
                 continue
             if node.op == "call_module" and node.target in gm.meta.get("normfx_subregions", ()):
                 continue
+            out_site = output_site(node, calls[str(node.target)] if node.op == "call_module" else 1)
             if node.op == "call_module" and node not in tensors and node.users:
-                excluded = scope.skip(output_site(node, calls[str(node.target)]), (str(node.target), mods[node.target]))
-                skips.append(excluded or Skip(output_site(node, calls[str(node.target)]), SkipReason.UNSUPPORTED,
+                excluded = scope.skip(out_site, (str(node.target), mods[node.target]))
+                skips.append(excluded or Skip(out_site, SkipReason.UNSUPPORTED,
                                   f"'{node.target}' ({type(mods[node.target]).__name__}) may not return one tensor "
                                   "(its forward could not be traced): its output is not cast"))
             elif node in tensors and not same_values(gm, node) and node.users:
                 if integer_indices(gm, node):
-                    skips.append(Skip(output_site(node, calls[str(node.target)]), SkipReason.UNSUPPORTED,
+                    skips.append(Skip(out_site, SkipReason.UNSUPPORTED,
                                       "integer tensor: every use is an embedding's indices"))
                 else:
-                    add_cast(node, not unsigned(gm, node), output_site(node, calls[str(node.target)]))
+                    add_cast(node, not unsigned(gm, node), out_site)
     if not scope.plan:
         gm.graph.lint()
         gm.recompile()

@@ -13,9 +13,9 @@ Every site is transformed or skipped with a ``SkipReason``.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from functools import partial
-from types import SimpleNamespace
 from typing import Any, Literal
 
 import torch
@@ -26,7 +26,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from normfx.errors import TrainingModeError
 from normfx.functional import BNStats, bn_scale_shift, fold_bn_after, fold_bn_before, scale_is_safe
 from normfx.kinds import bn_kind, eval_affine, fold_refusal, is_conv_like
-from normfx.match import inside_called_module, is_functional_bn, module_uses, set_module, set_param
+from normfx.match import called_modules, inside_called_module, is_functional_bn, module_uses, set_module, set_param
 from normfx.nn.convbn import TuneBN, tune_convbn, tuned_pair
 from normfx.passes.merge_branches import merge_branches, merge_branches_outside
 from normfx.passes.tune_blocks import make_tune_block, untune_modules, untune_node
@@ -54,7 +54,7 @@ def fold_convbn(gm: fx.GraphModule, scope: Scope = EVERYWHERE, *, mode: ConvBNMo
     if mode not in ("tune", "deploy"):
         raise ValueError(f"mode must be 'tune' or 'deploy', got {mode!r}")
     graph = gm.graph
-    ctx = Ctx(gm, dict(gm.named_modules(remove_duplicate=False)), module_uses(gm), scope, {})
+    ctx = Ctx(gm, dict(gm.named_modules(remove_duplicate=False)), module_uses(gm), called_modules(gm), scope, {})
     sites = []
     for node in list(graph.nodes):
         m = ctx.module(node) if node.op == "call_module" else None
@@ -294,7 +294,7 @@ def _fold_shared(ctx: Ctx, site: Site) -> Change | Skip:
     if len(convs) != 1 or None in producers or not is_conv_like(conv):
         return Skip(site.name, SkipReason.SHARED_MODULE, f"{shared}, not every call after the same conv/linear")
     if (ctx.uses[id(conv)] != len(calls) or any(len(p.users) > 1 for p in producers)
-            or inside_called_module(ctx.gm, str(producers[0].target))):
+            or inside_called_module(ctx.called, str(producers[0].target))):
         return Skip(site.name, SkipReason.SHARED_MODULE,
                     f"{shared}; its conv '{producers[0].target}' is also called or used elsewhere")
     why = dims_match(conv, bn, site.stats)
@@ -347,24 +347,25 @@ def _fold_after_cat(ctx: Ctx, site: Site, cat: fx.Node) -> Change | Skip:
     if sum(widths) != site.stats.mean.numel():
         return Skip(site.name, SkipReason.UNSUPPORTED,
                     f"{what}: the convs produce {sum(widths)} channels, the BatchNorm has {site.stats.mean.numel()}")
-    folds, start = [], 0
+    folds: list[tuple[fx.Node, Any, Site, tuple[torch.Tensor, torch.Tensor]]] = []
+    start = 0
     for n, c, width in zip(inputs, convs, widths):
         part = slice(start, start + width)
         start += width
         st = site.stats
-        stats = BNStats(st.mean[part], st.var[part], None if st.weight is None else st.weight[part],
-                        None if st.bias is None else st.bias[part], st.eps)
-        piece = SimpleNamespace(name=site.name, stats=stats)
+        piece = copy.copy(site)       # the site, with its BatchNorm's slice over this conv's channels
+        piece.stats = BNStats(st.mean[part], st.var[part], None if st.weight is None else st.weight[part],
+                              None if st.bias is None else st.bias[part], st.eps)
         skip = guard(ctx, site.module, site.name, c, n.target)
-        folded = skip or _checked_fold(piece, c, ctx.scope.plan)   # type: ignore[arg-type]
+        folded = skip or _checked_fold(piece, c, ctx.scope.plan)
         if isinstance(folded, Skip):
             return folded
-        folds.append((n, c, piece, folded))
+        if folded is not None:       # None: a dry run
+            folds.append((n, c, piece, folded))
     names = ", ".join(str(n.target) for n in inputs)
     if ctx.scope.plan:
         return Change(site.name, "fold", f"split over the concatenated {names}")
-    notes = "".join(set_weights(c, n.target, folded[0], folded[1], piece)  # type: ignore[arg-type]
-                    for n, c, piece, folded in folds)
+    notes = "".join(set_weights(c, n.target, w, b, piece) for n, c, piece, (w, b) in folds)
     _replace_bn_by_tail(ctx, site, cat)
     return Change(site.name, "fold", f"split over the concatenated {names}{notes}")
 

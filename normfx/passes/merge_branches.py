@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from normfx.analysis import Outside
 from normfx.kinds import bn_kind, fold_refusal, hooks_on
-from normfx.match import inside_called_module, module_uses, set_module, set_param
+from normfx.match import called_modules, inside_called_module, module_uses, set_module, set_param
 from normfx.report import Change, PassResult, Skip, SkipReason
 from normfx.scope import EVERYWHERE, Scope
 
@@ -91,10 +91,10 @@ def _terms(node: fx.Node, mods: dict[str, nn.Module], chain: tuple[fx.Node, ...]
     return [_Term("id", node, nodes=chain)]
 
 
-def _problem(terms: list[_Term], uses: Any, gm: fx.GraphModule) -> tuple[SkipReason, str] | None:
+def _problem(terms: list[_Term], uses: Any, called: frozenset[str]) -> tuple[SkipReason, str] | None:
     """Why these branches cannot merge into one conv (``None`` when they can)."""
     for t in terms:
-        holder = inside_called_module(gm, t.name) if t.module is not None else ""
+        holder = inside_called_module(called, t.name) if t.module is not None else ""
         if holder:
             return SkipReason.SHARED_MODULE, f"'{t.name}' is also called inside '{holder}' (a forward no graph shows)"
     convs = [t.module for t in terms if t.kind == "conv"]
@@ -181,7 +181,7 @@ def _merged(terms: list[_Term], big: Any) -> tuple[torch.Tensor, torch.Tensor]:
 def merge_branches(gm: fx.GraphModule, scope: Scope = EVERYWHERE) -> PassResult:
     """Merge every sum of linear branches of one input into its largest conv (see the module doc)."""
     mods = dict(gm.named_modules(remove_duplicate=False))
-    uses = module_uses(gm)
+    uses, called = module_uses(gm), called_modules(gm)
     changes: list[Change] = []
     skips: list[Skip] = []
     merged: set[fx.Node] = set()
@@ -196,7 +196,7 @@ def merge_branches(gm: fx.GraphModule, scope: Scope = EVERYWHERE) -> PassResult:
         big = max(convs, key=lambda t: t.module.weight[0, 0].numel())
         site = big.name
         parts = " + ".join(t.name or "identity" for t in terms)
-        why = _problem(terms, uses, gm)
+        why = _problem(terms, uses, called)
         if why:
             skips.append(Skip(site, why[0], f"branches {parts}: {why[1]}"))
             continue
