@@ -6,10 +6,12 @@ that ``nn.SyncBatchNorm.convert_sync_batchnorm`` drops (a BatchNorm subclass's a
 block)."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import pickle
 import socket
+from typing import Iterator
 
 import pytest
 import torch
@@ -98,13 +100,28 @@ def _graph_breaks(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
     return sum(counters["graph_break"].values())
 
 
-def _worker(rank: int, world: int, port: int, variant: str, out: str, wrap: str = "ddp") -> None:
-    """Train ``variant`` on this rank's half of each global batch, wrapped by ``wrap``: ``ddp``,
-    ``ddp_compiled`` (``torch.compile`` over DDP) or ``fsdp`` (``fully_shard``)."""
+@contextlib.contextmanager
+def _gloo(rank: int, world: int, port: int) -> Iterator[None]:
+    """This process as ``rank`` of a gloo group on localhost, for the duration of the block."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _calibrated(model: nn.Module, batch: torch.Tensor) -> None:
+    """Binary points and BatchNorm statistics from ``batch`` (this rank's share under a process group)."""
+    normfx.calibrate(model, [batch], progress=False)
+    normfx.recalibrate_bn(model, [batch], progress=False)
+
+
+def _worker(rank: int, world: int, port: int, variant: str, out: str, wrap: str = "ddp") -> None:
+    """Train ``variant`` on this rank's half of each global batch, wrapped by ``wrap``: ``ddp``,
+    ``ddp_compiled`` (``torch.compile`` over DDP) or ``fsdp`` (``fully_shard``)."""
+    with _gloo(rank, world, port):
         xs, ys = _data()
         per = GLOBAL_BATCH // world
         mine = slice(rank * per, (rank + 1) * per)
@@ -115,8 +132,7 @@ def _worker(rank: int, world: int, port: int, variant: str, out: str, wrap: str 
 
             model = _prepared(variant)
             if variant == "fixed_point":   # before sharding: calibrate sets whole binary points
-                normfx.calibrate(model, [_calibration()[mine]], progress=False)
-                normfx.recalibrate_bn(model, [_calibration()[mine]], progress=False)
+                _calibrated(model, _calibration()[mine])
             fully_shard(model)
             losses = _train(model, xs[:, mine], ys[:, mine])
             state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
@@ -129,29 +145,21 @@ def _worker(rank: int, world: int, port: int, variant: str, out: str, wrap: str 
                 torch._dynamo.reset()
                 model = torch.compile(ddp)
             if variant == "fixed_point":  # after wrapping: DDP's broadcast at construction cannot hide a difference
-                normfx.calibrate(model, [_calibration()[mine]], progress=False)
-                normfx.recalibrate_bn(model, [_calibration()[mine]], progress=False)
+                _calibrated(model, _calibration()[mine])
             losses = _train(model, xs[:, mine], ys[:, mine])
             state = ddp.module.state_dict()
         mean_loss = torch.tensor(losses)
         dist.all_reduce(mean_loss)
         torch.save({"losses": (mean_loss / world).tolist(), "state": state, "breaks": breaks}, f"{out}/{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def _recalibrate_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:       # a model without sync_bn: recalibrate_bn synchronizes for the call only
+    with _gloo(rank, world, port):     # a model without sync_bn: recalibrate_bn synchronizes for the call only
         model = nn.parallel.DistributedDataParallel(_net())
         per = GLOBAL_BATCH // world
         normfx.recalibrate_bn(model, [_calibration()[rank * per:(rank + 1) * per]] * 2, progress=False)
         assert not any(isinstance(m, SyncBN) for m in model.modules())
         torch.save(model.module.state_dict(), f"{out}/{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def _free_port() -> int:
@@ -166,8 +174,7 @@ VARIANTS = ["plain", "tune", "bn_only", "prepbn", "fixed_point", "evonorm"]
 def _one_process(variant: str) -> tuple[list[float], dict]:
     single = _prepared(variant)
     if variant == "fixed_point":
-        normfx.calibrate(single, [_calibration()], progress=False)
-        normfx.recalibrate_bn(single, [_calibration()], progress=False)
+        _calibrated(single, _calibration())
     losses = _train(single, *_data())
     return losses, single.state_dict()
 
