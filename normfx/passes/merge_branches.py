@@ -185,7 +185,9 @@ def merge_branches(gm: fx.GraphModule, scope: Scope = EVERYWHERE) -> PassResult:
     changes: list[Change] = []
     skips: list[Skip] = []
     merged: set[fx.Node] = set()
-    for node in reversed(list(gm.graph.nodes)):          # the outermost sum of a block first
+    nodes = list(gm.graph.nodes)
+    position = {n: i for i, n in enumerate(nodes)}       # merging only erases nodes: positions hold
+    for node in reversed(nodes):                         # the outermost sum of a block first
         if not _is_add(node) or node in merged or not node.users:
             continue
         terms = _terms(node, mods)
@@ -215,8 +217,8 @@ def merge_branches(gm: fx.GraphModule, scope: Scope = EVERYWHERE) -> PassResult:
         base = big.nodes[-1]
         node.replace_all_uses_with(base)
         private = {x for t in terms for x in t.nodes} - {base}
-        for n in reversed(list(gm.graph.nodes)):            # what only the merged branches used
-            if n in private and not n.users:
+        for n in sorted(private, key=position.__getitem__, reverse=True):   # users before what they use
+            if not n.users:
                 gm.graph.erase_node(n)
         for t in terms:
             if t.module is not None and t is not big:
