@@ -19,7 +19,7 @@ import copy
 import logging
 import traceback
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch.fx as fx
 import torch.nn as nn
@@ -191,6 +191,22 @@ def _share_state(gm: fx.GraphModule, model: nn.Module) -> None:
         if attr in model.__dict__:
             gm.__dict__[attr] = model.__dict__[attr]
     gm.training = model.training
+    # A pass may parametrize a tensor of the model while the region is open (fixed_point casts a
+    # conv subclass's weight from its caller's region): the property lives on the model's class, so
+    # the region reads what it does not hold itself from the model. GraphModule gives every instance
+    # a class of its own, so this is the region's alone.
+    gm.__dict__["_normfx_owner"] = model
+    type(gm).__getattr__ = _owner_getattr   # type: ignore[method-assign]
+
+
+def _owner_getattr(self: nn.Module, name: str) -> Any:
+    try:
+        return nn.Module.__getattr__(self, name)
+    except AttributeError:
+        owner = self.__dict__.get("_normfx_owner")
+        if owner is None or not isinstance(getattr(type(owner), name, None), property):
+            raise
+        return getattr(owner, name)
 
 
 def _is_container(m: nn.Module) -> bool:

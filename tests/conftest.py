@@ -1,6 +1,7 @@
 """Shared test helpers: randomized BatchNorm statistics and relative error."""
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
@@ -17,6 +18,11 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     _threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
     torch.set_num_threads(_threads)
     os.environ["OMP_NUM_THREADS"] = str(_threads)
+
+# pytest's log capture attaches its handlers to every logger, torch's structured-trace logger
+# (``torch.__trace``, meant for ``TORCH_TRACE``/tlparse) included: torch.compile then renders every
+# graph it traces for them, which made a compiled ResNet-18 step 4x slower under pytest than alone.
+logging.getLogger("torch.__trace").setLevel(logging.WARNING)
 
 # Named tolerances (relative, ||a - b|| / ||b||), as the issues set them.
 DEPLOY_RTOL = 1e-4

@@ -230,3 +230,58 @@ def test_bad_input_is_a_clear_error():
         normfx.fixed_point(_net(), overflow="clip")
     with pytest.raises(ValueError, match="no trainable FixedPoint"):
         normfx.calibrate(_net(), [XQ])
+
+
+class _OwnForwardLinear(nn.Linear):
+    """timm's ``layers.Linear``: a Linear subclass whose forward calls F.linear itself (so it is
+    traced, not a leaf)."""
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+class _StdConv(nn.Conv2d):
+    """timm's ``ScaledStdConv2d``: the weight is standardized in the forward before the conv."""
+
+    def forward(self, x):
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True,
+                         momentum=0.0, eps=1e-5).reshape_as(self.weight)
+        return F.conv2d(x, w, self.bias, padding=1)
+
+
+class _SubclassNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = _StdConv(3, 4, 3)
+        self.fc = _OwnForwardLinear(4, 5)
+
+    def forward(self, x):
+        return self.fc(F.adaptive_avg_pool2d(F.relu(self.conv(x)), 1).flatten(1))
+
+
+def test_conv_and_linear_subclasses_with_their_own_forward_get_their_weights_cast():
+    """Their forward is traced as a region of its own while the caller's region parametrizes their
+    weight: the region reads the parametrized weight from the module (it crashed with
+    "'Linear' object has no attribute 'weight'" on 10 timm models)."""
+    base = _SubclassNet().eval()
+    q = normfx.fixed_point(base, bits=8)
+    normfx.calibrate(q, [XQ])
+    q.eval()
+    assert {"conv.weight", "fc.weight", "fc.bias"} <= {c.site for c in normfx.last_report(q).changes}
+    for m in (q.conv, q.fc):
+        assert isinstance(m, type(base.get_submodule("conv" if m is q.conv else "fc")))
+        cast = m.parametrizations.weight[0]
+        grid = m.weight * 2.0 ** (cast.bits - cast.int_bits.round())
+        assert torch.equal(grid, grid.round())                   # the weight it multiplies by is on the grid
+    # The linear multiplies by the cast weight: its output equals F.linear with it, cast.
+    feats = {}
+    q.fc.register_forward_pre_hook(lambda mod, a: feats.setdefault("x", a[0]))
+    out = q(XQ)
+    out_cast = [m for m in q.modules() if isinstance(m, FixedPoint) and m.site == ("output", "linear")]
+    assert len(out_cast) == 1
+    assert torch.equal(out, out_cast[0](F.linear(feats["x"], q.fc.weight, q.fc.bias)))
+    assert rel_err(out, base(XQ)) < 0.1
+    ref = normfx.fixed_point(base, bits=8)
+    ref.load_state_dict(q.state_dict())
+    assert torch.equal(ref.eval()(XQ), out)
+    assert "parametrizations" not in dict(base.fc.named_children())   # the caller's model untouched

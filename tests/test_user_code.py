@@ -453,8 +453,10 @@ def test_compiled_fixed_point_gives_eager_bits() -> None:
 def test_compiled_fixed_point_training_step_equals_eager() -> None:
     import copy
 
-    q = _calibrated_fixed_point().train()
-    x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))
+    # In float64: a binary point's gradient is one sum over its whole tensor, with cancellation, so
+    # in float32 the summation order (thread count, Inductor's fusion) moved it by up to 3%.
+    q = _calibrated_fixed_point().train().double()
+    x, y = torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.randint(0, 10, (4,))
     eager, compiled = copy.deepcopy(q), copy.deepcopy(q)
 
     def step(call: nn.Module, owner: nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -466,9 +468,7 @@ def test_compiled_fixed_point_training_step_equals_eager() -> None:
     lc, gc = step(torch.compile(compiled), compiled)
     assert torch.equal(lc, le)
     assert ge.keys() == gc.keys()
-    for name in ge:
-        # A binary point's gradient is one sum over its whole tensor: summation order shows there.
-        tol = 2e-2 if name.endswith("int_bits") else GRAD_RTOL
-        assert rel_err(gc[name], ge[name]) < tol, name
+    for name in ge:   # (a binary point's gradient can cancel to 0: an absolute floor)
+        assert torch.allclose(gc[name], ge[name], rtol=1e-9, atol=1e-12), name
     for (name, a), b in zip(eager.named_buffers(), compiled.buffers()):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
