@@ -11,12 +11,14 @@ import logging
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Sequence
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 from torch.fx.graph_module import _format_import_block, _forward_from_src
 from torch.package import sys_importer
 
 from normfx.kinds import original_class
+from normfx.shapes import propagate_shapes
 from normfx.trace import (_is_container, _normfx_leaf_types, _set_untraceable, _trace_region, _Tracer, _Walk, regions,
                           untraceable_modules)
 
@@ -48,26 +50,33 @@ def _graph_signature(graph: fx.Graph) -> tuple:
                   str(n.kwargs)) for n in graph.nodes)
 
 
-def analyze(model: nn.Module, *, leaf_modules: Sequence[str | type] = (), per_module: bool = False) -> Analysis:
+def analyze(model: nn.Module, *, leaf_modules: Sequence[str | type] = (), per_module: bool = False,
+            example_inputs: tuple[torch.Tensor, ...] | None = None) -> Analysis:
     """Trace every region of ``model`` without changing it (see ``trace`` for what a region is).
 
     ``per_module=True``: every module's own forward is a region of its own, each submodule call in
     it a leaf; a pass that rewrites a forward then changes only the modules whose own forward holds
     a site, and those alone are installed as GraphModules (the smallest region).
+
+    ``example_inputs``: the model's positional inputs; every region the forward calls gets its nodes'
+    shapes (``normfx.shapes.propagate_shapes``, on fake tensors).
     """
     names = frozenset(x for x in leaf_modules if isinstance(x, str))
     types = _normfx_leaf_types() + tuple(x for x in leaf_modules if isinstance(x, type))
     if isinstance(model, fx.GraphModule) and not per_module:
         # A GraphModule (a normfx result or the caller's trace) is its own region, as it stands.
-        regions_ = list(regions(model))
-        return Analysis(model, regions_, untraceable_modules(model))
-    walk = _Walk(types, [], [], share=True, per_module=per_module)
-    _trace_region(model, "", names, walk)
-    if per_module:
-        _mark_subregions(walk.found)
-    for f in walk.failures:
-        logger.info("untraceable module '%s' kept as is: %s", f.qualname or "<root>", f.reason)
-    return Analysis(model, walk.found, tuple((f.qualname, f.reason) for f in walk.failures))
+        analysis = Analysis(model, list(regions(model)), untraceable_modules(model))
+    else:
+        walk = _Walk(types, [], [], share=True, per_module=per_module)
+        _trace_region(model, "", names, walk)
+        if per_module:
+            _mark_subregions(walk.found)
+        for f in walk.failures:
+            logger.info("untraceable module '%s' kept as is: %s", f.qualname or "<root>", f.reason)
+        analysis = Analysis(model, walk.found, tuple((f.qualname, f.reason) for f in walk.failures))
+    if example_inputs is not None and analysis.regions:
+        propagate_shapes(model, analysis.regions, example_inputs)
+    return analysis
 
 
 def _mark_subregions(found: list[tuple[str, fx.GraphModule]]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Literal, Sequence, TypeVar
 
+import torch
 import torch.nn as nn
 
 from normfx.functional import KHotCode, Overflow, Rounding
@@ -21,6 +22,7 @@ from normfx.passes.swap_layernorm import RepBNConfig
 from normfx.passes.sync_bn import SyncBNConfig
 from normfx.runner import transform
 from normfx.scope import FilterFn, LeafModules, make_scope
+from normfx.shapes import as_inputs
 
 __all__ = ["apply", "convbn", "deploy", "repbn", "evonorm", "directpred", "linear_attention", "freeze",
            "fixed_point", "sync_bn", "M", "Role"]
@@ -30,7 +32,7 @@ M = TypeVar("M", bound=nn.Module)
 the class a subclass of it), so ``net = normfx.convbn(net)`` keeps ``net``'s type."""
 
 def apply(model: M, *configs: object, filter_fn: FilterFn | None = None, leaf_modules: LeafModules | None = None,
-          inplace: bool = False) -> M:
+          inplace: bool = False, example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None) -> M:
     """Run several transforms in one call: one copy of ``model``, the configs' steps in the order given.
 
     Each config is a registered transform's options (``normfx.ConvBNConfig``, ``RepBNConfig``,
@@ -49,6 +51,11 @@ def apply(model: M, *configs: object, filter_fn: FilterFn | None = None, leaf_mo
         leaf_modules: qualified names or module types to keep opaque and unchanged: not traced
             into, nothing inside them transformed (reported ``inside a leaf module``).
         inplace: transform the caller's modules instead of a deep copy.
+        example_inputs: the model's positional inputs (a tensor or a tuple). Optional: with them
+            the passes see tensor shapes, so sites whose exactness depends on a shape can apply (a
+            BatchNorm after a reshape of a linear's output, in ``deploy``); without them such a site
+            is skipped and says so. Only their shapes are used: the traced forward runs once on
+            fake tensors, and the model, its state and its hooks see nothing.
 
     Returns:
         The caller's module tree, changed where it had to be; ``normfx.last_report(m)`` holds one
@@ -76,7 +83,8 @@ def apply(model: M, *configs: object, filter_fn: FilterFn | None = None, leaf_mo
             t.check(model, c)
     steps = [step for t, c in zip(transforms, configs) for step in t.steps(c)]
     tensors: Literal["share", "own"] = "own" if any(t.tensors == "own" for t in transforms) else "share"
-    return transform(model, steps, inplace=inplace, tensors=tensors, scope=scope)
+    return transform(model, steps, inplace=inplace, tensors=tensors, scope=scope,
+                     example_inputs=as_inputs(example_inputs))
 
 
 def convbn(model: M, mode: ConvBNMode = "tune", *,
@@ -116,7 +124,7 @@ def convbn(model: M, mode: ConvBNMode = "tune", *,
 
 
 def deploy(model: M, *, filter_fn: FilterFn | None = None, leaf_modules: LeafModules | None = None,
-           inplace: bool = False) -> M:
+           inplace: bool = False, example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None) -> M:
     """Finalize every normfx construct for inference and fold what can be folded.
 
     Runs ``normfx.passes.DEPLOY_STEPS`` in order over every traced region and the modules outside them:
@@ -128,6 +136,8 @@ def deploy(model: M, *, filter_fn: FilterFn | None = None, leaf_modules: LeafMod
         model: an ``nn.Module`` or ``GraphModule`` in eval mode; never modified unless ``inplace``.
         filter_fn, leaf_modules: where it applies (``normfx.apply``).
         inplace: transform the caller's modules instead of a deep copy.
+        example_inputs: optional inputs whose shapes let BatchNorms after a reshape fold (LeViT's
+            ``bn(linear(x).flatten(0, 1))``); see ``normfx.apply``.
 
     Raises:
         TrainingModeError: a BatchNorm that would fold is in training mode.
@@ -138,7 +148,8 @@ def deploy(model: M, *, filter_fn: FilterFn | None = None, leaf_modules: LeafMod
         >>> normfx.last_report(m).summary()
         'fold_convbn: 20 sites, 20 transformed, 0 skipped'
     """
-    return apply(model, DeployConfig(), filter_fn=filter_fn, leaf_modules=leaf_modules, inplace=inplace)
+    return apply(model, DeployConfig(), filter_fn=filter_fn, leaf_modules=leaf_modules, inplace=inplace,
+                 example_inputs=example_inputs)
 
 
 def repbn(model: M, *, total_steps: int, eta_init: float = 1.0,

@@ -35,6 +35,7 @@ class SkipReason(str, enum.Enum):
     HOOKED = "hooks would observe the change"
     FILTERED = "excluded by filter_fn"
     LEAF = "inside a leaf module"
+    NEEDS_SHAPES = "needs example_inputs"
 
     def __str__(self) -> str:
         return self.value

@@ -128,9 +128,11 @@ def _groups(steps: Sequence[Step]) -> itertools.groupby:
 
 
 def transform(model: M, steps: Sequence[Step], *, inplace: bool = False,
-              tensors: Literal["share", "own"] = "share", scope: Scope = EVERYWHERE) -> M:
+              tensors: Literal["share", "own"] = "share", scope: Scope = EVERYWHERE,
+              example_inputs: tuple[torch.Tensor, ...] | None = None) -> M:
     """Run ``steps`` in order on a copy of ``model`` (the model itself with ``inplace=True``), on the
-    sites ``scope`` allows, and return it with its report attached."""
+    sites ``scope`` allows, and return it with its report attached. ``example_inputs``: the graph
+    steps see node shapes in the root region (``analyze``)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"normfx expects an nn.Module, got {type(model).__name__}")
     out, shared = (model, frozenset()) if inplace else copy_model(model, share_tensors=tensors == "share")
@@ -146,7 +148,8 @@ def transform(model: M, steps: Sequence[Step], *, inplace: bool = False,
                 results.append(res)
                 notes += more
             continue
-        analysis = analyze(result, per_module=view == "module", leaf_modules=tuple(scope.leaves))
+        analysis = analyze(result, per_module=view == "module", leaf_modules=tuple(scope.leaves),
+                           example_inputs=example_inputs)
         if untraceable is None or view == "flat":
             untraceable = analysis.untraceable
         fingerprints = analysis.signatures()

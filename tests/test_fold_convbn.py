@@ -612,3 +612,110 @@ def test_timm_mixnet_folds_every_batchnorm():
     assert not any(isinstance(q, nn.modules.batchnorm._BatchNorm) for q in d.modules())
     with torch.no_grad():
         assert rel_err(d(x), m(x)) < 1e-4
+
+
+class _LinearNorm(nn.Module):
+    """timm LeViT's ``LinearNorm``: the BatchNorm sees the tokens flattened into the batch."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(c_in, c_out, bias=False)
+        self.bn = nn.BatchNorm1d(c_out)
+
+    def forward(self, x):
+        x = self.linear(x)
+        return self.bn(x.flatten(0, 1)).reshape_as(x)
+
+
+class _TokenNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn0 = nn.BatchNorm1d(6)           # after conv(x).flatten(2): [N, C, HW]
+        self.ln = _LinearNorm(6, 8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        t = self.bn0(self.conv(x).flatten(2)).transpose(1, 2)
+        return self.head(self.ln(t).mean(1))
+
+
+def _token_net() -> nn.Module:
+    return randomize_bn(_TokenNet()).eval()
+
+
+def test_batchnorm_after_a_reshape_folds_with_example_inputs_exactly():
+    base = _token_net().double()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    calls = []
+    base.head.register_forward_hook(lambda *a: calls.append(a))
+    d = normfx.deploy(base, example_inputs=x)
+    changes = {c.site: c.detail for c in normfx.last_report(d).get("fold_convbn").changes}
+    assert changes == {"bn0": "into conv through 1 reshape", "ln.bn": "into ln.linear through 1 reshape"}
+    assert not calls   # the shapes came from fake tensors: the model's hooks saw nothing
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in d.modules())
+    assert rel_err(d(x), base(x)) < 1e-12
+    assert isinstance(base.ln.bn, nn.BatchNorm1d)   # the caller's model untouched
+
+
+def test_batchnorm_after_a_reshape_without_shapes_is_skipped_and_says_how():
+    d = normfx.deploy(_token_net())
+    skips = {s.site: s for s in normfx.last_report(d).get("fold_convbn").skips}
+    assert set(skips) == {"bn0", "ln.bn"}
+    assert all(s.reason is SkipReason.NEEDS_SHAPES and "example_inputs=" in s.detail for s in skips.values())
+
+
+class _WrongAxis(nn.Module):
+    """flatten(0, 1) of a 4-D linear output: the BatchNorm1d's channel axis is the third input axis,
+    not the linear's outputs, though both have 4 entries."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3, 4)
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        y = self.linear(x)
+        return self.bn(y.flatten(0, 1)).reshape_as(y)
+
+
+def test_batchnorm_after_a_reshape_on_another_axis_is_not_folded():
+    m = randomize_bn(_WrongAxis(), torch.randn(2, 5, 4, 3)).eval()
+    x = torch.randn(2, 5, 4, 3)
+    d = normfx.deploy(m, example_inputs=x)
+    (skip,) = normfx.last_report(d).get("fold_convbn").skips
+    assert skip.reason is SkipReason.UNSUPPORTED and "not the output channels" in skip.detail
+    assert torch.equal(d(x), m(x))
+
+
+class _ReshapeUsedTwice(_LinearNorm):
+    def forward(self, x):
+        y = self.linear(x)
+        flat = y.flatten(0, 1)
+        return self.bn(flat).reshape_as(y) + flat.sum()
+
+
+def test_batchnorm_after_a_reshape_with_another_user_is_not_folded():
+    m = randomize_bn(_ReshapeUsedTwice(3, 4), torch.randn(2, 5, 3)).eval()
+    x = torch.randn(2, 5, 3)
+    d = normfx.deploy(m, example_inputs=x)
+    (skip,) = normfx.last_report(d).get("fold_convbn").skips
+    assert skip.reason is SkipReason.MULTI_USER
+    assert torch.equal(d(x), m(x))
+
+
+def test_example_inputs_must_be_tensors():
+    with pytest.raises(TypeError, match="example_inputs must be a tensor"):
+        normfx.deploy(_token_net(), example_inputs=[3])
+
+
+@pytest.mark.slow
+def test_timm_levit_folds_every_batchnorm_after_a_linear():
+    timm = pytest.importorskip("timm")
+    x = torch.randn(2, 3, 224, 224, dtype=torch.float64)
+    m = randomize_bn(timm.create_model("levit_128s"), x.float()).eval().double()
+    d = normfx.deploy(m, example_inputs=x)
+    report = normfx.last_report(d).get("fold_convbn")
+    assert len(report.changes) == 50 and {s.site for s in report.skips} == {"head.bn", "head_dist.bn"}
+    with torch.no_grad():
+        assert rel_err(d(x), m(x)) < 1e-12

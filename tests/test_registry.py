@@ -38,7 +38,8 @@ def test_every_transform_has_its_one_liner_and_config(t):
     assert dataclasses.is_dataclass(t.config) and t.config.__dataclass_params__.frozen   # type: ignore[attr-defined]
     params = inspect.signature(getattr(normfx, t.name)).parameters
     fields = [f.name for f in dataclasses.fields(t.config)]
-    assert [p for p in params if p not in ("model", "filter_fn", "leaf_modules", "inplace")] == fields, \
+    apply_level = ("model", "filter_fn", "leaf_modules", "inplace", "example_inputs")   # normfx.apply's own
+    assert [p for p in params if p not in apply_level] == fields, \
         f"normfx.{t.name}'s keyword arguments and {t.config.__name__}'s fields differ"
     assert {"filter_fn", "leaf_modules", "inplace"} <= set(params)
     assert (ROOT / "docs" / t.page).exists()

@@ -168,7 +168,7 @@ def export(
         raise ExportError("every output of the model must be a tensor (nested tuples/lists/dicts allowed)")
 
     if deploy:
-        deployed = deploy_model(model)
+        deployed = deploy_model(model, example_inputs=inputs)   # shapes: BatchNorms after reshapes fold too
     else:
         deployed = materialize(trace_regions(copy.deepcopy(model)))
         attach_report(deployed, Report())

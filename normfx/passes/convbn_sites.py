@@ -152,10 +152,30 @@ def set_weights(conv: Any, conv_name: Any, w: torch.Tensor, b: torch.Tensor, sit
     return note
 
 
-def producer_problem(ctx: Ctx, producer: Any, conv: Any) -> tuple[SkipReason, str] | None:
+_SHAPE_OF = ("reshape_as", "view_as", "expand_as")
+
+
+def value_users(node: fx.Node) -> list[fx.Node]:
+    """The users of ``node`` that read its values, not only its shape (``size()``, ``.shape``,
+    ``y.reshape_as(node)``): a fold that scales ``node`` changes what those users compute."""
+    out = []
+    for u in node.users:
+        if u.op == "call_method" and u.target in ("size", "dim") and u.args[0] is node:
+            continue
+        if u.op == "call_function" and u.target is getattr and len(u.args) > 1 and u.args[1] in ("shape", "ndim"):
+            continue
+        if (u.op == "call_method" and u.target in _SHAPE_OF and u.args[0] is not node
+                and node not in u.args[2:] and node not in u.kwargs.values()):
+            continue
+        out.append(u)
+    return out
+
+
+def producer_problem(ctx: Ctx, producer: Any, conv: Any, *, shape_uses: bool = False) -> tuple[SkipReason, str] | None:
     """Why the conv that produces a norm's input cannot take a fold after it, or ``None``: its output
-    feeds something else too, the module is called elsewhere, or it is called with extra arguments."""
-    if len(producer.users) > 1:
+    feeds something else too, the module is called elsewhere, or it is called with extra arguments.
+    ``shape_uses``: users that read only the output's shape do not count."""
+    if len(value_users(producer) if shape_uses else producer.users) > 1:
         return SkipReason.MULTI_USER, f"output of '{producer.target}' has other users"
     if ctx.uses[id(conv)] > 1:
         return SkipReason.SHARED_MODULE, f"'{producer.target}' is called at several places"

@@ -14,6 +14,7 @@ Every site is transformed or skipped with a ``SkipReason``.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
@@ -32,7 +33,7 @@ from normfx.passes.merge_branches import merge_branches, merge_branches_outside
 from normfx.passes.tune_blocks import make_tune_block, untune_modules, untune_node
 from normfx.passes.convbn_sites import (Ctx, Site, Unsupported, dims_match, frozen, functional_name, guard,
                                         is_tune_node, producer_problem, prune_note, rank, set_weights,
-                                        single_conv_user)
+                                        single_conv_user, value_users)
 from normfx.report import Change, PassResult, Skip, SkipReason
 from normfx.analysis import Outside
 from normfx.config import check_choice
@@ -215,6 +216,8 @@ def _visit(ctx: Ctx, node: Any, mode: ConvBNMode) -> Change | Skip:
 
     if mode == "deploy" and _channel_cat(producer) is not None:
         return _fold_after_cat(ctx, site, producer)
+    if mode == "deploy" and _reshape_source(producer) is not None:
+        return _fold_through_reshape(ctx, site, producer)
     follower = single_conv_user(ctx, node)
     if follower is not None and mode == "deploy":
         return (guard(ctx, site.module, site.name, ctx.module(follower), follower.target, before=True)
@@ -368,6 +371,72 @@ def _fold_after_cat(ctx: Ctx, site: Site, cat: fx.Node) -> Change | Skip:
     notes = "".join(set_weights(c, n.target, w, b, piece) for n, c, piece, (w, b) in folds)
     _replace_bn_by_tail(ctx, site, cat)
     return Change(site.name, "fold", f"split over the concatenated {names}{notes}")
+
+
+_RESHAPE_METHODS = ("flatten", "reshape", "view", "reshape_as", "view_as", "contiguous")
+_RESHAPE_FUNCTIONS = (torch.flatten, torch.reshape)
+
+
+def _reshape_source(node: Any) -> fx.Node | None:
+    """The tensor a row-major reshape (``flatten``, ``reshape``, ``view``, ``reshape_as``, ...)
+    reads its values from, else ``None``."""
+    if not isinstance(node, fx.Node) or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    if (node.op == "call_method" and node.target in _RESHAPE_METHODS) or (
+            node.op == "call_function" and node.target in _RESHAPE_FUNCTIONS):
+        return node.args[0]
+    return None
+
+
+def _shape(node: fx.Node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _fold_through_reshape(ctx: Ctx, site: Site, reshaped: fx.Node) -> Change | Skip:
+    """``BN(reshape(conv(x)))`` (LeViT: ``bn(linear(x).flatten(0, 1)).reshape_as(x)``): a reshape
+    keeps the elements' row-major order, so every element keeps its conv/linear output channel when
+    the BatchNorm's channel axis has as many channels, each as many elements apart, as the
+    producer's: then the fold after the producer is exact. Which needs shapes (``example_inputs``);
+    each reshape and the producer must have no other user that reads values."""
+    chain = [reshaped]
+    while (src := _reshape_source(chain[-1])) is not None and _reshape_source(src) is not None:
+        chain.append(src)
+    producer = _reshape_source(chain[-1])
+    assert producer is not None
+    conv = ctx.module(producer) if producer.op == "call_module" else None
+    what = f"BatchNorm after a reshape of '{producer.name}'"
+    if not is_conv_like(conv):
+        return Skip(site.name, SkipReason.NO_NEIGHBOUR, f"{what}, not of a conv/linear output")
+    what = f"BatchNorm after a reshape of '{producer.target}'"
+    for n in chain:
+        if len(value_users(n)) > 1:
+            return Skip(site.name, SkipReason.MULTI_USER, f"{what}: the reshape '{n.name}' has other users")
+    problem = producer_problem(ctx, producer, conv, shape_uses=True)
+    if problem:
+        return Skip(site.name, problem[0], f"{what}: {problem[1]}")
+    before, after = _shape(producer), _shape(reshaped)
+    if before is None or after is None:
+        return Skip(site.name, SkipReason.NEEDS_SHAPES,
+                    f"{what}: whether its channels are the output channels depends on shapes; "
+                    "pass example_inputs= to deploy")
+    axis = len(before) - 1 if isinstance(conv, nn.Linear) else 1
+    if len(after) < 2 or after[1] != before[axis] or math.prod(after[2:]) != math.prod(before[axis + 1:]):
+        return Skip(site.name, SkipReason.UNSUPPORTED,
+                    f"{what}: the BatchNorm's channel axis of {list(after)} is not the output channels of "
+                    f"{list(before)}")
+    why = dims_match(conv, site.module, site.stats)
+    if why:
+        return Skip(site.name, SkipReason.UNSUPPORTED, why)
+    folded = guard(ctx, site.module, site.name, conv, producer.target) or _checked_fold(site, conv, ctx.scope.plan)
+    if isinstance(folded, Skip):
+        return folded
+    detail = f"into {producer.target} through {len(chain)} reshape{'s' if len(chain) > 1 else ''}"
+    if folded is None:   # a dry run
+        return Change(site.name, "fold", detail)
+    note = set_weights(conv, producer.target, *folded, site)
+    _replace_bn_by_tail(ctx, site, reshaped)
+    return Change(site.name, "fold", detail + note)
 
 
 def _deploy_tune_block(ctx: Ctx, site: Site) -> Change | Skip:
