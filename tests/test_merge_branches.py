@@ -21,8 +21,10 @@ def _merge_pass(model: nn.Module):
     return next(p for p in normfx.last_report(model).passes if p.name == "merge_branches")
 
 
-@pytest.mark.parametrize("name", ["repvgg_a0", "mobileone_s0"])
+@pytest.mark.parametrize("name", ["repvgg_a0", "mobileone_s0", "repghostnet_050"])
 def test_timm_reparameterizable_models_deploy_as_their_own_reparameterize(name):
+    """repghostnet: ``x2 = cheap_operation(x1) + fusion_bn(nn.Identity()(x1))``, the identity BN
+    behind an ``nn.Identity`` call."""
     timm = pytest.importorskip("timm")
     from timm.utils.model import reparameterize_model
 
@@ -38,7 +40,10 @@ def test_timm_reparameterizable_models_deploy_as_their_own_reparameterize(name):
         assert rel_err(deployed(x), ref) < 1e-4
         assert rel_err(theirs(x), ref) < 1e-4
     assert _bn_left(deployed) == 0 and _bn_left(model) > 0
-    assert sum(p.numel() for p in deployed.parameters()) == sum(p.numel() for p in theirs.parameters())
+    ours, their_count = (sum(p.numel() for p in m.parameters()) for m in (deployed, theirs))
+    # timm's RepGhost reparameterize merges the branches but keeps the conv -> BatchNorm pairs
+    # outside them (bn1, primary_conv.1): normfx folds those too
+    assert ours == their_count if name != "repghostnet_050" else ours < their_count
     merged = _merge_pass(deployed)
     assert merged.changes and not merged.skips
     assert all("->" in c.detail and c.action == "merge" for c in merged.changes)

@@ -84,11 +84,22 @@ def _terms(node: fx.Node, mods: dict[str, nn.Module], chain: tuple[fx.Node, ...]
     if chain and private and isinstance(m, nn.Identity) and len(node.args) == 1 and not node.kwargs:
         return _terms(node.args[0], mods, (*chain, node))  # type: ignore[arg-type]
     single = len(node.args) == 1 and not node.kwargs and isinstance(node.args[0], fx.Node)
-    if chain and private and single and isinstance(m, _CONVS):
-        return [_Term("conv", node.args[0], str(node.target), m, (*chain, node))]  # type: ignore[arg-type]
-    if chain and private and single and m is not None and bn_kind(m) in ("plain", "norm_act"):
-        return [_Term("bn", node.args[0], str(node.target), m, (*chain, node))]  # type: ignore[arg-type]
+    kind = "conv" if isinstance(m, _CONVS) else "bn" if m is not None and bn_kind(m) in ("plain", "norm_act") else ""
+    if chain and private and single and kind:
+        source, through = _through_identities(node.args[0], mods)  # type: ignore[arg-type]
+        return [_Term(kind, source, str(node.target), m, (*chain, node, *through))]
     return [_Term("id", node, nodes=chain)]
+
+
+def _through_identities(node: fx.Node, mods: dict[str, nn.Module]) -> tuple[fx.Node, tuple[fx.Node, ...]]:
+    """The value an ``nn.Identity`` chain passes on (RepGhost's ``bn(nn.Identity()(x))``: the BN's
+    input is ``x``), and the private Identity calls on the way."""
+    through: tuple[fx.Node, ...] = ()
+    while (node.op == "call_module" and isinstance(mods.get(str(node.target)), nn.Identity) and len(node.users) == 1
+           and len(node.args) == 1 and not node.kwargs and isinstance(node.args[0], fx.Node)):
+        through += (node,)
+        node = node.args[0]
+    return node, through
 
 
 def _problem(terms: list[_Term], uses: Any, called: frozenset[str]) -> tuple[SkipReason, str] | None:
