@@ -719,3 +719,13 @@ def test_timm_levit_folds_every_batchnorm_after_a_linear():
     assert len(report.changes) == 50 and {s.site for s in report.skips} == {"head.bn", "head_dist.bn"}
     with torch.no_grad():
         assert rel_err(d(x), m(x)) < 1e-12
+
+
+def test_densenet_batchnorms_say_why_they_stay():
+    """DenseNet: BN after a concatenation whose inputs feed later layers too, then ReLU → conv."""
+    import torchvision
+
+    d = normfx.deploy(torchvision.models.densenet121().eval())
+    skips = normfx.last_report(d).get("fold_convbn").skips
+    assert len(skips) == 62
+    assert all("DenseNet-style shared concatenation" in s.detail for s in skips if s.site != "features.norm5")

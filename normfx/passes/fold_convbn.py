@@ -224,7 +224,18 @@ def _visit(ctx: Ctx, node: Any, mode: ConvBNMode) -> Change | Skip:
                 or _fold_before(ctx, site, follower))
     if follower is not None:
         return Skip(site.name, SkipReason.UNSUPPORTED, "BatchNorm before a conv folds in deploy mode only")
-    return Skip(site.name, SkipReason.NO_NEIGHBOUR, "input is not a conv/linear output")
+    return Skip(site.name, SkipReason.NO_NEIGHBOUR, "input is not a conv/linear output" + _pre_activation(ctx, node))
+
+
+def _pre_activation(ctx: Ctx, node: fx.Node) -> str:
+    """``, and an activation separates it from the conv after it`` for a pre-activation BN → act →
+    conv (a fold before the conv would need the activation to be linear), else ``""``."""
+    if len(node.users) != 1:
+        return ""
+    act = next(iter(node.users))
+    if len(act.users) == 1 and single_conv_user(ctx, act) is not None:
+        return f", and '{act.name}' (an activation) separates it from the conv after it (pre-activation)"
+    return ""
 
 
 def _refused(site: Site, conv: Any) -> Skip | None:
@@ -336,8 +347,14 @@ def _fold_after_cat(ctx: Ctx, site: Site, cat: fx.Node) -> Change | Skip:
     inputs = _channel_cat(cat) or []
     convs: list[Any] = [ctx.module(n) if isinstance(n, fx.Node) and n.op == "call_module" else None for n in inputs]
     what = "BatchNorm after a concatenation"
-    if not inputs or any(c is None or not is_conv_like(c) or isinstance(c, nn.Linear) for c in convs):
-        return Skip(site.name, SkipReason.NO_NEIGHBOUR, f"{what} of something other than conv outputs")
+    others = [n for n, c in zip(inputs, convs) if c is None or not is_conv_like(c) or isinstance(c, nn.Linear)]
+    if not inputs or others:
+        names = ", ".join(f"'{getattr(n, 'name', n)}'" for n in others[:2]) + (", ..." if len(others) > 2 else "")
+        shared = sum(isinstance(n, fx.Node) and len(n.users) > 1 for n in inputs)
+        return Skip(site.name, SkipReason.NO_NEIGHBOUR,
+                    f"{what} of something other than conv outputs ({names})"
+                    + (f"; {shared} of its {len(inputs)} inputs feed other layers too (a DenseNet-style "
+                       "shared concatenation): no conv can take the BatchNorm" if shared else ""))
     if len(cat.users) > 1:
         return Skip(site.name, SkipReason.MULTI_USER, f"{what}: the concatenation has other users")
     if len(set(inputs)) != len(inputs):
