@@ -2,6 +2,8 @@
 size, and what the file holds (op counts, shapes, external data)."""
 from __future__ import annotations
 
+import copy
+import logging
 from collections import Counter
 from pathlib import Path
 
@@ -13,6 +15,8 @@ from torch.utils._pytree import tree_flatten
 from normfx.errors import ExportError
 
 __all__ = ["verify", "op_counts", "dims", "external_files", "grow_batch"]
+
+logger = logging.getLogger("normfx")
 
 
 def grow_batch(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -95,13 +99,41 @@ def verify(model, inputs, ref_flat, tmp: Path, names: list[str], dynamic_batch: 
             err = (out64 - ref64).abs().max().item() if ref64.numel() else 0.0
             rel = err / scale if scale > 0 else err
             if not err <= atol + rtol * scale:
-                raise ExportError(
-                    f"output '{name}' differs from PyTorch by {err:.3g} (max abs) = {rel:.3g} of its "
-                    f"largest value at batch {b}; allowed atol={atol:g} + rtol={rtol:g}·max|output|"
-                )
+                floor = None if keep_qdq else _within_float32_rounding(model, xs, names.index(name), out64, ref64)
+                if floor is None:
+                    raise ExportError(
+                        f"output '{name}' differs from PyTorch by {err:.3g} (max abs) = {rel:.3g} of its "
+                        f"largest value at batch {b}; allowed atol={atol:g} + rtol={rtol:g}·max|output|"
+                    )
+                logger.info("output '%s' at batch %d: ONNX Runtime is %.3g from the model run in float64, "
+                            "PyTorch's float32 run %.3g: the difference to PyTorch (%.3g) is float32 rounding",
+                            name, b, *floor, err)
             prev = worst.get(name, (0.0, 0.0, ()))
             worst[name] = (max(prev[0], err), max(prev[1], rel), prev[2] + (b,))
     return worst
 
 
 
+
+
+def _within_float32_rounding(model, xs: tuple[torch.Tensor, ...], index: int, out: torch.Tensor,
+                             ref: torch.Tensor) -> tuple[float, float] | None:
+    """A deep network in float32 (randomized BatchNorm statistics make it worse) rounds differently
+    in every runtime: PyTorch's own float32 output is then farther from the exact value than the
+    tolerance. Run the model in float64 once: ``(ORT's, PyTorch float32's)`` max distance to it when
+    ONNX Runtime is no farther from it than twice PyTorch's float32 output is, else ``None``."""
+    if not (ref.is_floating_point() and all(x.is_floating_point() or not x.dim() for x in xs)):
+        return None
+    try:
+        m64 = copy.deepcopy(model).double()
+        x64 = tuple(x.double() if x.is_floating_point() else x for x in xs)
+        with torch.no_grad():
+            exact, again = (tree_flatten(m64(*x64))[0][index].detach().double().cpu() for _ in range(2))
+    except Exception:  # noqa: BLE001 - a model that cannot run in float64 keeps the plain check
+        return None
+    ort_err = (out - exact).abs().max().item()
+    torch_err = (ref - exact).abs().max().item()
+    # Rounding, not randomness (a model that draws random numbers gives another output each run) or
+    # an output float32 cannot hold: the float64 runs agree and float32 is within 1% of them.
+    rounding = torch.equal(exact, again) and torch_err <= 1e-2 * exact.abs().max().item()
+    return (ort_err, torch_err) if rounding and ort_err <= 2 * torch_err else None
