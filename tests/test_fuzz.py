@@ -18,6 +18,7 @@ import os
 import pytest
 import torch
 import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -42,6 +43,7 @@ block_spec = st.one_of(
     st.tuples(st.just("cat"), conv_spec, st.booleans()),           # BN after a concatenation
     st.tuples(st.just("shared"), conv_spec, st.just(None)),         # one conv -> BN pair called twice
     st.tuples(st.just("multi_user"), conv_spec, st.just(None)),
+    st.tuples(st.just("reshape"), conv_spec, st.booleans()),        # BatchNorm1d after flatten(2) / a permute
 )
 
 
@@ -69,6 +71,8 @@ class Block(nn.Module):
         elif kind == "cat":
             self.a, self.b = _conv(spec, C // 2), _conv(dict(spec, k=1), C // 2)
             self.bn = nn.BatchNorm2d(C)
+        elif kind == "reshape":
+            self.conv, self.bn = _conv(spec), nn.BatchNorm1d(C)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = self.kind
@@ -85,6 +89,12 @@ class Block(nn.Module):
             return y + self.identity(x) if self.identity is not None else y
         if k == "cat":
             return self.bn(torch.cat([self.a(x), self.b(x)], 1))
+        if k == "reshape":
+            y = self.conv(x)
+            if self.option:                    # [N, C, HW]: the conv's channels, foldable
+                return self.bn(y.flatten(2)).view_as(y)
+            t = y.permute(0, 2, 3, 1).reshape(-1, C)   # channels last through a permute: not folded
+            return self.bn(t).reshape(y.shape[0], *y.shape[2:], C).permute(0, 3, 1, 2)
         if k == "shared":
             return self.bn(self.conv(torch.tanh(self.bn(self.conv(x)))))
         y = self.conv(x)                       # multi_user
@@ -110,10 +120,13 @@ def test_random_networks_exact_consistent_and_untouched(blocks):
         ref = model(x)
     ids, state = _state(model)
     n_bn = bn_calls(model)
-    bn_names = {n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    bn_names = {n for n, m in model.named_modules() if isinstance(m, _BatchNorm)}
+
+    def deploy(m: nn.Module) -> nn.Module:
+        return normfx.deploy(m, example_inputs=x)
 
     for make in (lambda m: normfx.convbn(m, mode="tune"), lambda m: normfx.convbn(m, mode="deploy"),
-                 normfx.sync_bn, normfx.deploy):
+                 normfx.sync_bn, normfx.deploy, deploy):
         out = make(model)
         with torch.no_grad():
             assert rel_err(out.eval()(x), ref) < 1e-10
@@ -122,10 +135,10 @@ def test_random_networks_exact_consistent_and_untouched(blocks):
             fold = report.get("fold_convbn")
             changed, skipped = {c.site for c in fold.changes}, {s.site for s in fold.skips}
             assert changed | skipped == bn_names and not changed & skipped   # every BatchNorm once
-            if make is normfx.deploy:      # what is left: the skipped ones merge_branches did not merge
+            if make in (normfx.deploy, deploy):   # what is left: the skipped ones merge_branches did not merge
                 merged = " ".join(c.detail for c in report.get("merge_branches").changes) + " "
                 left = {s for s in skipped if f"{s} " not in merged}
-                assert {n for n, m in out.named_modules() if isinstance(m, nn.BatchNorm2d)} == left
+                assert {n for n, m in out.named_modules() if isinstance(m, _BatchNorm)} == left
 
     assert [id(m) for m in model.modules()] == ids
     for k, v in model.state_dict().items():
@@ -137,12 +150,13 @@ def test_random_networks_exact_consistent_and_untouched(blocks):
     [("branches", {"k": 3, "groups": 2, "dilation": 1, "bias": False, "padding_mode": "zeros"}, True)],
     [("cat", {"k": 3, "groups": 1, "dilation": 2, "bias": True, "padding_mode": "zeros"}, False)],
     [("shared", {"k": 3, "groups": 4, "dilation": 1, "bias": False, "padding_mode": "reflect"}, None)],
+    [("reshape", {"k": 3, "groups": 2, "dilation": 1, "bias": True, "padding_mode": "zeros"}, True)],
 ])
 def test_the_folds_the_fuzzer_aims_at_do_fold(blocks):
     """The fuzzer's deeper blocks are not only left exact but folded: no BatchNorm left."""
     model = _model(blocks)
-    deployed = normfx.deploy(model)
-    assert bn_calls(deployed) == 0 and not any(isinstance(m, nn.BatchNorm2d) for m in deployed.modules())
     x = torch.randn(2, C, 10, 10, dtype=torch.float64)
+    deployed = normfx.deploy(model, example_inputs=x)
+    assert bn_calls(deployed) == 0 and not any(isinstance(m, _BatchNorm) for m in deployed.modules())
     with torch.no_grad():
         assert rel_err(deployed(x), model(x)) < 1e-10
