@@ -729,3 +729,33 @@ def test_densenet_batchnorms_say_why_they_stay():
     skips = normfx.last_report(d).get("fold_convbn").skips
     assert len(skips) == 62
     assert all("DenseNet-style shared concatenation" in s.detail for s in skips if s.site != "features.norm5")
+
+
+class _InceptionMixer(nn.Module):
+    """timm InceptionNeXt: a concatenation with an identity part (not foldable after it), a
+    BatchNorm, then a 1×1 conv (foldable before it); Visformer: the conv's forward reads the shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dw = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.norm = nn.BatchNorm2d(8)
+        self.fc = nn.Conv2d(8, 6, 1)
+        self.norm2 = nn.BatchNorm2d(6)
+        self.qkv = nn.Conv2d(6, 6, 1, bias=False)
+
+    def forward(self, x):
+        ident, part = torch.split(x, [4, 4], dim=1)
+        y = self.fc(self.norm(torch.cat([ident, self.dw(part)], 1)))
+        z = torch.relu(y) + 1
+        t = self.norm2(z)
+        b, c, h, w = t.shape
+        return self.qkv(t).reshape(b, c, h * w)
+
+
+def test_a_batchnorm_that_cannot_fold_after_falls_back_to_the_conv_after_it():
+    m = randomize_bn(_InceptionMixer(), torch.randn(8, 8, 6, 6)).eval().double()
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64)
+    d = normfx.deploy(m)
+    changes = {c.site: c.detail for c in normfx.last_report(d).get("fold_convbn").changes}
+    assert changes == {"norm": "forward into fc", "norm2": "forward into qkv"}
+    assert rel_err(d(x), m(x)) < 1e-12

@@ -226,9 +226,12 @@ def rank(node: Any) -> int | None:
 
 
 def single_conv_user(ctx: Ctx, node: Any) -> fx.Node | None:
-    if len(node.users) != 1:
+    """The conv/linear call that is the one user of ``node``'s values (users that read only its
+    shape, as ``B, C, H, W = x.shape`` before ``self.qkv(x)``, do not count), else ``None``."""
+    users = value_users(node)
+    if len(users) != 1:
         return None
-    user = next(iter(node.users))
+    user = users[0]
     m = ctx.module(user) if user.op == "call_module" else None
     if is_conv_like(m) and user.args and user.args[0] is node:
         return user

@@ -214,11 +214,11 @@ def _visit(ctx: Ctx, node: Any, mode: ConvBNMode) -> Change | Skip:
             return make_tune_block(gm, site, producer)
         return guard(ctx, site.module, site.name, conv, producer.target) or _fold_after(ctx, site, producer, conv)
 
-    if mode == "deploy" and _channel_cat(producer) is not None:
-        return _fold_after_cat(ctx, site, producer)
-    if mode == "deploy" and _reshape_source(producer) is not None:
-        return _fold_through_reshape(ctx, site, producer)
     follower = single_conv_user(ctx, node)
+    if mode == "deploy" and (_channel_cat(producer) is not None or _reshape_source(producer) is not None):
+        after = (_fold_after_cat if _channel_cat(producer) is not None else _fold_through_reshape)(ctx, site, producer)
+        if isinstance(after, Change) or follower is None:
+            return after     # else: it may still fold into the conv after it (InceptionNeXt's cat -> BN -> 1x1)
     if follower is not None and mode == "deploy":
         return (guard(ctx, site.module, site.name, ctx.module(follower), follower.target, before=True)
                 or _fold_before(ctx, site, follower))
@@ -516,7 +516,7 @@ def _fold_before(ctx: Ctx, site: Site, follower: fx.Node) -> Change | Skip:
     if site.module is not None:
         set_module(gm, site.name, nn.Identity().train(site.module.training))   # a leaf change, as after a conv
     else:
-        follower.replace_input_with(site.node, site.input)
+        site.node.replace_all_uses_with(site.input)   # the conv, and users of the shape alone (same shape)
         gm.graph.erase_node(site.node)
     return Change(site.name, "fold", f"forward into {follower.target}{note}")
 
