@@ -759,3 +759,46 @@ def test_a_batchnorm_that_cannot_fold_after_falls_back_to_the_conv_after_it():
     changes = {c.site: c.detail for c in normfx.last_report(d).get("fold_convbn").changes}
     assert changes == {"norm": "forward into fc", "norm2": "forward into qkv"}
     assert rel_err(d(x), m(x)) < 1e-12
+
+
+class _QKV(nn.Module):
+    """timm's LambdaLayer: one qkv conv split into q, k, v; q and v normalized, k used as it is."""
+
+    def __init__(self, chunk: bool = False) -> None:
+        super().__init__()
+        self.chunk = chunk
+        self.qkv = nn.Conv2d(4, 12, 1, bias=False)
+        self.norm_q, self.norm_v = nn.BatchNorm2d(4 if chunk else 6), nn.BatchNorm2d(4 if chunk else 2)
+
+    def forward(self, x):
+        qkv = self.qkv(x)
+        q, k, v = qkv.chunk(3, 1) if self.chunk else torch.split(qkv, [6, 4, 2], dim=1)
+        return self.norm_q(q).sum(1) * k.mean(1) + self.norm_v(v).sum(1)
+
+
+@pytest.mark.parametrize("chunk", [False, True])
+def test_batchnorms_after_a_channel_split_fold_into_their_channels(chunk):
+    m = randomize_bn(_QKV(chunk), torch.randn(8, 4, 5, 5)).eval().double()
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    d = normfx.deploy(m)
+    changes = {c.site: c.detail for c in normfx.last_report(d).get("fold_convbn").changes}
+    assert changes == ({"norm_q": "into channels 0:4 of qkv", "norm_v": "into channels 8:12 of qkv"} if chunk else
+                       {"norm_q": "into channels 0:6 of qkv", "norm_v": "into channels 10:12 of qkv"})
+    assert rel_err(d(x), m(x)) < 1e-12
+
+
+class _SplitTwice(_QKV):
+    def forward(self, x):
+        qkv = self.qkv(x)
+        q, k, v = torch.split(qkv, [6, 4, 2], dim=1)
+        return self.norm_q(q).sum(1) + q.mean(1) + self.norm_v(v).sum(1) * k.mean(1)
+
+
+def test_a_split_part_with_another_user_is_not_folded():
+    m = randomize_bn(_SplitTwice(), torch.randn(8, 4, 5, 5)).eval().double()
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    d = normfx.deploy(m)
+    report = normfx.last_report(d).get("fold_convbn")
+    assert {c.site for c in report.changes} == {"norm_v"}
+    assert [s.reason for s in report.skips] == [SkipReason.MULTI_USER]
+    assert rel_err(d(x), m(x)) < 1e-12

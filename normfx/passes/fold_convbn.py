@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
@@ -215,8 +216,11 @@ def _visit(ctx: Ctx, node: Any, mode: ConvBNMode) -> Change | Skip:
         return guard(ctx, site.module, site.name, conv, producer.target) or _fold_after(ctx, site, producer, conv)
 
     follower = single_conv_user(ctx, node)
-    if mode == "deploy" and (_channel_cat(producer) is not None or _reshape_source(producer) is not None):
-        after = (_fold_after_cat if _channel_cat(producer) is not None else _fold_through_reshape)(ctx, site, producer)
+    if mode == "deploy" and (_channel_cat(producer) is not None or _reshape_source(producer) is not None
+                             or _split_part(ctx, producer) is not None):
+        fold = (_fold_after_cat if _channel_cat(producer) is not None else
+                _fold_through_reshape if _reshape_source(producer) is not None else _fold_after_split)
+        after = fold(ctx, site, producer)
         if isinstance(after, Change) or follower is None:
             return after     # else: it may still fold into the conv after it (InceptionNeXt's cat -> BN -> 1x1)
     if follower is not None and mode == "deploy":
@@ -453,6 +457,78 @@ def _fold_through_reshape(ctx: Ctx, site: Site, reshaped: fx.Node) -> Change | S
         return Change(site.name, "fold", detail)
     note = set_weights(conv, producer.target, *folded, site)
     _replace_bn_by_tail(ctx, site, reshaped)
+    return Change(site.name, "fold", detail + note)
+
+
+def _split_part(ctx: Ctx, node: Any) -> tuple[fx.Node, fx.Node, int, int] | None:
+    """``(conv output, split, start, stop)`` when ``node`` is one part of a channel split of a
+    conv's output (``torch.split(conv(x), sizes, 1)[i]``, ``.split``, ``.chunk``), else ``None``."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem
+            and isinstance(node.args[1], int) and isinstance(node.args[0], fx.Node)):
+        return None
+    split = node.args[0]
+    kind = split.target if split.op == "call_function" else split.target if split.op == "call_method" else None
+    names = {torch.split: "split", torch.chunk: "chunk", "split": "split", "chunk": "chunk"}
+    if kind not in names or not split.args or not isinstance(split.args[0], fx.Node):
+        return None
+    args = dict(zip(("tensor", "n", "dim"), split.args))
+    sizes_kw = ("split_size_or_sections", "split_size", "chunks")
+    args.update({"n" if k in sizes_kw else k: v for k, v in split.kwargs.items()})
+    src, n, dim = split.args[0], args.get("n"), args.get("dim", 0)
+    conv = ctx.module(src) if src.op == "call_module" else None
+    if dim != 1 or not is_conv_like(conv) or isinstance(conv, nn.Linear):
+        return None
+    total = conv.out_channels
+    if names[kind] == "chunk" and isinstance(n, int) and n > 0:
+        n = -(-total // n)
+    if isinstance(n, int) and n > 0:
+        sizes = [min(n, total - s) for s in range(0, total, n)]
+    elif isinstance(n, (list, tuple)) and all(isinstance(v, int) for v in n) and sum(n) == total:
+        sizes = list(n)
+    else:
+        return None
+    i = node.args[1]
+    if not -len(sizes) <= i < len(sizes):
+        return None
+    i %= len(sizes)
+    return src, split, sum(sizes[:i]), sum(sizes[:i + 1])
+
+
+def _fold_after_split(ctx: Ctx, site: Site, part: fx.Node) -> Change | Skip:
+    """``BN(torch.split(conv(x), sizes, 1)[i])`` (timm's LambdaLayer normalizes q and v after one
+    qkv conv): the BatchNorm folds into the conv's output channels of its part, the other channels
+    keep their weights (scaled by 1). Exact when the conv's output feeds only the split and the part
+    only the BatchNorm."""
+    found = _split_part(ctx, part)
+    assert found is not None
+    src, split, start, stop = found
+    conv: Any = ctx.module(src)
+    what = f"BatchNorm after a channel split of '{src.target}'"
+    if len(value_users(src)) > 1 or len(value_users(part)) > 1:
+        return Skip(site.name, SkipReason.MULTI_USER, f"{what}: the conv output or the part has other users")
+    problem = producer_problem(ctx, src, conv, shape_uses=True)
+    if problem:
+        return Skip(site.name, problem[0], f"{what}: {problem[1]}")
+    if site.stats.mean.numel() != stop - start:
+        return Skip(site.name, SkipReason.UNSUPPORTED,
+                    f"{what}: the part has {stop - start} channels, the BatchNorm {site.stats.mean.numel()}")
+    refused = guard(ctx, site.module, site.name, conv, src.target) or _refused(site, conv)
+    if refused:
+        return refused
+    c, t = bn_scale_shift(site.stats)
+    scale = torch.ones(conv.out_channels, dtype=c.dtype, device=c.device)
+    shift = torch.zeros(conv.out_channels, dtype=t.dtype, device=t.device)
+    scale[start:stop], shift[start:stop] = c, t
+    ok, why = scale_is_safe(scale, conv.weight)
+    if not ok:
+        return Skip(site.name, SkipReason.NON_FINITE, why)
+    detail = f"into channels {start}:{stop} of {src.target}"
+    if ctx.scope.plan:
+        return Change(site.name, "fold", detail)
+    w, b = fold_bn_after(conv.weight, conv.bias, site.stats, transposed=bool(getattr(conv, "transposed", False)),
+                         groups=getattr(conv, "groups", 1), scale_shift=(scale, shift))
+    note = set_weights(conv, src.target, w, b, site)
+    _replace_bn_by_tail(ctx, site, part)
     return Change(site.name, "fold", detail + note)
 
 
