@@ -21,10 +21,10 @@ def _merge_pass(model: nn.Module):
     return next(p for p in normfx.last_report(model).passes if p.name == "merge_branches")
 
 
-@pytest.mark.parametrize("name", ["repvgg_a0", "mobileone_s0", "repghostnet_050"])
+@pytest.mark.parametrize("name", ["repvgg_a0", "mobileone_s0", "repghostnet_050", "fastvit_t8"])
 def test_timm_reparameterizable_models_deploy_as_their_own_reparameterize(name):
     """repghostnet: ``x2 = cheap_operation(x1) + fusion_bn(nn.Identity()(x1))``, the identity BN
-    behind an ``nn.Identity`` call."""
+    behind an ``nn.Identity`` call; fastvit: RepMixer's ``x + γ·(mixer(x) − norm(x))``."""
     timm = pytest.importorskip("timm")
     from timm.utils.model import reparameterize_model
 
@@ -154,3 +154,51 @@ def test_a_conv_also_called_inside_an_untraceable_module_is_not_merged():
     assert skip and skip[0].reason == SkipReason.SHARED_MODULE and "also called inside 'blocks.0'" in skip[0].detail
     with torch.no_grad():
         assert rel_err(deployed(x), model(x)) < 1e-6
+
+
+class RepMixer(nn.Module):
+    """FastViT's token mixer: ``x + γ·(BN(dwconv(x)) + BN(x) − BN'(x))`` with a per-channel layer scale."""
+
+    def __init__(self, c: int = 8, inplace: bool = False) -> None:
+        super().__init__()
+        self.inplace = inplace
+        self.conv = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False), nn.BatchNorm2d(c))
+        self.id_mixer, self.id_norm = nn.BatchNorm2d(c), nn.BatchNorm2d(c)
+        self.gamma = nn.Parameter(torch.randn(c, 1, 1))
+
+    def forward(self, x):
+        y = self.conv(x) + self.id_mixer(x) - self.id_norm(x)
+        return x + (y.mul_(self.gamma) if self.inplace else y * self.gamma)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_differences_and_layer_scales_merge(inplace):
+    m = randomize_bn(RepMixer(inplace=inplace), torch.randn(8, 8, 6, 6)).eval().double()
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64)
+    d = normfx.deploy(m)
+    assert _bn_left(d) == 0
+    detail = "identity + scaled conv.0 + scaled id_mixer - scaled id_norm -> one (3, 3) conv"
+    assert _merge_pass(d).changes[0].detail == detail
+    with torch.no_grad():
+        assert rel_err(d(x), m(x)) < 1e-12
+
+
+class _ScaledOnWidth(RepMixer):
+    """A 1-D γ multiplies the last (width) axis, not the channels: not a per-channel scale."""
+
+    def __init__(self) -> None:
+        super().__init__(c=6)
+        self.gamma = nn.Parameter(torch.randn(6))
+
+    def forward(self, x):
+        return x + (self.conv(x) + self.id_mixer(x)) * self.gamma
+
+
+def test_a_scale_on_another_axis_is_not_merged():
+    m = randomize_bn(_ScaledOnWidth(), torch.randn(8, 6, 6, 6)).eval().double()
+    x = torch.randn(2, 6, 6, 6, dtype=torch.float64)
+    d = normfx.deploy(m)
+    (skip,) = _merge_pass(d).skips
+    assert "not one per output channel" in skip.detail
+    with torch.no_grad():
+        assert rel_err(d(x), m(x)) < 1e-12

@@ -5,8 +5,9 @@ RepVGG, MobileOne, ACNet and their kin train ``BN(conv_k×k(x)) + BN(conv_1×1(x
 ``reparameterize()`` of their own to deploy it as one conv. After ``fold_convbn`` each branch is a
 conv with a bias, or a BatchNorm of ``x`` itself (the identity branch), or ``x``; this pass finds
 every sum whose terms are all such branches of the same input node — through ``nn.Identity`` calls
-(a folded BatchNorm's slot, a ``drop_path`` at rate 0) and nested adds — and merges them into the
-branch with the largest kernel:
+(a folded BatchNorm's slot, a ``drop_path`` at rate 0), nested adds, differences and per-channel
+constant scales (FastViT's ``x + γ·(mixer(x) − norm(x))``) — and merges them into the branch with
+the largest kernel, each branch times its sign and scale:
 
 * a smaller kernel is zero-padded to the large one, centred (``(K − k)/2`` on each side of every
   spatial axis, which its padding must match: ``p_K − p_k = (K − k)/2``);
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 
 from normfx.analysis import Outside
 from normfx.kinds import bn_kind, fold_refusal, hooks_on
-from normfx.match import called_modules, inside_called_module, module_uses, set_module, set_param
+from normfx.match import called_modules, get_attr, inside_called_module, module_uses, set_module, set_param
 from normfx.report import Change, PassResult, Skip, SkipReason
 from normfx.scope import EVERYWHERE, Scope
 
@@ -56,39 +57,78 @@ class _Term:
     name: str = ""
     module: Any = None
     nodes: tuple[fx.Node, ...] = ()
+    factor: Any = 1.0
+    """What the branch is multiplied by in the sum: 1, a constant, or a layer scale's per-channel
+    ``γ`` (float64); ``sign`` -1 for a subtracted branch."""
+    sign: float = 1.0
 
 
 def _summands(node: fx.Node) -> list[fx.Node] | None:
     """The node operands of a sum (``a + b``, ``a += b``, ``torch.add(a, b)``; a literal 0 operand,
-    as in ``out = 0`` then ``out += branch(x)``, drops out), or ``None`` for any other node."""
-    if node.op != "call_function" or node.target not in _ADDS or len(node.args) != 2 or node.kwargs:
-        return None
-    if not all(isinstance(a, fx.Node) or (type(a) in (int, float) and a == 0) for a in node.args):
-        return None
-    operands = [a for a in node.args if isinstance(a, fx.Node)]
-    return operands or None
+    as in ``out = 0`` then ``out += branch(x)``, drops out) or a difference (``a - b``), or ``None``
+    for any other node."""
+    linear = _linear(node, None)
+    return [a for a, _ in linear] if linear is not None and node.target not in _MULS else None
 
 
 def _is_add(node: fx.Node) -> bool:
     return _summands(node) is not None
 
 
-def _terms(node: fx.Node, mods: dict[str, nn.Module], chain: tuple[fx.Node, ...] = ()) -> list[_Term]:
-    """The branches summed into ``node``: through adds and ``nn.Identity`` calls whose output only the
-    sum uses, down to a conv, a BatchNorm or the shared input."""
+_SUBS = (operator.sub, operator.isub, torch.sub)
+_MULS = (operator.mul, operator.imul, torch.mul, "mul", "mul_")
+
+
+def _linear(node: fx.Node, const: Any) -> list[tuple[fx.Node, Any]] | None:
+    """``[(operand, factor)]`` when ``node`` is a sum, a difference, or a product with a constant
+    per-channel tensor (FastViT's layer scale ``y * γ``, γ of shape ``[C, 1, 1]``: ``const`` reads it;
+    ``None``: products are not asked for), else ``None``."""
+    if node.kwargs or len(node.args) != 2:
+        return None
+    a, b = node.args
+    if node.op == "call_function" and node.target in _ADDS + _SUBS:
+        if not all(isinstance(v, fx.Node) or (type(v) in (int, float) and v == 0) for v in (a, b)):
+            return None
+        sign = -1.0 if node.target in _SUBS else 1.0
+        out = [(v, f) for v, f in ((a, 1.0), (b, sign)) if isinstance(v, fx.Node)]
+        return out or None
+    if const is None or node.target not in _MULS or node.op not in ("call_function", "call_method"):
+        return None
+    for y, c in ((a, b), (b, a)):
+        if isinstance(y, fx.Node) and isinstance(c, fx.Node) and c.op == "get_attr":
+            value = const(c)
+            if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[1:].numel() == 1:
+                return [(y, value.detach().double())]   # its shape is checked against the conv's (_problem)
+        if isinstance(y, fx.Node) and isinstance(c, (int, float)) and node.op == "call_function":
+            return [(y, float(c))]
+    return None
+
+
+def _terms(node: fx.Node, mods: dict[str, nn.Module], const: Any = None, chain: tuple[fx.Node, ...] = (),
+           factor: Any = 1.0, sign: float = 1.0) -> list[_Term]:
+    """The branches summed into ``node``: through adds, differences, per-channel constant scales
+    and ``nn.Identity`` calls whose output only the sum uses, down to a conv, a BatchNorm or the
+    shared input; each with the factor it is summed with."""
     m = mods.get(node.target) if node.op == "call_module" and isinstance(node.target, str) else None
     private = len(node.users) == 1
-    operands = _summands(node)
+    operands = _linear(node, const if chain else None)
     if operands is not None and (private or not chain):
-        return [t for a in operands for t in _terms(a, mods, (*chain, node))]
+        return [t for a, f in operands for t in _terms(a, mods, const, (*chain, node), *_times(factor, sign, f))]
     if chain and private and isinstance(m, nn.Identity) and len(node.args) == 1 and not node.kwargs:
-        return _terms(node.args[0], mods, (*chain, node))  # type: ignore[arg-type]
+        return _terms(node.args[0], mods, const, (*chain, node), factor, sign)  # type: ignore[arg-type]
     single = len(node.args) == 1 and not node.kwargs and isinstance(node.args[0], fx.Node)
     kind = "conv" if isinstance(m, _CONVS) else "bn" if m is not None and bn_kind(m) in ("plain", "norm_act") else ""
     if chain and private and single and kind:
         source, through = _through_identities(node.args[0], mods)  # type: ignore[arg-type]
-        return [_Term(kind, source, str(node.target), m, (*chain, node, *through))]
-    return [_Term("id", node, nodes=chain)]
+        return [_Term(kind, source, str(node.target), m, (*chain, node, *through), factor, sign)]
+    return [_Term("id", node, nodes=chain, factor=factor, sign=sign)]
+
+
+def _times(factor: Any, sign: float, f: Any) -> tuple[Any, float]:
+    """``(factor, sign)`` times an operand's ``f``: a difference's ±1 goes to the sign."""
+    if isinstance(f, float) and abs(f) == 1.0:
+        return factor, sign * f
+    return factor * f, sign
 
 
 def _through_identities(node: fx.Node, mods: dict[str, nn.Module]) -> tuple[fx.Node, tuple[fx.Node, ...]]:
@@ -100,6 +140,13 @@ def _through_identities(node: fx.Node, mods: dict[str, nn.Module]) -> tuple[fx.N
         through += (node,)
         node = node.args[0]
     return node, through
+
+
+def _describe(t: _Term, first: bool) -> str:
+    """``+ conv``, ``- bn``, ``+ scaled bn`` (a layer scale's per-channel factor)."""
+    f = t.factor
+    name = ("scaled " if isinstance(f, torch.Tensor) or f != 1 else "") + (t.name or "identity")
+    return ("- " if t.sign < 0 else "" if first else "+ ") + name
 
 
 def _problem(terms: list[_Term], uses: Any, called: frozenset[str]) -> tuple[SkipReason, str] | None:
@@ -128,6 +175,10 @@ def _problem(terms: list[_Term], uses: Any, called: frozenset[str]) -> tuple[Ski
             if k > kb or (kb - k) % 2 or pb - p != (kb - k) // 2:
                 return _NO, f"kernels {tuple(c.kernel_size)} and {tuple(big.kernel_size)} are not centred alike"
     for t in terms:
+        f = t.factor
+        if isinstance(f, torch.Tensor) and f.numel() > 1 and (
+                f.dim() != big.weight.dim() - 1 or f.shape[0] != big.out_channels):
+            return _NO, f"a branch is scaled by a tensor of shape {list(f.shape)}, not one per output channel"
         if t.kind == "conv" and uses[id(t.module)] > 1:
             return SkipReason.SHARED_MODULE, f"'{t.name}' is called at several places"
         if t.kind == "bn":
@@ -165,15 +216,18 @@ def _identity_kernel(big: Any, scale: torch.Tensor) -> torch.Tensor:
 def _merged(terms: list[_Term], big: Any) -> tuple[torch.Tensor, torch.Tensor]:
     weight = torch.zeros(big.weight.shape, dtype=torch.float64, device=big.weight.device)
     bias = torch.zeros(big.out_channels, dtype=torch.float64, device=big.weight.device)
+    ones = torch.ones(big.out_channels, dtype=torch.float64, device=weight.device)
     for t in terms:
+        f = (t.factor.flatten().to(weight.device) if isinstance(t.factor, torch.Tensor) else t.factor) * ones * t.sign
+        rows = f.view(-1, *([1] * (weight.dim() - 1)))
         if t.kind == "conv":
             c = t.module
             pad: list[int] = []
             for k, kb in zip(reversed(c.kernel_size), reversed(big.kernel_size)):
                 pad += [(kb - k) // 2] * 2
-            weight += F.pad(c.weight.detach().double(), pad)
+            weight += F.pad(c.weight.detach().double(), pad) * rows
             if c.bias is not None:
-                bias += c.bias.detach().double()
+                bias += c.bias.detach().double() * f
         elif t.kind == "bn":
             bn = t.module
             scale = torch.rsqrt(bn.running_var.double() + bn.eps)
@@ -182,10 +236,10 @@ def _merged(terms: list[_Term], big: Any) -> tuple[torch.Tensor, torch.Tensor]:
             shift = -bn.running_mean.double() * scale
             if bn.bias is not None:
                 shift = shift + bn.bias.detach().double()
-            weight += _identity_kernel(big, scale)
-            bias += shift
+            weight += _identity_kernel(big, scale * f)
+            bias += shift * f
         else:
-            weight += _identity_kernel(big, torch.ones(big.out_channels, dtype=torch.float64, device=weight.device))
+            weight += _identity_kernel(big, f)
     return weight, bias
 
 
@@ -201,14 +255,14 @@ def merge_branches(gm: fx.GraphModule, scope: Scope = EVERYWHERE) -> PassResult:
     for node in reversed(nodes):                         # the outermost sum of a block first
         if not _is_add(node) or node in merged or not node.users:
             continue
-        terms = _terms(node, mods)
+        terms = _terms(node, mods, lambda n: get_attr(gm, str(n.target)))
         convs = [t for t in terms if t.kind == "conv"]
         if not convs or len({t.input for t in terms}) != 1:
             continue                                        # not branches of one input: no site
         merged.update(n for t in terms for n in t.nodes)
         big = max(convs, key=lambda t: t.module.weight[0, 0].numel())
         site = big.name
-        parts = " + ".join(t.name or "identity" for t in terms)
+        parts = " ".join(_describe(t, i == 0) for i, t in enumerate(terms))
         why = _problem(terms, uses, called)
         if why:
             skips.append(Skip(site, why[0], f"branches {parts}: {why[1]}"))
