@@ -203,7 +203,7 @@ def export(
         out_shapes = {o.name: dims(o) for o in proto.graph.output}
         onnx_out_names = [o.name for o in proto.graph.output]
         checks = verify_in_ort(model, inputs, ref_flat, tmp, onnx_out_names, dynamic_batch, rtol, atol,
-                         keep_qdq=bool(fixed)) if verify else {}
+                               keep_qdq=bool(fixed), exported=deployed) if verify else {}
         if fixed:
             notes.append("fixed point: verified with ONNX Runtime's graph optimizations at BASIC, so the "
                          "QDQ fusions of the EXTENDED level (integer QLinearConv/QLinearMatMul kernels with "
