@@ -62,6 +62,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/convbn.py
+	$(PY) benchmarks/deploy_latency.py
 	$(PY) benchmarks/export.py
 	$(PY) benchmarks/repbn.py
 	$(PY) benchmarks/fixed_point.py

@@ -17,8 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import DOC, replace_section  # noqa: E402
 
-SECTIONS = {"convbn": "convbn", "export": "export", "repbn": "repbn", "fixed_point": "fixed_point",
-            "evonorm": "evonorm", "linear_attention": "linear_attention", "inspect": "inspect_sites"}
+SECTIONS = {"convbn": "convbn", "deploy_latency": "deploy_latency", "export": "export", "repbn": "repbn",
+            "fixed_point": "fixed_point", "evonorm": "evonorm", "linear_attention": "linear_attention",
+            "inspect": "inspect_sites"}
 
 
 def render_page(text: str) -> str:

@@ -802,3 +802,33 @@ def test_a_split_part_with_another_user_is_not_folded():
     assert {c.site for c in report.changes} == {"norm_v"}
     assert [s.reason for s in report.skips] == [SkipReason.MULTI_USER]
     assert rel_err(d(x), m(x)) < 1e-12
+
+
+class _FunctionalAndModule(nn.Module):
+    """A functional batch_norm makes deploy rewrite the forward; a folded BN's slot and a model's
+    own nn.Identity are then not called by it, an Identity with a hook still is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.drop, self.hooked = nn.Identity(), nn.Identity()
+        self.conv2 = nn.Conv2d(4, 4, 1)
+        self.register_buffer("rm", torch.randn(4))
+        self.register_buffer("rv", torch.rand(4) + 0.5)
+
+    def forward(self, x):
+        y = self.hooked(self.drop(self.bn1(self.conv1(x))))
+        return F.batch_norm(self.conv2(y), self.rm, self.rv, training=False)
+
+
+def test_a_rewritten_forward_skips_identity_calls_but_not_hooked_ones():
+    m = randomize_bn(_FunctionalAndModule()).eval().double()
+    seen = []
+    m.hooked.register_forward_hook(lambda mod, i, o: seen.append(o.shape))
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    d = normfx.deploy(m)
+    src = type(d)._normfx_src
+    assert "self.hooked" in src and "self.drop" not in src and "self.bn1" not in src
+    assert rel_err(d(x), m(x)) < 1e-12
+    assert len(seen) == 2      # the hook fired on both models' calls
+    assert isinstance(d.drop, nn.Identity) and "drop" in dict(d.named_children())   # the module tree kept
