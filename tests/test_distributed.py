@@ -108,6 +108,10 @@ def _gloo(rank: int, world: int, port: int) -> Iterator[None]:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         yield
+        # Neither rank tears its connections down while the other may still use them: a rank that
+        # exited first once aborted the other inside gloo ("terminate called without an active
+        # exception", SIGABRT) on a loaded 2-core machine.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
