@@ -21,7 +21,7 @@ from normfx.report import Skip, SkipReason
 from normfx.scope import Scope
 
 __all__ = ["Ctx", "Site", "Unsupported", "fn_args", "is_tune_node", "functional_name", "dims_match", "set_weights",
-           "producer_problem", "guard", "prune_note", "rank", "single_conv_user", "frozen"]
+           "producer_problem", "guard", "prune_note", "rank", "shape", "single_conv_user", "frozen"]
 
 _BN_PARAMS = list(inspect.signature(F.batch_norm).parameters)  # input, running_mean, ... eps
 
@@ -220,9 +220,15 @@ def prune_note(conv: Any, name: Any) -> str:
     return f"; pruning of {', '.join(repr(f'{name}.{t}') for t in pruned)} made permanent" if pruned else ""
 
 
-def rank(node: Any) -> int | None:
+def shape(node: Any) -> tuple[int, ...] | None:
+    """The node's tensor shape when the graph has shapes (``example_inputs``), else ``None``."""
     meta = node.meta.get("tensor_meta")
-    return len(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def rank(node: Any) -> int | None:
+    dims = shape(node)
+    return None if dims is None else len(dims)
 
 
 def single_conv_user(ctx: Ctx, node: Any) -> fx.Node | None:

@@ -33,7 +33,7 @@ from normfx.nn.convbn import TuneBN, tune_convbn, tuned_pair
 from normfx.passes.merge_branches import merge_branches, merge_branches_outside
 from normfx.passes.tune_blocks import make_tune_block, untune_modules, untune_node
 from normfx.passes.convbn_sites import (Ctx, Site, Unsupported, dims_match, frozen, functional_name, guard,
-                                        is_tune_node, producer_problem, prune_note, rank, set_weights,
+                                        is_tune_node, producer_problem, prune_note, rank, set_weights, shape,
                                         single_conv_user, value_users)
 from normfx.report import Change, PassResult, Skip, SkipReason
 from normfx.analysis import Outside
@@ -216,11 +216,9 @@ def _visit(ctx: Ctx, node: Any, mode: ConvBNMode) -> Change | Skip:
         return guard(ctx, site.module, site.name, conv, producer.target) or _fold_after(ctx, site, producer, conv)
 
     follower = single_conv_user(ctx, node)
-    if mode == "deploy" and (_channel_cat(producer) is not None or _reshape_source(producer) is not None
-                             or _split_part(ctx, producer) is not None):
-        fold = (_fold_after_cat if _channel_cat(producer) is not None else
-                _fold_through_reshape if _reshape_source(producer) is not None else _fold_after_split)
-        after = fold(ctx, site, producer)
+    fold_after = _fold_after_layout(ctx, producer) if mode == "deploy" else None
+    if fold_after is not None:
+        after = fold_after(ctx, site)
         if isinstance(after, Change) or follower is None:
             return after     # else: it may still fold into the conv after it (InceptionNeXt's cat -> BN -> 1x1)
     if follower is not None and mode == "deploy":
@@ -229,6 +227,17 @@ def _visit(ctx: Ctx, node: Any, mode: ConvBNMode) -> Change | Skip:
     if follower is not None:
         return Skip(site.name, SkipReason.UNSUPPORTED, "BatchNorm before a conv folds in deploy mode only")
     return Skip(site.name, SkipReason.NO_NEIGHBOUR, "input is not a conv/linear output" + _pre_activation(ctx, node))
+
+
+def _fold_after_layout(ctx: Ctx, producer: Any) -> Any:
+    """The Deploy fold for a BatchNorm whose input is a channel concatenation, a reshape or a channel
+    split of conv outputs (``fold(ctx, site)``), else ``None``."""
+    if _channel_cat(producer) is not None:
+        return partial(_fold_after_cat, cat=producer)
+    if _reshape_source(producer) is not None:
+        return partial(_fold_through_reshape, reshaped=producer)
+    part = _split_part(ctx, producer)
+    return None if part is None else partial(_fold_after_split, part=producer, found=part)
 
 
 def _pre_activation(ctx: Ctx, node: fx.Node) -> str:
@@ -247,12 +256,19 @@ def _refused(site: Site, conv: Any) -> Skip | None:
     return Skip(site.name, SkipReason.UNSUPPORTED, why) if why else None
 
 
-def _checked_fold(site: Site, conv: Any, plan: bool = False) -> tuple[torch.Tensor, torch.Tensor] | Skip | None:
-    """The folded ``(weight, bias)``, or why the fold is refused; ``plan``: only check (``None``)."""
+def _checked_fold(site: Site, conv: Any, plan: bool = False,
+                  channels: slice | None = None) -> tuple[torch.Tensor, torch.Tensor] | Skip | None:
+    """The folded ``(weight, bias)``, or why the fold is refused; ``plan``: only check (``None``).
+    ``channels``: the BatchNorm normalizes only these output channels of the conv (the others are
+    scaled by 1)."""
     refused = _refused(site, conv)
     if refused is not None:
         return refused
     c, t = bn_scale_shift(site.stats)
+    if channels is not None:
+        c_all, t_all = c.new_ones(conv.out_channels), t.new_zeros(conv.out_channels)
+        c_all[channels], t_all[channels] = c, t
+        c, t = c_all, t_all
     ok, why = scale_is_safe(c, conv.weight)
     if not ok:
         return Skip(site.name, SkipReason.NON_FINITE, why)
@@ -409,11 +425,6 @@ def _reshape_source(node: Any) -> fx.Node | None:
     return None
 
 
-def _shape(node: fx.Node) -> tuple[int, ...] | None:
-    meta = node.meta.get("tensor_meta")
-    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
-
-
 def _fold_through_reshape(ctx: Ctx, site: Site, reshaped: fx.Node) -> Change | Skip:
     """``BN(reshape(conv(x)))`` (LeViT: ``bn(linear(x).flatten(0, 1)).reshape_as(x)``): a reshape
     keeps the elements' row-major order, so every element keeps its conv/linear output channel when
@@ -436,7 +447,7 @@ def _fold_through_reshape(ctx: Ctx, site: Site, reshaped: fx.Node) -> Change | S
     problem = producer_problem(ctx, producer, conv, shape_uses=True)
     if problem:
         return Skip(site.name, problem[0], f"{what}: {problem[1]}")
-    before, after = _shape(producer), _shape(reshaped)
+    before, after = shape(producer), shape(reshaped)
     if before is None or after is None:
         return Skip(site.name, SkipReason.NEEDS_SHAPES,
                     f"{what}: whether its channels are the output channels depends on shapes; "
@@ -460,14 +471,14 @@ def _fold_through_reshape(ctx: Ctx, site: Site, reshaped: fx.Node) -> Change | S
     return Change(site.name, "fold", detail + note)
 
 
-def _split_part(ctx: Ctx, node: Any) -> tuple[fx.Node, fx.Node, int, int] | None:
-    """``(conv output, split, start, stop)`` when ``node`` is one part of a channel split of a
-    conv's output (``torch.split(conv(x), sizes, 1)[i]``, ``.split``, ``.chunk``), else ``None``."""
+def _split_part(ctx: Ctx, node: Any) -> tuple[fx.Node, slice] | None:
+    """``(conv output, its channels)`` when ``node`` is one part of a channel split of a conv's
+    output (``torch.split(conv(x), sizes, 1)[i]``, ``.split``, ``.chunk``), else ``None``."""
     if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem
             and isinstance(node.args[1], int) and isinstance(node.args[0], fx.Node)):
         return None
     split = node.args[0]
-    kind = split.target if split.op == "call_function" else split.target if split.op == "call_method" else None
+    kind = split.target if split.op in ("call_function", "call_method") else None
     names = {torch.split: "split", torch.chunk: "chunk", "split": "split", "chunk": "chunk"}
     if kind not in names or not split.args or not isinstance(split.args[0], fx.Node):
         return None
@@ -491,17 +502,15 @@ def _split_part(ctx: Ctx, node: Any) -> tuple[fx.Node, fx.Node, int, int] | None
     if not -len(sizes) <= i < len(sizes):
         return None
     i %= len(sizes)
-    return src, split, sum(sizes[:i]), sum(sizes[:i + 1])
+    return src, slice(sum(sizes[:i]), sum(sizes[:i + 1]))
 
 
-def _fold_after_split(ctx: Ctx, site: Site, part: fx.Node) -> Change | Skip:
+def _fold_after_split(ctx: Ctx, site: Site, part: fx.Node, found: tuple[fx.Node, slice]) -> Change | Skip:
     """``BN(torch.split(conv(x), sizes, 1)[i])`` (timm's LambdaLayer normalizes q and v after one
     qkv conv): the BatchNorm folds into the conv's output channels of its part, the other channels
     keep their weights (scaled by 1). Exact when the conv's output feeds only the split and the part
     only the BatchNorm."""
-    found = _split_part(ctx, part)
-    assert found is not None
-    src, split, start, stop = found
+    src, channels = found
     conv: Any = ctx.module(src)
     what = f"BatchNorm after a channel split of '{src.target}'"
     if len(value_users(src)) > 1 or len(value_users(part)) > 1:
@@ -509,25 +518,18 @@ def _fold_after_split(ctx: Ctx, site: Site, part: fx.Node) -> Change | Skip:
     problem = producer_problem(ctx, src, conv, shape_uses=True)
     if problem:
         return Skip(site.name, problem[0], f"{what}: {problem[1]}")
-    if site.stats.mean.numel() != stop - start:
+    width = channels.stop - channels.start
+    if site.stats.mean.numel() != width:
         return Skip(site.name, SkipReason.UNSUPPORTED,
-                    f"{what}: the part has {stop - start} channels, the BatchNorm {site.stats.mean.numel()}")
-    refused = guard(ctx, site.module, site.name, conv, src.target) or _refused(site, conv)
-    if refused:
-        return refused
-    c, t = bn_scale_shift(site.stats)
-    scale = torch.ones(conv.out_channels, dtype=c.dtype, device=c.device)
-    shift = torch.zeros(conv.out_channels, dtype=t.dtype, device=t.device)
-    scale[start:stop], shift[start:stop] = c, t
-    ok, why = scale_is_safe(scale, conv.weight)
-    if not ok:
-        return Skip(site.name, SkipReason.NON_FINITE, why)
-    detail = f"into channels {start}:{stop} of {src.target}"
-    if ctx.scope.plan:
+                    f"{what}: the part has {width} channels, the BatchNorm {site.stats.mean.numel()}")
+    folded = (guard(ctx, site.module, site.name, conv, src.target)
+              or _checked_fold(site, conv, ctx.scope.plan, channels=channels))
+    if isinstance(folded, Skip):
+        return folded
+    detail = f"into channels {channels.start}:{channels.stop} of {src.target}"
+    if folded is None:   # a dry run
         return Change(site.name, "fold", detail)
-    w, b = fold_bn_after(conv.weight, conv.bias, site.stats, transposed=bool(getattr(conv, "transposed", False)),
-                         groups=getattr(conv, "groups", 1), scale_shift=(scale, shift))
-    note = set_weights(conv, src.target, w, b, site)
+    note = set_weights(conv, src.target, *folded, site)
     _replace_bn_by_tail(ctx, site, part)
     return Change(site.name, "fold", detail + note)
 

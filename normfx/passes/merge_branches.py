@@ -63,16 +63,10 @@ class _Term:
     sign: float = 1.0
 
 
-def _summands(node: fx.Node) -> list[fx.Node] | None:
-    """The node operands of a sum (``a + b``, ``a += b``, ``torch.add(a, b)``; a literal 0 operand,
-    as in ``out = 0`` then ``out += branch(x)``, drops out) or a difference (``a - b``), or ``None``
-    for any other node."""
-    linear = _linear(node, None)
-    return [a for a, _ in linear] if linear is not None and node.target not in _MULS else None
-
-
 def _is_add(node: fx.Node) -> bool:
-    return _summands(node) is not None
+    """Whether ``node`` is a sum (``a + b``, ``a += b``, ``torch.add(a, b)``; a literal 0 operand, as
+    in ``out = 0`` then ``out += branch(x)``, drops out) or a difference (``a - b``): a block's top."""
+    return _linear(node, None) is not None
 
 
 _SUBS = (operator.sub, operator.isub, torch.sub)
