@@ -148,7 +148,7 @@ def transform(model: M, steps: Sequence[Step], *, inplace: bool = False,
               example_inputs: tuple[torch.Tensor, ...] | None = None) -> M:
     """Run ``steps`` in order on a copy of ``model`` (the model itself with ``inplace=True``), on the
     sites ``scope`` allows, and return it with its report attached. ``example_inputs``: the graph
-    steps see node shapes in the root region (``analyze``)."""
+    steps see node shapes in every region the forward calls (``analyze``)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"normfx expects an nn.Module, got {type(model).__name__}")
     out, shared = (model, frozenset()) if inplace else copy_model(model, share_tensors=tensors == "share")

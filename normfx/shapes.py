@@ -3,21 +3,21 @@
 A fold that goes through a reshape (LeViT's ``bn(linear(x).flatten(0, 1)).reshape_as(x)``) is exact
 only when the BatchNorm's channel axis is the conv's or linear's output axis after the reshape,
 which the graph alone does not say. ``propagate_shapes`` records ``node.meta["tensor_meta"]`` on
-every node of a region by interpreting it on fake tensors shaped like the example inputs: a fake
-copy of the region runs (no real arithmetic, no state written, the model's own hooks removed from
-the copy), so the caller's model and its hooks observe nothing.
+every node of a region by interpreting it on fake tensors shaped like the example inputs: one fake
+copy of the model (no real arithmetic, no state written, the model's own hooks removed from the
+copy) runs once to find each region's inputs, and each region's graph is interpreted on the fake
+copy of its module, so the caller's model and its hooks observe nothing.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 __all__ = ["propagate_shapes", "as_inputs"]
 
@@ -42,14 +42,30 @@ def as_inputs(example_inputs: torch.Tensor | Sequence[torch.Tensor] | None) -> t
     return inputs
 
 
-class _QuietShapeProp(ShapeProp):
-    """ShapeProp on a fake copy of the region whose modules carry no hooks: the user's hooks are
-    not called with fake tensors."""
+class _FakeShapes(fx.Interpreter):
+    """A region's graph run on the fake copy of its module (the model's fake copy, hooks stripped):
+    every node's ``tensor_meta`` as ``ShapeProp`` records it, without copying the region again."""
 
-    def __init__(self, gm: fx.GraphModule, fake_mode: object) -> None:
-        super().__init__(gm, fake_mode=fake_mode)
-        assert self.fake_module is not None
-        _strip_hooks(self.fake_module)
+    def __init__(self, graph: fx.Graph, fake_module: nn.Module, fake_mode: Any) -> None:
+        super().__init__(fake_module, graph=graph)
+        self.fake_mode = fake_mode
+
+    def run_node(self, n: fx.Node) -> Any:
+        with self.fake_mode:
+            result = super().run_node(n)
+        found = False
+
+        def meta(obj: Any) -> Any:
+            nonlocal found
+            if isinstance(obj, torch.Tensor):
+                found = True
+                return _extract_tensor_metadata(obj)
+            return obj
+
+        value = map_aggregate(result, meta)
+        if found:
+            n.meta["tensor_meta"] = value
+        return result
 
 
 def propagate_shapes(model: nn.Module, regions: Sequence[tuple[str, fx.GraphModule]],
@@ -79,7 +95,8 @@ def propagate_shapes(model: nn.Module, regions: Sequence[tuple[str, fx.GraphModu
         return []
     done = []
     for prefix, gm in regions:
-        if prefix in calls and _propagate(gm, *calls[prefix], fake_mode):
+        module = fake.get_submodule(prefix) if prefix else fake
+        if prefix in calls and _propagate(gm.graph, module, *calls[prefix], fake_mode):
             done.append(prefix)
     return done
 
@@ -95,8 +112,8 @@ def _strip_hooks(model: nn.Module) -> None:
                 m.__dict__[attr] = type(m.__dict__[attr])()
 
 
-def _propagate(gm: fx.GraphModule, args: tuple, kwargs: dict, fake_mode: object) -> bool:
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+def _propagate(graph: fx.Graph, module: nn.Module, args: tuple, kwargs: dict, fake_mode: object) -> bool:
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     values = list(args[:len(placeholders)])
     for n in placeholders[len(values):]:
         name = str(n.target).lstrip("*")
@@ -107,12 +124,11 @@ def _propagate(gm: fx.GraphModule, args: tuple, kwargs: dict, fake_mode: object)
         else:
             return False
     try:
-        # (ShapeProp prints the traceback of a node that fails: the log line below says it once.)
-        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
-            _QuietShapeProp(gm, fake_mode).propagate(*values)
+        with torch.no_grad():
+            _FakeShapes(graph, module, fake_mode).run(*values)
     except Exception as e:  # noqa: BLE001
         logger.info("example_inputs: a traced forward could not run on them (%s); no shapes recorded", _first_line(e))
-        for n in gm.graph.nodes:
+        for n in graph.nodes:
             n.meta.pop("tensor_meta", None)
         return False
     return True
