@@ -15,7 +15,6 @@ A module *with* parameters that branches on ``self.training`` is traced in the m
 from __future__ import annotations
 
 import copy
-
 import logging
 import traceback
 from dataclasses import dataclass

@@ -118,9 +118,6 @@ def verify(model, inputs, ref_flat, tmp: Path, names: list[str], dynamic_batch: 
     return worst
 
 
-
-
-
 def _within_float32_rounding(model, exported, xs: tuple[torch.Tensor, ...], index: int, out: torch.Tensor,
                              ref: torch.Tensor) -> tuple[float, float] | None:
     """A deep network in float32 (randomized BatchNorm statistics make it worse) rounds differently
