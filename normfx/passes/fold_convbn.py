@@ -460,14 +460,21 @@ def _fold_through_reshape(ctx: Ctx, site: Site, reshaped: fx.Node) -> Change | S
     why = dims_match(conv, site.module, site.stats)
     if why:
         return Skip(site.name, SkipReason.UNSUPPORTED, why)
-    folded = guard(ctx, site.module, site.name, conv, producer.target) or _checked_fold(site, conv, ctx.scope.plan)
+    return _fold_into(ctx, site, conv, producer.target, reshaped,
+                      f"into {producer.target} through {len(chain)} reshape{'s' if len(chain) > 1 else ''}")
+
+
+def _fold_into(ctx: Ctx, site: Site, conv: Any, conv_name: Any, result: fx.Node, detail: str,
+               channels: slice | None = None) -> Change | Skip:
+    """Guard, check and fold ``site`` into ``conv`` (on ``channels`` of it), ``result`` taking the
+    BatchNorm's users; ``detail`` says where it went."""
+    folded = guard(ctx, site.module, site.name, conv, conv_name) or _checked_fold(site, conv, ctx.scope.plan, channels)
     if isinstance(folded, Skip):
         return folded
-    detail = f"into {producer.target} through {len(chain)} reshape{'s' if len(chain) > 1 else ''}"
     if folded is None:   # a dry run
         return Change(site.name, "fold", detail)
-    note = set_weights(conv, producer.target, *folded, site)
-    _replace_bn_by_tail(ctx, site, reshaped)
+    note = set_weights(conv, conv_name, *folded, site)
+    _replace_bn_by_tail(ctx, site, result)
     return Change(site.name, "fold", detail + note)
 
 
@@ -522,16 +529,8 @@ def _fold_after_split(ctx: Ctx, site: Site, part: fx.Node, found: tuple[fx.Node,
     if site.stats.mean.numel() != width:
         return Skip(site.name, SkipReason.UNSUPPORTED,
                     f"{what}: the part has {width} channels, the BatchNorm {site.stats.mean.numel()}")
-    folded = (guard(ctx, site.module, site.name, conv, src.target)
-              or _checked_fold(site, conv, ctx.scope.plan, channels=channels))
-    if isinstance(folded, Skip):
-        return folded
-    detail = f"into channels {channels.start}:{channels.stop} of {src.target}"
-    if folded is None:   # a dry run
-        return Change(site.name, "fold", detail)
-    note = set_weights(conv, src.target, *folded, site)
-    _replace_bn_by_tail(ctx, site, part)
-    return Change(site.name, "fold", detail + note)
+    return _fold_into(ctx, site, conv, src.target, part,
+                      f"into channels {channels.start}:{channels.stop} of {src.target}", channels)
 
 
 def _deploy_tune_block(ctx: Ctx, site: Site) -> Change | Skip:
