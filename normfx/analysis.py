@@ -14,6 +14,7 @@ from typing import Any, NamedTuple, Sequence
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.fx.graph import _format_target
 from torch.fx.graph_module import _format_import_block, _forward_from_src
 from torch.package import sys_importer
 
@@ -167,7 +168,42 @@ def _rewrite_forward(module: nn.Module, gm: fx.GraphModule) -> None:
         target = str(node.target)
         if node.op == "get_attr" and "." not in target and not hasattr(module, target) and hasattr(gm, target):
             setattr(module, target, getattr(gm, target))
-    module.__class__ = _class_of(original_class(module), code.src, code.globals)
+    module.__class__ = _class_of(original_class(module), _direct_calls(code.src, gm.graph, module), code.globals)
+
+
+_MISSING = object()
+
+
+def _dict_path(module: nn.Module, target: str) -> str:
+    """The code that finds the submodule ``target`` of ``module`` (``self``): each step through its
+    owner's ``_modules`` dict (``self._modules['a']._modules['0']``) while that finds what
+    ``getattr`` finds (the name is a registered child and the owner's class neither defines it nor
+    customizes attribute lookup), ``getattr`` from the first owner where it might not."""
+    owner: Any = module
+    path = "self"
+    names = target.split(".")
+    for i, name in enumerate(names):
+        cls = type(owner)
+        if (not isinstance(owner, nn.Module) or name not in owner._modules
+                or cls.__getattr__ is not nn.Module.__getattr__ or cls.__getattribute__ is not object.__getattribute__
+                or getattr(cls, name, _MISSING) is not _MISSING):
+            return _format_target(path, ".".join(names[i:]))
+        owner = owner._modules[name]
+        path += f"._modules[{name!r}]"
+    return path
+
+
+def _direct_calls(src: str, graph: fx.Graph, module: nn.Module) -> str:
+    """The generated code with each submodule call looked up through its owners' ``_modules`` dicts
+    instead of ``getattr``, where that finds what ``getattr`` finds (``_dict_path``).
+
+    The lookup still happens at the call, as before (a submodule swapped later is the one called);
+    it only skips ``nn.Module.__getattr__``, which runs after a failed instance lookup for every
+    step of a path: ``getattr(getattr(self.stages, "2"), "5").conv`` costs four failed lookups per
+    call, 524 per forward of a deployed MobileOne-S0 (about 4% of its latency at batch 1)."""
+    for target in {str(n.target) for n in graph.nodes if n.op == "call_module"}:
+        src = src.replace(f"= {_format_target('self', target)}(", f"= {_dict_path(module, target)}(")
+    return src
 
 
 class Outside(NamedTuple):

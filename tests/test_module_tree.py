@@ -236,3 +236,50 @@ def test_tune_blocks_survive_pickling_and_deep_copies():
         assert twin.layer1[0].conv1.__dict__["_normfx_bn"] is twin.layer1[0].bn1   # the twin's own BN
         with torch.no_grad():
             assert rel_err(twin(X), model(X)) < DEPLOY_RTOL
+
+
+def test_rewritten_forward_calls_submodules_without_getattr(monkeypatch):
+    """A rewritten forward finds its submodules through their owners' ``_modules`` dicts, at the
+    call as before: a submodule swapped afterwards is the one called, and no call pays for
+    ``nn.Module.__getattr__`` (four failed lookups per ``stages[2][5].conv`` path). An owner that
+    customizes attribute lookup or shadows a child's name keeps ``getattr``."""
+
+    class Lookup(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Sequential(nn.ReLU())
+
+        def __getattr__(self, name):   # a custom lookup: the generated code must go through it
+            return super().__getattr__(name)
+
+    class Net(Functional):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.Sequential(nn.Sequential(nn.Conv2d(4, 4, 1), nn.ReLU()))
+            self.lookup = Lookup()
+
+        def forward(self, x):
+            y = self.blocks(super().forward(x))
+            return self.lookup.inner(y)
+
+    m = randomize_bn(Net(), torch.randn(2, 3, 8, 8)).eval()
+    d = normfx.convbn(m, mode="deploy")
+    assert rewritten(d)
+    src = type(d)._normfx_src
+    assert "self._modules['blocks']._modules['0']._modules['0'](" in src
+    assert """self._modules['lookup'].inner, "0")(""" in src   # Lookup defines __getattr__
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        ref = m(x)
+        assert rel_err(d(x), ref) < DEPLOY_RTOL
+    calls = []
+    original = nn.Module.__getattr__
+    monkeypatch.setattr(nn.Module, "__getattr__", lambda self, name: calls.append(name) or original(self, name))
+    with torch.no_grad():
+        d(x)
+    # (the convs' own forwards read their weight and bias) from Lookup on, through its __getattr__
+    assert [c for c in calls if c not in ("weight", "bias")] == ["inner", "0"]
+    monkeypatch.undo()
+    d.blocks[0][1] = nn.Identity()            # swapped after deploy: the generated code calls it
+    with torch.no_grad():
+        assert not torch.equal(d(x), ref)
