@@ -36,9 +36,16 @@ def test_export_is_bit_exact_in_onnx_runtime(make, x, bits, kw, tmp_path):
     casts = [m for _, m in named]
     n_bn = sum(isinstance(m, FixedPointBatchNorm) for m in q.modules())
     n_add = sum(n.endswith("_in") for n, _ in named)  # one cast, called on both inputs of an add
-    # every cast is one Q/DQ pair per call; BN scale/shift are baked into constants at deploy
-    assert counts["QuantizeLinear"] == counts["DequantizeLinear"] == len(casts) - 2 * n_bn + n_add
+    # every cast is one QuantizeLinear per call (besides those that read a layer's input integers
+    # again behind a value-keeping op); BN scale/shift are baked into constants at deploy
     proto = onnx.load(str(path))
+    rereads = sum(n.op_type == "QuantizeLinear" and n.output[0].startswith("_normfx_exact_xq")
+                  for n in proto.graph.node)
+    assert counts["QuantizeLinear"] - rereads == len(casts) - 2 * n_bn + n_add
+    layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in q.modules())
+    exact = f"exact integer sums: {layers if bits <= 8 else 0} of {layers} conv/linear layers"
+    assert exact in report.summary()
+    assert counts.get("ConvInteger", 0) + counts.get("MatMulInteger", 0) == (layers if bits <= 8 else 0)
     q_types = {n.output[0]: n for n in proto.graph.node if n.op_type == "QuantizeLinear"}
     assert q_types
     side = json.loads((tmp_path / "q.fixed_point.json").read_text())

@@ -28,6 +28,7 @@ from normfx.errors import ExportError
 from normfx.nn.fixed_point import exporting
 from normfx.onnx.diagnose import chain_text, first_line
 from normfx.onnx.diagnose import culprit as find_culprit
+from normfx.onnx.exact_sums import exact_integer_sums
 from normfx.onnx.fixed_point import (fixed_point_casts, fixed_point_export_settings, qdq_onnx,
                                      write_fixed_point_json)
 from normfx.onnx.verify import dims, external_files, grow_batch, op_counts
@@ -192,6 +193,12 @@ def export(
         with exporting(deployed):
             used, notes = _export(deployed, export_inputs, tmp, exporter, opset, dynamic_batch,
                                   input_names, output_names, large)
+        sums = None
+        if fixed and not large:
+            # the layers' sums as integer kernels: the value the emulation's float64 sums give
+            sums = exact_integer_sums(str(tmp))
+            notes.append(sums.summary())
+            logger.info("%s", sums.summary())
         try:
             onnx.checker.check_model(str(tmp), full_check=True)
         except Exception as e:  # noqa: BLE001
@@ -202,8 +209,17 @@ def export(
         in_shapes = tuple((i.name, dims(i)) for i in proto.graph.input)
         out_shapes = {o.name: dims(o) for o in proto.graph.output}
         onnx_out_names = [o.name for o in proto.graph.output]
-        checks = verify_in_ort(model, inputs, ref_flat, tmp, onnx_out_names, dynamic_batch, rtol, atol,
-                               keep_qdq=bool(fixed), exported=deployed) if verify else {}
+        try:
+            checks = verify_in_ort(model, inputs, ref_flat, tmp, onnx_out_names, dynamic_batch, rtol, atol,
+                                   keep_qdq=bool(fixed), exported=deployed) if verify else {}
+        except ExportError as e:
+            if sums is None or not sums.left:
+                raise
+            raise ExportError(
+                f"{e}. Likely cause: summation order. {len(sums.left)} conv/linear layer(s) kept float sums "
+                f"({'; '.join(f'{n}: {why}' for n, why in sums.left[:3])}), which ONNX Runtime adds in "
+                "another order than PyTorch: past 2^24 steps a sum differs in the last bit, and the next "
+                "cast turns that into a whole step. Layers with 8-bit inputs and weights sum exactly.") from e
         if fixed:
             notes.append("fixed point: verified with ONNX Runtime's graph optimizations at BASIC, so the "
                          "QDQ fusions of the EXTENDED level (integer QLinearConv/QLinearMatMul kernels with "

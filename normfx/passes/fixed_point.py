@@ -43,6 +43,7 @@ from normfx.passes.fold_convbn import CONVBN
 from normfx.kinds import bn_kind, is_conv_like
 from normfx.match import free_name, set_module
 from normfx.nn.fixed_point import FixedPoint
+from normfx.nn.exact_sums import exact_sums
 from normfx.nn.fixed_point_bn import FixedPointBatchNorm
 from normfx.nn.param_keys import keep_state_dict_keys
 from normfx.report import Change, PassResult, Skip, SkipReason
@@ -203,6 +204,8 @@ def _cast_weights(m: nn.Module, site: str, o: _Options, scope: Scope) -> list[Ch
             changes.append(excluded or Change(f"{site}.{t}", "cast", q.extra_repr()))
             continue
         _init_from(q, getattr(m, t), per)
+        if t == "weight":
+            exact_sums(m)   # before parametrize subclasses the class (a layer that cannot keeps float32 sums)
         keep_state_dict_keys(m)
         parametrize.register_parametrization(m, t, q, unsafe=True)
         m.parametrizations.train(m.training)   # torch builds the containers in training mode
