@@ -10,7 +10,11 @@ BatchNorm (a fixed-point multiply-add with 2-hot scales) and residual adds to ``
 * ``PTQ``: binary points from ``normfx.calibrate`` on training batches, nothing trained;
 * ``QAT``: the same start, then the weights are trained with every binary point fixed where
   calibration put it (the control that separates "training" from "learning the binary point");
-* ``QFX``: the same start, then the weights and every binary point are trained (straight-through).
+* ``QFX``: the same start, then the weights and every binary point are trained (straight-through),
+  the binary points in an optimizer group of their own (``normfx.param_groups``, learning rate
+  ``--binary-point-lr``; the weights' 1e-3 moved none of them in 6 epochs);
+* the same three from a calibration on one batch of ``--few`` training images (scenario (a) of
+  issue 25: calibration on few batches).
 
 K-hot scales count their terms two ways (``k_hot_code``): ``csd`` (signed powers of two, normfx's
 default) and ``binary`` (ones of the magnitude's binary word, QFX's count). PTQ and QFX run with
@@ -36,8 +40,12 @@ from bn_only import CifarResNet
 
 
 def train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float, batch: int,
-          desc: str, seed: int = 0) -> None:
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+          desc: str, seed: int = 0, binary_point_lr: float | None = None) -> None:
+    """Adam with a cosine schedule; ``binary_point_lr``: the binary points in a group of their own
+    (``normfx.param_groups``), else every parameter at ``lr``."""
+    params = (model.parameters() if binary_point_lr is None
+              else normfx.param_groups(model, binary_point_lr=binary_point_lr))
+    opt = torch.optim.Adam(params, lr=lr)
     steps = -(-len(y) // batch)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * steps)
     g = torch.Generator().manual_seed(seed)
@@ -76,6 +84,23 @@ def _mean_scale_terms(model: torch.nn.Module, code: str) -> float:
     return float(torch.cat(counts).mean())
 
 
+def _qat_and_qfx(q: torch.nn.Module, x_tr, y_tr, x_te, y_te, args, b: int, seed: int,
+                 tag: str = "") -> tuple[tuple[float, float], int, int]:
+    """QAT (binary points fixed where ``q`` has them) and QFX (trained, ``--binary-point-lr``) from
+    ``q``, which is trained in place by QFX; their test accuracies, how many casts' binary points
+    QFX moved (per channel, by at least one integer bit) and the largest shift."""
+    fixed = copy.deepcopy(q)
+    for cast in fixed.modules():
+        if isinstance(cast, normfx.nn.FixedPoint) and cast.trainable:
+            cast.int_bits.requires_grad_(False)   # the binary point stays where calibration put it
+    train(fixed, x_tr, y_tr, args.qat_epochs, 1e-3, args.batch, f"{tag}QAT {b}-bit", seed=seed)
+    train(q, x_tr, y_tr, args.qat_epochs, 1e-3, args.batch, f"{tag}QFX {b}-bit", seed=seed,
+          binary_point_lr=args.binary_point_lr)
+    moves = normfx.binary_point_moves(q)
+    return ((accuracy(fixed.eval(), x_te, y_te), accuracy(q.eval(), x_te, y_te)),
+            sum(m.moved > 0 for m in moves), max((m.shift for m in moves), key=abs, default=0))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 6, 8])
@@ -85,6 +110,8 @@ def main() -> None:
     ap.add_argument("--qat-epochs", type=int, default=6)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--k-hot", type=int, default=2)
+    ap.add_argument("--binary-point-lr", type=float, default=0.01)
+    ap.add_argument("--few", type=int, default=16, help="images in the few-batch calibration")
     args = parse(ap)
 
     x_tr, y_tr, x_te, y_te = load_digits(size=args.size)
@@ -96,32 +123,30 @@ def main() -> None:
         train(model, x_tr, y_tr, args.epochs, 3e-3, args.batch, f"float (seed {seed})", seed=seed)
         model.eval()
         run: dict = {"seed": seed, "float": {}, "PTQ": {}, "QAT": {}, "QFX": {}, "QFX_moved": {}, "casts": {},
-                     "PTQ_binary": {}, "QFX_binary": {}, "terms_csd": {}, "terms_binary": {}}
+                     "PTQ_binary": {}, "QFX_binary": {}, "terms_csd": {}, "terms_binary": {},
+                     "PTQ_few": {}, "QAT_few": {}, "QFX_few": {}, "QFX_few_moved": {}, "QFX_shift": {}}
         for b in args.bits:
             run["float"][str(b)] = accuracy(model, x_te, y_te)
             q = normfx.fixed_point(model, bits=b, k_hot=args.k_hot).eval()
             normfx.calibrate(q, calib, progress=False)
             run["PTQ"][str(b)] = accuracy(q, x_te, y_te)
-            fixed = copy.deepcopy(q)
-            for cast in fixed.modules():
-                if isinstance(cast, normfx.nn.FixedPoint) and cast.trainable:
-                    cast.int_bits.requires_grad_(False)   # the binary point stays where calibration put it
-            train(fixed, x_tr, y_tr, args.qat_epochs, 1e-3, args.batch, f"QAT {b}-bit", seed=seed)
-            run["QAT"][str(b)] = accuracy(fixed.eval(), x_te, y_te)
-            t = copy.deepcopy(q)
-            start = [c.integer_bits().clone() for c in _casts(t)]
-            train(t, x_tr, y_tr, args.qat_epochs, 1e-3, args.batch, f"QFX {b}-bit", seed=seed)
-            run["QFX"][str(b)] = accuracy(t.eval(), x_te, y_te)
-            # How many casts' binary points training moved (by at least one integer bit, per channel).
-            run["QFX_moved"][str(b)] = sum(int(not torch.equal(s, c.integer_bits())) for s, c in zip(start, _casts(t)))
-            run["casts"][str(b)] = len(start)
-            run["terms_csd"][str(b)] = _mean_scale_terms(t, "csd")
+            acc, moved, shift = _qat_and_qfx(q, x_tr, y_tr, x_te, y_te, args, b, seed)
+            run["QAT"][str(b)], run["QFX"][str(b)] = acc
+            run["QFX_moved"][str(b)], run["QFX_shift"][str(b)] = moved, shift
+            run["casts"][str(b)] = len(_casts(q))
+            run["terms_csd"][str(b)] = _mean_scale_terms(q, "csd")
             if exported is None and b == max(args.bits):
-                exported = t
+                exported = q
+            few = normfx.fixed_point(model, bits=b, k_hot=args.k_hot).eval()
+            normfx.calibrate(few, [x_tr[:args.few]], progress=False)   # one small batch
+            run["PTQ_few"][str(b)] = accuracy(few, x_te, y_te)
+            (run["QAT_few"][str(b)], run["QFX_few"][str(b)]), run["QFX_few_moved"][str(b)], _ = _qat_and_qfx(
+                few, x_tr, y_tr, x_te, y_te, args, b, seed, "few-batch ")
             qb = normfx.fixed_point(model, bits=b, k_hot=args.k_hot, k_hot_code="binary").eval()
             normfx.calibrate(qb, calib, progress=False)
             run["PTQ_binary"][str(b)] = accuracy(qb, x_te, y_te)
-            train(qb, x_tr, y_tr, args.qat_epochs, 1e-3, args.batch, f"QFX {b}-bit binary", seed=seed)
+            train(qb, x_tr, y_tr, args.qat_epochs, 1e-3, args.batch, f"QFX {b}-bit binary", seed=seed,
+                  binary_point_lr=args.binary_point_lr)
             run["QFX_binary"][str(b)] = accuracy(qb.eval(), x_te, y_te)
             run["terms_binary"][str(b)] = _mean_scale_terms(qb, "binary")
         runs.append(run)
@@ -131,7 +156,7 @@ def main() -> None:
     print(f"\nResNet-{args.depth} on digits ({args.size}x{args.size}), test accuracy over seeds {args.seeds}; casts on "
           f"weights, biases, activations, BatchNorm ({args.k_hot}-hot scales) and residual adds ({path})")
     print(f"{'':<10}" + "".join(f"{f'W={b}':>17}" for b in args.bits))
-    for k in ("float", "PTQ", "QAT", "QFX", "PTQ_binary", "QFX_binary"):
+    for k in ("float", "PTQ", "QAT", "QFX", "PTQ_few", "QAT_few", "QFX_few", "PTQ_binary", "QFX_binary"):
         print(f"{k:<10}" + "".join(f"{mean_std([r[k][str(b)] for r in runs]):>17}" for b in args.bits))
 
     b = max(args.bits)

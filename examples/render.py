@@ -32,6 +32,9 @@ def fixed_point(data: dict) -> str:
     rows = [("float", "float"), ("PTQ (calibrate only)", "PTQ"),
             ("QAT (weights trained, binary points fixed at calibration)", "QAT"),
             ("QFX (weights and binary points trained)", "QFX"),
+            (f"PTQ, calibrated on one batch of {data['config']['few']}", "PTQ_few"),
+            ("QAT from that calibration", "QAT_few"),
+            ("QFX from that calibration", "QFX_few"),
             ("PTQ, binary K-hot scales (`k_hot_code=\"binary\"`)", "PTQ_binary"),
             ("QFX, binary K-hot scales", "QFX_binary")]
     lines = [f"| test accuracy, mean ± std over {len(runs)} seeds | " + " | ".join(f"W = {b}" for b in bits) + " |",
@@ -41,12 +44,18 @@ def fixed_point(data: dict) -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     moved = " | ".join(f"{sum(r['QFX_moved'][str(b)] for r in runs)} of {sum(r['casts'][str(b)] for r in runs)}"
                        for b in bits)
-    lines.append(f"| binary points QFX training moved (over seeds) | {moved} |")
+    lines.append(f"| casts whose binary point QFX training moved (over seeds) | {moved} |")
+    few = " | ".join(f"{sum(r['QFX_few_moved'][str(b)] for r in runs)} of {sum(r['casts'][str(b)] for r in runs)}"
+                     for b in bits)
+    lines.append(f"| the same, from the one-batch calibration | {few} |")
+    shift = " | ".join(", ".join(f"{r['QFX_shift'][str(b)]:+d}" for r in runs) for b in bits)
+    lines.append(f"| largest shift of a binary point in QFX, bits (per seed) | {shift} |")
     for code in ("csd", "binary"):
         cells = " | ".join(f"{sum(r[f'terms_{code}'][str(b)] for r in runs) / len(runs):.2f}" for b in bits)
         lines.append(f"| mean terms per BN scale after QFX, `{code}` count | {cells} |")
     lines.append("")
-    lines.append(f"`{data['command']}`; seeds {', '.join(str(r['seed']) for r in runs)}; "
+    lines.append(f"`{data['command']}`; seeds {', '.join(str(r['seed']) for r in runs)}; binary points' learning "
+                 f"rate {data['config']['binary_point_lr']} (`normfx.param_groups`); "
                  f"torch {data['versions']['torch']}.")
     return "\n".join(lines) + "\n"
 

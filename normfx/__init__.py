@@ -11,6 +11,7 @@ from normfx import lab
 from normfx.passes.sync_bn import SyncBNConfig
 from normfx.api import (apply, convbn, sync_bn, deploy, directpred, evonorm, fixed_point, freeze, linear_attention,
                         repbn)
+from normfx.binary_points import BinaryPointMove, binary_point_moves, param_groups
 from normfx.calibrate import calibrate
 from normfx.passes.directpred import DirectPredConfig
 from normfx.passes.evonorm import EvoNormConfig
@@ -53,6 +54,9 @@ __all__ = [
     "lab",
     "fixed_point",
     "calibrate",
+    "param_groups",
+    "binary_point_moves",
+    "BinaryPointMove",
     "RepBNScheduler",
     "recalibrate_bn",
     "RepBNNotFinishedError",

@@ -60,7 +60,9 @@ def test_fixed_point_example(tmp_path):
     stored = json.loads((tmp_path / "fixed_point.json").read_text())
     assert [r["seed"] for r in stored["runs"]] == [0, 1]
     assert set(stored["runs"][0]) == {"seed", "float", "PTQ", "QAT", "QFX", "QFX_moved", "casts", "PTQ_binary",
-                                      "QFX_binary", "terms_csd", "terms_binary"}
+                                      "QFX_binary", "terms_csd", "terms_binary", "PTQ_few", "QAT_few", "QFX_few",
+                                      "QFX_few_moved", "QFX_shift"}
+    assert stored["config"]["binary_point_lr"] == 0.01 and stored["config"]["few"] == 16
     assert all(1.0 <= stored["runs"][0][f"terms_{c}"]["8"] <= 2.0 for c in ("csd", "binary"))   # 2-hot scales
     assert stored["command"].startswith("python examples/fixed_point.py") and stored["versions"]["torch"]
 
