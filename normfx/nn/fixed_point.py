@@ -25,7 +25,7 @@ from normfx.nn.param_keys import full, sharded
 from normfx.functional import (OVERFLOW, ROUNDING, KHotCode, fixed_mode, integer_range, k_hot_project, k_hot_table,
                                 overflow_fixed, round_fixed)
 
-__all__ = ["FixedPoint", "fixed_point_qdq", "exporting"]
+__all__ = ["FixedPoint", "fixed_point_qdq", "fixed_point_quant", "exporting"]
 
 
 @torch.library.custom_op("normfx::fixed_point_qdq", mutates_args=())
@@ -42,6 +42,26 @@ def fixed_point_qdq(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, 
 
 @fixed_point_qdq.register_fake
 def _(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, axis: int) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("normfx::fixed_point_quant", mutates_args=())
+def fixed_point_quant(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, rounding: str,
+                      axis: int) -> torch.Tensor:
+    """``clamp(Q(x / scale), qmin, qmax) · scale`` with any rounding ``Q``: a saturating cast as one
+    op, which ``normfx.export(..., format="qonnx")`` writes as a QONNX ``Quant`` node. ``scale`` is
+    ``2^−F``, a scalar or one per channel along ``axis``."""
+    if scale.dim() == 1 and scale.numel() > 1:
+        shape = [1] * x.dim()
+        shape[axis] = -1
+        scale = scale.reshape(shape)
+    v = x / scale
+    m = torch.round(v) if rounding == "nearest_even" else round_fixed(v, rounding)
+    return torch.clamp(m, qmin, qmax) * scale
+
+
+@fixed_point_quant.register_fake
+def _(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, rounding: str, axis: int) -> torch.Tensor:
     return torch.empty_like(x)
 
 
@@ -177,14 +197,16 @@ class _FixedPointSTE(torch.autograd.Function):
 
 class exporting:  # noqa: N801 - a context manager used like a function
     """Within ``with exporting(model):`` every ``FixedPoint`` computes through ``fixed_point_qdq``
-    (same numbers; an op the ONNX exporter maps to QuantizeLinear/DequantizeLinear)."""
+    (same numbers; an op the ONNX exporter maps to QuantizeLinear/DequantizeLinear), or with
+    ``form="qonnx"`` through ``fixed_point_quant`` (a QONNX ``Quant`` node)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, form: str = "qdq") -> None:
         self.casts = [m for m in model.modules() if isinstance(m, FixedPoint)]
+        self.form = form
 
     def __enter__(self) -> "exporting":
         for q in self.casts:
-            q.export_form = True
+            q.export_form = self.form
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -218,7 +240,7 @@ class FixedPoint(nn.Module):
             self.register_buffer("int_bits", value)
         self.register_buffer("observed_max", torch.zeros(channels))
         self.observing = False
-        self.export_form = False
+        self.export_form: str | bool = False   # "qdq" or "qonnx" while exporting
         self.k_hot: int | None = None  # project the cast value to at most K powers of two
         self.k_hot_code: str = "csd"   # how the K terms count: signed powers of two, or ones of the word
         # What the fixed_point pass made this cast for: (role, layer) with role one of "weight",
@@ -254,6 +276,8 @@ class FixedPoint(nn.Module):
         if self.export_form:
             step = torch.exp2(torch.round(int_bits.detach()) - self.bits).to(x.dtype)
             step = step.reshape(()) if step.numel() == 1 else step
+            if self.export_form == "qonnx":
+                return fixed_point_quant(x, step, lo, hi, self.rounding, self.axis % x.dim())
             return fixed_point_qdq(x, step, lo, hi, self.axis % x.dim())
         if torch.compiler.is_compiling():    # torch.compile and torch.export: tensor ops only
             y = _traceable_cast(x, int_bits, lo, hi, self.bits, self.signed, self.rounding, self.overflow,
@@ -314,6 +338,8 @@ class FixedPoint(nn.Module):
             bits = bits + 1
         self.int_bits.copy_(bits.clamp(1 - self.bits * 2, self.bits * 2))
         self.observing = False
+        # where training starts from (normfx.binary_point_moves); a plain attribute, no state-dict key
+        self.__dict__["start_int_bits"] = self.integer_bits().reshape(-1).clone().cpu()
 
     def fill_state(self, state_dict: dict, prefix: str, original: torch.Tensor) -> None:
         """A checkpoint without this cast's keys (a float model's): keep the current binary point."""

@@ -29,6 +29,7 @@ from normfx.nn.fixed_point import exporting
 from normfx.onnx.diagnose import chain_text, first_line
 from normfx.onnx.diagnose import culprit as find_culprit
 from normfx.onnx.exact_sums import exact_integer_sums
+from normfx.onnx.qonnx import qonnx_refusals, quant_onnx, require_qonnx, verify_qonnx
 from normfx.onnx.fixed_point import (fixed_point_casts, fixed_point_export_settings, qdq_onnx,
                                      write_fixed_point_json)
 from normfx.onnx.verify import dims, external_files, grow_batch, op_counts
@@ -41,6 +42,7 @@ __all__ = ["export", "ExportError", "ExportReport", "OutputCheck", "Exporter"]
 logger = logging.getLogger("normfx")
 
 Exporter = Literal["auto", "dynamo", "torchscript"]
+Format = Literal["onnx", "qonnx"]
 
 _TWO_GB = 2**31 - 1
 
@@ -112,6 +114,7 @@ def export(
     atol: float = 1e-5,
     exporter: Exporter = "auto",
     deploy: bool = True,
+    format: Format = "onnx",
 ) -> ExportReport:
     """Deploy a copy of ``model``, export it to ONNX at ``path``, check it and verify it in ONNX Runtime.
 
@@ -127,6 +130,10 @@ def export(
             falling back to TorchScript with the reason logged and put in ``notes``.
         deploy: run ``normfx.deploy`` on a copy first (default). ``False`` exports the model as it
             is (still traced, checked and verified), e.g. to compare with the folded export.
+        format: ``"onnx"`` (fixed-point casts as QuantizeLinear/DequantizeLinear, verified in ONNX
+            Runtime) or ``"qonnx"`` (a fixed-point model's casts as QONNX ``Quant`` nodes, for hls4ml
+            and FINN; verified bit for bit by executing the file with ``qonnx``, which
+            ``pip install normfx[fpga]`` installs).
 
     Returns:
         An ``ExportReport``.
@@ -175,7 +182,10 @@ def export(
         attach_report(deployed, Report())
     fixed = fixed_point_casts(deployed)
     json_path = None
-    if fixed:
+    if format == "qonnx":
+        exporter, opset = qonnx_export_settings(deployed, fixed, exporter, opset, target)
+        json_path = target.with_name(target.stem + ".fixed_point.json")
+    elif fixed:
         json_path = write_fixed_point_json(fixed, target)
         exporter, opset = fixed_point_export_settings(fixed, exporter, opset, json_path)
     input_names = _input_names(deployed, len(inputs))
@@ -190,11 +200,11 @@ def export(
     tmpdir = Path(tempfile.mkdtemp(prefix=".normfx-export-", dir=target.parent))
     try:
         tmp = tmpdir / target.name
-        with exporting(deployed):
+        with exporting(deployed, "qonnx" if format == "qonnx" else "qdq"):
             used, notes = _export(deployed, export_inputs, tmp, exporter, opset, dynamic_batch,
                                   input_names, output_names, large)
         sums = None
-        if fixed and not large:
+        if fixed and not large and format == "onnx":
             # the layers' sums as integer kernels: the value the emulation's float64 sums give
             sums = exact_integer_sums(str(tmp))
             notes.append(sums.summary())
@@ -210,8 +220,11 @@ def export(
         out_shapes = {o.name: dims(o) for o in proto.graph.output}
         onnx_out_names = [o.name for o in proto.graph.output]
         try:
-            checks = verify_in_ort(model, inputs, ref_flat, tmp, onnx_out_names, dynamic_batch, rtol, atol,
-                                   keep_qdq=bool(fixed), exported=deployed) if verify else {}
+            if format == "qonnx":
+                checks = _verify_qonnx(deployed, inputs, tmp, onnx_out_names, dynamic_batch, notes) if verify else {}
+            else:
+                checks = verify_in_ort(model, inputs, ref_flat, tmp, onnx_out_names, dynamic_batch, rtol, atol,
+                                       keep_qdq=bool(fixed), exported=deployed) if verify else {}
         except ExportError as e:
             if sums is None or not sums.left:
                 raise
@@ -220,7 +233,7 @@ def export(
                 f"({'; '.join(f'{n}: {why}' for n, why in sums.left[:3])}), which ONNX Runtime adds in "
                 "another order than PyTorch: past 2^24 steps a sum differs in the last bit, and the next "
                 "cast turns that into a whole step. Layers with 8-bit inputs and weights sum exactly.") from e
-        if fixed:
+        if fixed and format == "onnx":
             notes.append("fixed point: verified with ONNX Runtime's graph optimizations at BASIC, so the "
                          "QDQ fusions of the EXTENDED level (integer QLinearConv/QLinearMatMul kernels with "
                          "their own requantization) do not replace the casts")
@@ -243,6 +256,34 @@ def export(
     for line in report.summary().splitlines():
         logger.info("%s", line)
     return report
+
+
+def qonnx_export_settings(deployed: nn.Module, fixed: list, exporter: Exporter, opset: int | None,
+                          target: Path) -> tuple[Exporter, int]:
+    """QONNX needs qonnx, a fixed-point model and casts ``Quant`` expresses; the sidecar JSON is
+    written either way."""
+    require_qonnx()
+    if not fixed:
+        raise ExportError("format='qonnx' writes fixed-point casts as Quant nodes, and this model has none "
+                          "(call normfx.fixed_point and normfx.calibrate first, or export with format='onnx')")
+    json_path = write_fixed_point_json(fixed, target)
+    bad = qonnx_refusals(deployed, fixed)
+    if bad:
+        name, why = bad[0]
+        raise ExportError(f"FixedPoint '{name}' {why}: {len(bad)} cast(s) cannot be written as QONNX Quant nodes, "
+                          f"and nothing was written but the HLS types ({json_path})")
+    if exporter == "torchscript":
+        raise ExportError("fixed-point models export with the dynamo exporter (exporter='dynamo' or 'auto')")
+    return "dynamo", opset or 21
+
+
+def _verify_qonnx(deployed: nn.Module, inputs: tuple[torch.Tensor, ...], tmp: Path, names: list[str],
+                  dynamic_batch: bool, notes: list[str]) -> dict[str, tuple[float, float, tuple[int, ...]]]:
+    batch = inputs[0].shape[0] if inputs[0].dim() else 1
+    batches = (batch, batch + 1) if dynamic_batch else (batch,)
+    verify_qonnx(deployed, inputs, str(tmp), batches)
+    notes.append(f"QONNX: executed with qonnx at batch {', '.join(map(str, batches))}, equal to PyTorch bit for bit")
+    return {n: (0.0, 0.0, batches) for n in names}
 
 
 def _check_writable(target: Path) -> None:
@@ -313,7 +354,8 @@ def _export_dynamo(model, inputs, tmp, opset, dynamic_batch, input_names, output
         dynamic_shapes = tuple({0: batch} if x.dim() else None for x in inputs)
     extra: dict[str, Any] = {}
     if fixed_point_casts(model):
-        extra["custom_translation_table"] = {torch.ops.normfx.fixed_point_qdq.default: qdq_onnx}
+        extra["custom_translation_table"] = {torch.ops.normfx.fixed_point_qdq.default: qdq_onnx,
+                                             torch.ops.normfx.fixed_point_quant.default: quant_onnx}
     program = torch.onnx.export(
         model, inputs, dynamo=True, opset_version=opset, dynamic_shapes=dynamic_shapes,
         input_names=input_names, output_names=output_names, optimize=True, verbose=False, **extra,

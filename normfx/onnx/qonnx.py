@@ -1,0 +1,142 @@
+"""QONNX export: every fixed-point cast as a ``Quant`` node (domain ``qonnx.custom_op.general``), the
+format hls4ml and FINN read, verified by executing the file with ``qonnx`` itself.
+
+A cast ``ap_fixed<W, I, Q, O>`` is ``Quant(x, scale=2^(I−W), zeropt=0, bitwidth=W)`` with ``signed``,
+``narrow`` (``AP_SAT_SYM``: the most negative value dropped) and ``rounding_mode``:
+
+========================  =====================
+normfx rounding           QONNX ``rounding_mode``
+========================  =====================
+``nearest_even``          ``ROUND``
+``half_away``             ``HALF_UP`` (ties away from zero)
+``half_zero``             ``HALF_DOWN`` (ties toward zero)
+``floor``                 ``FLOOR``
+``trunc``                 ``DOWN`` (toward zero)
+========================  =====================
+
+``Quant`` saturates, so ``saturate`` and ``saturate_sym`` export; ``wrap`` and ``saturate_zero``, the
+roundings with ties toward ±∞ (``half_up``, ``half_down``: QONNX has none) and K-hot activation
+casts (a table lookup) are refused, naming the cast. Weights keep their float master values behind
+their ``Quant`` node, so the file carries the trained binary points.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import onnx
+import torch
+import torch.nn as nn
+from torch.utils._pytree import tree_flatten
+
+from normfx.errors import ExportError
+from normfx.nn.fixed_point import FixedPoint
+
+__all__ = ["QONNX_ROUNDING", "qonnx_refusals", "quant_onnx", "verify_qonnx", "require_qonnx"]
+
+DOMAIN = "qonnx.custom_op.general"
+QONNX_ROUNDING = {"nearest_even": "ROUND", "half_away": "HALF_UP", "half_zero": "HALF_DOWN", "floor": "FLOOR",
+                  "trunc": "DOWN"}
+
+
+def require_qonnx() -> Any:
+    """The ``qonnx`` package, or an ``ExportError`` naming the extra that installs it."""
+    try:
+        import qonnx.core.onnx_exec  # noqa: F401
+    except ImportError as e:
+        raise ExportError("format='qonnx' needs the qonnx package: pip install normfx[fpga]") from e
+    import qonnx
+    return qonnx
+
+
+def qonnx_refusals(model: nn.Module, fixed: list[tuple[str, FixedPoint]]) -> list[tuple[str, str]]:
+    """The casts of ``model`` QONNX's ``Quant`` cannot express, each with the reason. A deployed
+    fixed-point BatchNorm's scale and shift casts no longer run (their values are baked constants)."""
+    from normfx.nn.fixed_point_bn import FixedPointBatchNorm
+
+    baked = {id(c) for m in model.modules() if isinstance(m, FixedPointBatchNorm) and m.deployed_scale is not None
+             for c in (m.scale_q, m.shift_q)}
+    bad = []
+    for name, q in fixed:
+        if id(q) in baked:
+            continue
+        if q.rounding not in QONNX_ROUNDING:
+            bad.append((name, f"rounds with {q.rounding} (ties toward {'+' if q.rounding == 'half_up' else '-'}∞), "
+                              f"which QONNX's rounding modes ({', '.join(QONNX_ROUNDING.values())}) do not include"))
+        elif q.overflow not in ("saturate", "saturate_sym"):
+            bad.append((name, f"overflows with {q.overflow}; QONNX's Quant saturates"))
+        elif q.k_hot:
+            bad.append((name, f"projects to {q.k_hot}-hot values (a table lookup, no QONNX op)"))
+    return bad
+
+
+def _quant_op() -> Any:
+    from onnx.defs import OpSchema
+    from onnxscript import values
+
+    fp = OpSchema.FormalParameter
+    attr = OpSchema.Attribute
+    schema = OpSchema(
+        "Quant", DOMAIN, 1,
+        inputs=[fp("X", "T"), fp("scale", "T"), fp("zeropt", "T"), fp("bitwidth", "T")],
+        outputs=[fp("Y", "T")], type_constraints=[("T", ["tensor(float)"], "float tensors")],
+        attributes=[attr("signed", OpSchema.AttrType.INT, "signed integers"),
+                    attr("narrow", OpSchema.AttrType.INT, "narrow range"),
+                    attr("rounding_mode", OpSchema.AttrType.STRING, "rounding")])
+    return values.Op(values.Opset(DOMAIN, 1), "Quant", op_schema=schema)
+
+
+def quant_onnx(x, scale, qmin: int, qmax: int, rounding: str, axis: int):
+    """ONNX for ``normfx::fixed_point_quant``: one QONNX ``Quant``. A per-channel scale is reshaped to
+    broadcast along ``axis`` (QONNX broadcasts as NumPy does)."""
+    from onnxscript.onnx_opset import opset21 as op
+
+    signed = qmin < 0
+    bits = qmax.bit_length() + (1 if signed else 0)
+    narrow = int(signed and qmin == -qmax)
+    if scale.shape is not None and len(scale.shape) == 1:
+        rank = len(x.shape)
+        scale = op.Reshape(scale, op.Constant(value_ints=[-1] + [1] * (rank - 1 - axis)))  # type: ignore[arg-type]
+    zero = op.Constant(value_float=0.0)
+    width = op.Constant(value_float=float(bits))
+    return _quant_op()(x, scale, zero, width, signed=int(signed), narrow=narrow,
+                       rounding_mode=QONNX_ROUNDING[rounding])
+
+
+def verify_qonnx(model: nn.Module, inputs: tuple[torch.Tensor, ...], path: str, batches: tuple[int, ...]) -> list[str]:
+    """Execute the file with ``qonnx`` (``execute_onnx``) at each batch size and compare with
+    ``model``'s eval-mode outputs bit for bit; raise ``ExportError`` at the first difference.
+    Returns one line per batch size checked."""
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.core.onnx_exec import execute_onnx
+
+    from normfx.onnx.verify import grow_batch
+
+    proto = onnx.load(path)
+    names_in = [i.name for i in proto.graph.input]
+    names_out = [o.name for o in proto.graph.output]
+    lines = []
+    for b in batches:
+        wrapper = ModelWrapper(_with_batch(proto, b))   # qonnx checks inputs against static shapes
+        xs = tuple(grow_batch(x, b) for x in inputs)
+        with torch.no_grad():
+            refs, _ = tree_flatten(model(*xs))
+        got = execute_onnx(wrapper, {n: x.detach().cpu().numpy() for n, x in zip(names_in, xs)})
+        for name, ref in zip(names_out, refs):
+            out = torch.from_numpy(got[name])
+            if out.shape != ref.shape or not torch.equal(out, ref.detach().cpu().to(out.dtype)):
+                diff = (out.double() - ref.double()).abs().max().item() if out.shape == ref.shape else float("nan")
+                raise ExportError(f"QONNX output '{name}' differs from PyTorch at batch {b} (max abs {diff:.3g}, "
+                                  f"shapes {list(out.shape)} vs {list(ref.shape)}) when executed with qonnx")
+        lines.append(f"batch {b}")
+    return lines
+
+
+def _with_batch(proto: onnx.ModelProto, batch: int) -> onnx.ModelProto:
+    """A copy whose symbolic leading dimensions are ``batch``."""
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    for v in (*out.graph.input, *out.graph.output, *out.graph.value_info):
+        dims = v.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_param"):
+            dims[0].dim_value = batch
+    return out
