@@ -41,6 +41,7 @@ examples: example
 	$(PY) examples/bn_only.py --depths 32 --configs all bn_only bn_head random_channel
 	$(PY) examples/bn_only.py --depths 14 --bn-init uniform --configs all bn_only bn_head random_channel
 	$(PY) examples/fixed_point.py
+	$(PY) examples/fpga.py
 	$(PY) examples/evonorm.py
 	$(PY) examples/directpred.py
 	$(PY) examples/grokking.py

@@ -290,9 +290,26 @@ def grokking_phase(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def fpga(data: dict) -> str:
+    runs, c = data["runs"], data["config"]
+    lines = [f"| model | float | QFX ({c['bits']}-bit, PyTorch) | hls4ml C simulation | bit-exact outputs |",
+             "|---|---|---|---|---|"]
+    for name in ("mlp", "cnn"):
+        same = sum(r[name]["bit_exact"] for r in runs)
+        total = sum(r[name]["images"] for r in runs)
+        lines.append(f"| {name.upper()} | {mean_std([r[name]['float'] for r in runs])} | "
+                     f"{mean_std([r[name]['qfx'] for r in runs])} | {mean_std([r[name]['hls'] for r in runs])} | "
+                     f"{same}/{total} |")
+    lines.append("")
+    lines.append(f"Test accuracy, mean ± std over {len(runs)} seeds (seeds {', '.join(str(r['seed']) for r in runs)}); "
+                 f"bit-exact: test images whose every output equals PyTorch's, over the seeds. {_source(data)}")
+    return "\n".join(lines) + "\n"
+
+
 # Each docs table: how to render it, and the stored results it is rendered from.
 RENDERERS: dict[str, tuple] = {
     "fixed_point": (lambda: fixed_point(load("fixed_point")), ["fixed_point"]),
+    "fpga": (lambda: fpga(load("fpga")), ["fpga"]),
     "prepbn_vit": (lambda: prepbn_vit(load("prepbn_vit")), ["prepbn_vit"]),
     "bn_only": (bn_only, BN_ONLY_SOURCES),
     "evonorm": (lambda: evonorm(load("evonorm")), ["evonorm"]),

@@ -25,6 +25,7 @@ from normfx.nn.repbn import RepBNScheduler, recalibrate_bn
 from normfx.errors import (AlreadyTransformedError, ExportError, NormfxError, RepBNNotFinishedError,
                            SpecializedCallError, TraceFailure, TrainingModeError)
 from normfx.onnx import ExportReport, OutputCheck, export
+from normfx.onnx.qonnx import hls4ml_config
 from normfx.roles import TrainableSummary, trainable_summary
 from normfx.report import Change, PassResult, Report, Skip, SkipReason, last_report
 from normfx.trace import trace, untraceable_modules
@@ -61,6 +62,7 @@ __all__ = [
     "recalibrate_bn",
     "RepBNNotFinishedError",
     "export",
+    "hls4ml_config",
     "ExportReport",
     "ExportError",
     "OutputCheck",

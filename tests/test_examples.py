@@ -68,6 +68,16 @@ def test_fixed_point_example(tmp_path):
 
 
 @pytest.mark.slow
+def test_fpga_example(tmp_path):
+    pytest.importorskip("hls4ml", reason="needs hls4ml (pip install normfx[fpga])")
+    out = _run("fpga.py", "--epochs", "1", "--qat-epochs", "1", "--seeds", "0", "--out", str(tmp_path),
+               "--results", str(tmp_path), cwd=tmp_path)
+    assert "mlp: " in out and "cnn: " in out and out.count("bit-exact: 360/360") == 2
+    stored = json.loads((tmp_path / "fpga.json").read_text())
+    assert stored["runs"][0]["cnn"]["bit_exact"] == stored["runs"][0]["cnn"]["images"] == 360
+
+
+@pytest.mark.slow
 def test_evonorm_example(tmp_path):
     out = _run("evonorm.py", "--batches", "64", "--epochs", "1", "--seeds", "0", "--results", str(tmp_path),
                cwd=tmp_path)

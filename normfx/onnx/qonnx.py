@@ -31,7 +31,7 @@ from torch.utils._pytree import tree_flatten
 from normfx.errors import ExportError
 from normfx.nn.fixed_point import FixedPoint
 
-__all__ = ["QONNX_ROUNDING", "qonnx_refusals", "quant_onnx", "verify_qonnx", "require_qonnx"]
+__all__ = ["QONNX_ROUNDING", "qonnx_refusals", "quant_onnx", "verify_qonnx", "require_qonnx", "hls4ml_config"]
 
 DOMAIN = "qonnx.custom_op.general"
 QONNX_ROUNDING = {"nearest_even": "ROUND", "half_away": "HALF_UP", "half_zero": "HALF_DOWN", "floor": "FLOOR",
@@ -140,3 +140,65 @@ def _with_batch(proto: onnx.ModelProto, batch: int) -> onnx.ModelProto:
         if dims and dims[0].HasField("dim_param"):
             dims[0].dim_value = batch
     return out
+
+
+_HLS_ROUNDING = {"ROUND": "AP_RND_CONV", "HALF_EVEN": "AP_RND_CONV", "HALF_UP": "AP_RND_INF",
+                 "HALF_DOWN": "AP_RND_ZERO", "FLOOR": "AP_TRN", "DOWN": "AP_TRN_ZERO"}
+
+
+def hls4ml_config(model: Any, *, backend: str = "Vitis") -> dict[str, Any]:
+    """An hls4ml configuration under which hls4ml computes what the fixed-point model computes.
+
+    ``model``: the QONNX file ``normfx.export(..., format="qonnx")`` wrote, as the
+    ``qonnx.core.modelwrapper.ModelWrapper`` given to ``hls4ml.converters.convert_from_onnx_model``
+    (after qonnx's cleanup and, for convolutions, its channels-last conversion). It is hls4ml's own
+    per-layer configuration (``config_from_onnx_model``, ``granularity="name"``): every layer's
+    precision ``auto``, which hls4ml infers from the ``Quant`` nodes — each cast's ``ap_fixed<W, I>``
+    with its rounding and saturation, and accumulators wide enough for an exact sum (products'
+    widths plus ``log2(fan-in)``, plus the bias). One precision is set here: the model's input (and
+    a layout op between it and its cast, such as the channels-last transpose), to the input cast's
+    type. hls4ml's default input type, ``ap_fixed<16, 6>`` (truncating),
+    would cut the float input to 10 fraction bits before the cast rounds it: a second rounding
+    the QFX model does not make, and outputs differ.
+
+    Example (needs qonnx and hls4ml: ``pip install normfx[fpga]``)::
+
+        wrapper = qonnx.util.cleanup.cleanup_model(ModelWrapper("mlp.qonnx.onnx"))
+        hls = hls4ml.converters.convert_from_onnx_model(wrapper, hls_config=normfx.hls4ml_config(wrapper))
+    """
+    import hls4ml
+    import numpy as np
+    from onnx import numpy_helper
+
+    graph = model.graph
+    config: dict[str, Any] = hls4ml.utils.config_from_onnx_model(model, granularity="name", backend=backend)
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    for inp in graph.input:
+        if inp.name in inits:
+            continue
+        path, name = [inp.name], inp.name   # the input and any layout op before its cast
+        quant = None
+        while quant is None:
+            users = [n for n in graph.node if n.input and n.input[0] == name]
+            if len(users) != 1 or users[0].op_type not in ("Quant", "Transpose", "Reshape", "Flatten"):
+                break
+            if users[0].op_type == "Quant":
+                quant = users[0]
+            else:
+                path.append(users[0].name)
+                name = users[0].output[0]
+        if quant is None:
+            continue
+        attrs = {a.name: (a.s.decode() if a.type == a.STRING else a.i) for a in quant.attribute}
+        scale, bits = inits.get(quant.input[1]), inits.get(quant.input[3])
+        if scale is None or bits is None or scale.size != 1:
+            continue
+        width = int(bits)
+        integer = width + int(round(float(np.log2(float(scale)))))
+        kind = "ap_fixed" if attrs.get("signed", 1) else "ap_ufixed"
+        saturation = "AP_SAT_SYM" if attrs.get("narrow", 0) and attrs.get("signed", 1) else "AP_SAT"
+        rounding = _HLS_ROUNDING[str(attrs.get("rounding_mode", "ROUND")).upper()]
+        for layer in path:
+            config["LayerName"].setdefault(layer, {}).setdefault("Precision", {})["result"] = (
+                f"{kind}<{width},{integer},{rounding},{saturation}>")
+    return config

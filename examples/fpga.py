@@ -1,0 +1,132 @@
+"""QFX to an FPGA's C simulation: the same bits as PyTorch, on the whole test set.
+
+    python examples/fpga.py [--bits 8] [--epochs 30] [--qat-epochs 6] [--seeds 0 1 2]
+                            [--out examples/out] [--results examples/results]
+
+Needs the ``fpga`` extra (``pip install normfx[fpga]``: qonnx and hls4ml) and a C++ compiler (g++):
+no vendor tools. For each seed, a small MLP and a small CNN are trained in float on scikit-learn's
+digits (8×8, one channel), cast with ``normfx.fixed_point`` (weights, biases, activations), calibrated
+and QFX-trained (binary points in their own optimizer group, ``normfx.param_groups``), then:
+
+1. ``normfx.export(q, x, path, format="qonnx")``: every cast a QONNX ``Quant`` node, verified bit for
+   bit by executing the file with qonnx;
+2. qonnx's cleanup (and the channels-last conversion for the CNN, Gemm → MatMul), as hls4ml's ONNX
+   front end expects;
+3. ``hls4ml.converters.convert_from_onnx_model`` with ``normfx.hls4ml_config`` (hls4ml's per-layer
+   config, precisions inferred from the ``Quant`` nodes, and the input's type set to the input
+   cast's: hls4ml's default input type truncates the float input first), Vitis backend,
+   ``io_parallel`` (MLP) / ``io_stream`` (CNN), then ``compile()`` (g++) and ``predict`` on every
+   test image, compared with the deployed PyTorch model's outputs bit for bit.
+
+It prints ``bit-exact: N/N`` per model and stores the counts and accuracies per seed in
+``results/fpga.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import normfx
+from _digits import accuracy, load_digits
+from _results import config_of, parse, record
+
+
+def models() -> dict[str, nn.Module]:
+    return {
+        "mlp": nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)),
+        "cnn": nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 16, 3), nn.ReLU(),
+                             nn.Flatten(), nn.Linear(16, 10)),
+    }
+
+
+def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float, seed: int, desc: str,
+          binary_point_lr: float | None = None) -> None:
+    params = (model.parameters() if binary_point_lr is None
+              else normfx.param_groups(model, binary_point_lr=binary_point_lr))
+    opt = torch.optim.Adam(params, lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in tqdm(range(epochs), desc=desc, unit="epoch", leave=False):
+        perm = torch.randperm(len(y), generator=g)
+        for i in range(0, len(y), 64):
+            idx = perm[i:i + 64]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    model.eval()
+
+
+def to_hls(path: Path, name: str, out: Path, channels_last: bool):
+    """The QONNX file as hls4ml's ONNX front end wants it, converted and compiled (C simulation)."""
+    import hls4ml
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.transformation.channels_last import ConvertToChannelsLastAndClean
+    from qonnx.transformation.gemm_to_matmul import GemmToMatMul
+    from qonnx.util.cleanup import cleanup_model
+
+    wrapper = cleanup_model(ModelWrapper(str(path)))
+    if channels_last:
+        wrapper = wrapper.transform(ConvertToChannelsLastAndClean())
+    wrapper = cleanup_model(wrapper.transform(GemmToMatMul()))
+    config = normfx.hls4ml_config(wrapper, backend="Vitis")
+    hls = hls4ml.converters.convert_from_onnx_model(
+        wrapper, output_dir=str(out / f"hls4ml_{name}"), backend="Vitis",
+        io_type="io_stream" if channels_last else "io_parallel", hls_config=config)
+    hls.compile()
+    return hls
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bits", type=int, default=8)
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--qat-epochs", type=int, default=6)
+    ap.add_argument("--binary-point-lr", type=float, default=0.01)
+    args = parse(ap)
+    logging.getLogger().setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+
+    x_tr, y_tr, x_te, y_te = (t[:, :1] if t.dim() == 4 else t for t in load_digits(size=8))   # one channel
+    runs = []
+    for seed in args.seeds:
+        run: dict = {"seed": seed}
+        for name, float_model in models().items():
+            torch.manual_seed(seed)
+            model = copy.deepcopy(float_model)
+            for m in model.modules():
+                if hasattr(m, "reset_parameters"):
+                    m.reset_parameters()
+            train(model, x_tr, y_tr, args.epochs, 3e-3, seed, f"{name} float (seed {seed})")
+            q = normfx.fixed_point(model, bits=args.bits, targets=("weight", "bias", "activation")).eval()
+            normfx.calibrate(q, [x_tr], progress=False)
+            train(q, x_tr, y_tr, args.qat_epochs, 1e-3, seed, f"{name} QFX", binary_point_lr=args.binary_point_lr)
+            path = args.out / f"fpga_{name}_seed{seed}.onnx"
+            normfx.export(q, x_te[:8], path, format="qonnx", dynamic_batch=False)
+            hls = to_hls(path, f"{name}_seed{seed}", args.out, channels_last=name == "cnn")
+            with torch.no_grad():
+                ref = normfx.deploy(q)(x_te).numpy()
+            # NCHW in: the channels-last conversion keeps a transpose at the input, which hls4ml runs
+            got = np.asarray(hls.predict(np.ascontiguousarray(x_te.numpy(), dtype=np.float32))).reshape(ref.shape)
+            same = int(np.all(got == ref, axis=1).sum())
+            run[name] = {"float": accuracy(model, x_te, y_te), "qfx": accuracy(q, x_te, y_te),
+                         "hls": float((got.argmax(1) == y_te.numpy()).mean()), "bit_exact": same,
+                         "images": len(y_te), "max_abs_diff": float(np.abs(got - ref).max())}
+            print(f"seed {seed} {name}: float {run[name]['float']:.3f}, QFX {run[name]['qfx']:.3f}, "
+                  f"hls4ml C simulation {run[name]['hls']:.3f}; bit-exact: {same}/{len(y_te)}")
+        runs.append(run)
+    path = record("fpga", config_of(args), runs, args.results)
+    print(f"stored {path}")
+
+
+if __name__ == "__main__":
+    main()
