@@ -67,6 +67,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/export.py
 	$(PY) benchmarks/repbn.py
 	$(PY) benchmarks/fixed_point.py
+	$(PY) benchmarks/exact_sums.py
 	$(PY) benchmarks/evonorm.py
 	$(PY) benchmarks/linear_attention.py
 

@@ -72,6 +72,25 @@ def run_variant(script: str, *args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def alternating_rounds(script: str, variants: list[str], rounds: int, *args: str) -> dict[str, list[dict]]:
+    """``rounds`` rounds of every variant, each in its own process (``run_variant(script, *args[:-1],
+    variant, args[-1])``: the variant goes before the last argument), the order reversed every other
+    round so no variant always runs first."""
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    for i in range(rounds):
+        for v in variants if i % 2 == 0 else variants[::-1]:
+            runs[v].append(run_variant(script, *args[:-1], v, *args[-1:]))
+    return runs
+
+
+def store_and_render(name: str, config: dict, raw: dict, render) -> None:
+    """Store the raw result, render its docs section from what was stored, and print it."""
+    record(name, config, raw)
+    body = render()
+    write_section(name, body)
+    print(body)
+
+
 def parse_args(doc: str | None, extra=None) -> argparse.Namespace:
     """The benchmarks' shared command line: ``--quick`` (one round, a smoke run) and the hidden
     ``--child ARGS`` with which ``run_variant`` starts a variant in its own process; ``extra(parser)``

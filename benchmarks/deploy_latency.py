@@ -145,7 +145,7 @@ def render() -> str:
 
 
 def main() -> None:
-    from _common import parse_args, record, run_variant, write_section
+    from _common import alternating_rounds, parse_args, store_and_render
 
     args = parse_args(__doc__)
     if args.child is not None:
@@ -156,16 +156,10 @@ def main() -> None:
     models: dict[str, dict[str, list[dict]]] = {}
     for name in MODELS:
         variants = ["eager", "fuse", *(["reparam"] if name in REPARAM else []), "normfx"]
-        runs: dict[str, list[dict]] = {v: [] for v in variants}
-        for i in range(rounds):
-            for v in variants if i % 2 == 0 else variants[::-1]:   # who goes first alternates
-                runs[v].append(run_variant(__file__, name, v, str(reps)))
+        runs = alternating_rounds(__file__, variants, rounds, name, str(reps))
         models[name] = runs
         print(name, {v: round(rs[-1]["eager_ms"], 1) for v, rs in runs.items()}, flush=True)
-    record(NAME, {"rounds": rounds, "reps": reps, "threads": THREADS}, {"models": models})
-    body = render()
-    write_section(NAME, body)
-    print(body)
+    store_and_render(NAME, {"rounds": rounds, "reps": reps, "threads": THREADS}, {"models": models}, render)
 
 
 if __name__ == "__main__":

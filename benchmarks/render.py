@@ -19,7 +19,7 @@ from _common import DOC, replace_section  # noqa: E402
 
 SECTIONS = {"convbn": "convbn", "deploy_latency": "deploy_latency", "export": "export", "repbn": "repbn",
             "fixed_point": "fixed_point", "evonorm": "evonorm", "linear_attention": "linear_attention",
-            "inspect": "inspect_sites"}
+            "inspect": "inspect_sites", "exact_sums": "exact_sums"}
 
 
 def render_page(text: str) -> str:

@@ -12,9 +12,9 @@ In eval mode, a layer with ``ExactSums`` computes its conv/linear in float64 (ex
 ``|Σ| < 2^53·s_x·s_w``: at 8 bits, any fan-in below 2^38) and rounds the exact ``Σ + bias`` to its
 input's dtype once. The ONNX export computes the same value with integer kernels
 (``normfx.onnx.exact_sums``), so PyTorch and ONNX Runtime agree bit for bit. In training mode the
-layer sums in float32 as before: float64 sums made a ResNet-18 training step 2.8× slower on CPU
-(386 vs 138 ms, batch 32 at 32×32, 2 threads), and the straight-through gradients are estimates
-that a last-bit difference at a rounding tie does not change. Under ``torch.autocast``, or when the
+layer sums in float32 as before: float64 sums cost a multiple of the training step on CPU
+(``benchmarks/exact_sums.py``), and the straight-through gradients are estimates that a last-bit
+difference at a rounding tie does not change. Under ``torch.autocast``, or when the
 input is not a float32/16 tensor, the layer computes as it always did.
 """
 from __future__ import annotations
