@@ -1,6 +1,6 @@
 """QFX on scikit-learn's digits: float vs post-training quantization vs QAT vs trained binary points.
 
-    python examples/fixed_point.py [--bits 4 6 8] [--epochs 20] [--qat-epochs 6] [--seeds 0 1 2]
+    python examples/fixed_point.py [--bits 3 4 6 8] [--epochs 20] [--qat-epochs 6] [--seeds 0 1 2]
                                    [--out examples/out] [--results examples/results]
 
 A small CIFAR-style ResNet (the one from ``examples/bn_only.py``) is trained in float. Then, for each
@@ -103,7 +103,7 @@ def _qat_and_qfx(q: torch.nn.Module, x_tr, y_tr, x_te, y_te, args, b: int, seed:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bits", type=int, nargs="+", default=[4, 6, 8])
+    ap.add_argument("--bits", type=int, nargs="+", default=[3, 4, 6, 8])
     ap.add_argument("--depth", type=int, default=8)
     ap.add_argument("--size", type=int, default=16)
     ap.add_argument("--epochs", type=int, default=20)
