@@ -70,11 +70,14 @@ def tune_convbn(x: torch.Tensor, conv: nn.Module, bn: nn.Module) -> torch.Tensor
 
 
 class _Swapped(nn.Module):
-    """What the Tune subclasses share: pickling and deep copies rebuild the subclass from the
-    module's own class (the subclass is made at run time, so it cannot be found by name)."""
+    """What the subclasses normfx puts a module's class in share (Tune blocks, exact fixed-point
+    sums): pickling and deep copies rebuild the subclass from the module's own class (the subclass
+    is made at run time, so it cannot be found by name). ``_normfx_prefix`` goes before the base
+    class's name (``TuneConv2d``; ``""`` keeps the name)."""
 
     _normfx_base: Any
     _normfx_mixin: type
+    _normfx_prefix: str = "Tune"
 
     def __reduce_ex__(self, protocol):  # type: ignore[override]
         state = {k: v for k, v in self.__dict__.items() if k not in ("_normfx_link", "_normfx_path")}
@@ -156,19 +159,19 @@ def tune_path(bn: nn.Module) -> str | None:
 _CLASSES: dict[tuple[type, type], type] = {}
 
 
-def _tuned_class(base: type, mixin: type) -> type:
+def _tuned_class(base: type, mixin: type[_Swapped]) -> type:
     """``mixin`` over ``base`` (one class per pair, so ``isinstance`` and ``type(m).__name__`` read
-    ``TuneConv2d``, ``TuneBatchNorm2d``)."""
+    ``TuneConv2d``, ``TuneBatchNorm2d``: the mixin's ``_normfx_prefix`` and the base's name)."""
     key = (base, mixin)
     if key not in _CLASSES:
-        name = "Tune" + base.__name__
+        name = mixin._normfx_prefix + base.__name__
         namespace = {"_normfx_base": base, "_normfx_mixin": mixin, "__module__": __name__}
         _CLASSES[key] = type(name, (mixin, base), namespace)
     return _CLASSES[key]
 
 
 def _rebuild(base: Any, mixin: type) -> nn.Module:
-    """Unpickle/deep-copy target of a Tune module: the state is set on it afterwards."""
+    """Unpickle/deep-copy target of a swapped module: the state is set on it afterwards."""
     obj = base.__new__(base)
     obj.__class__ = _tuned_class(base, mixin)
     return obj

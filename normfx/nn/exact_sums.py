@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
+from normfx.nn.convbn import _Swapped, _tuned_class
 from normfx.nn.fixed_point import FixedPoint
 
 __all__ = ["ExactSums", "exact_sums", "has_exact_sums"]
@@ -34,11 +35,11 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-class ExactSums(nn.Module):
+class ExactSums(_Swapped):
     """Mixin put in a conv's or linear layer's class by ``exact_sums`` (the class keeps its name,
     ``isinstance`` and state-dict keys)."""
 
-    _normfx_base: Any
+    _normfx_prefix = ""
 
     def _sums_exactly(self, x: torch.Tensor) -> bool:
         """Whether this call sums in float64: eval mode, the weight is cast to fixed point, the
@@ -50,9 +51,6 @@ class ExactSums(nn.Module):
             return False
         cast = self.parametrizations["weight"][0]
         return isinstance(cast, FixedPoint) and not cast.export_form
-
-    def __reduce_ex__(self, protocol):  # type: ignore[override]
-        return _rebuild, (self._normfx_base,), dict(self.__dict__)
 
 
 class _ExactConv(ExactSums):
@@ -74,25 +72,6 @@ class _ExactLinear(ExactSums):
         return F.linear(input.double(), weight.double(), b).to(input.dtype)
 
 
-_CLASSES: dict[type, type] = {}
-
-
-def _exact_class(base: type) -> type:
-    if base not in _CLASSES:
-        mixin = _ExactLinear if issubclass(base, nn.Linear) else _ExactConv
-        ns = {"_normfx_base": base, "__module__": base.__module__, "__doc__": base.__doc__,
-              "__qualname__": base.__qualname__}
-        _CLASSES[base] = type(base.__name__, (mixin, base), ns)
-    return _CLASSES[base]
-
-
-def _rebuild(base: Any) -> nn.Module:
-    """Unpickle/deep-copy target: the state is set on it afterwards."""
-    obj = base.__new__(base)
-    obj.__class__ = _exact_class(base)
-    return obj
-
-
 def eligible(m: nn.Module) -> bool:
     """A Conv1d/2d/3d or Linear (or a subclass) that computes as its base class does: a subclass
     with a forward of its own (a weight-standardizing conv) keeps it, and sums as it did."""
@@ -110,7 +89,7 @@ def exact_sums(m: nn.Module) -> bool:
         return True
     if not eligible(m) or parametrize.is_parametrized(m) or getattr(type(m), "_normfx_base", None) is not None:
         return False
-    m.__class__ = _exact_class(type(m))
+    m.__class__ = _tuned_class(type(m), _ExactLinear if isinstance(m, nn.Linear) else _ExactConv)
     return True
 
 

@@ -33,11 +33,7 @@ def fixed_point_qdq(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, 
     """``clamp(round_half_even(x / scale), qmin, qmax) · scale``: a round-to-nearest-even, saturating
     ``ap_fixed`` cast as one op, which ``normfx.export`` writes as QuantizeLinear → (Clip) →
     DequantizeLinear. ``scale`` is ``2^−F``, a scalar or one per channel along ``axis``."""
-    if scale.dim() == 1 and scale.numel() > 1:
-        shape = [1] * x.dim()
-        shape[axis] = -1
-        scale = scale.reshape(shape)
-    return torch.clamp(torch.round(x / scale), qmin, qmax) * scale
+    return _scaled_cast(x, scale, qmin, qmax, "nearest_even", axis)
 
 
 @fixed_point_qdq.register_fake
@@ -51,6 +47,12 @@ def fixed_point_quant(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int
     """``clamp(Q(x / scale), qmin, qmax) · scale`` with any rounding ``Q``: a saturating cast as one
     op, which ``normfx.export(..., format="qonnx")`` writes as a QONNX ``Quant`` node. ``scale`` is
     ``2^−F``, a scalar or one per channel along ``axis``."""
+    return _scaled_cast(x, scale, qmin, qmax, rounding, axis)
+
+
+def _scaled_cast(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, rounding: str,
+                 axis: int) -> torch.Tensor:
+    """The export ops' eager value: ``clamp(Q(x / scale), qmin, qmax) · scale``."""
     if scale.dim() == 1 and scale.numel() > 1:
         shape = [1] * x.dim()
         shape[axis] = -1

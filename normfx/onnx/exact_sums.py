@@ -182,7 +182,7 @@ def exact_integer_sums(path: str) -> ExactSumsResult:
             result.rewritten.append(label)
             new_nodes.extend(made)
     del g.graph.node[:]
-    g.graph.node.extend(n for n in new_nodes if id(n) not in removed)
+    g.graph.node.extend(new_nodes)   # a bias Add folded into its MatMul comes later: it was skipped
     result.requantizations = _keep_double_roundings(g)
     onnx.save(model, path)
     return result

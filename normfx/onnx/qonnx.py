@@ -29,6 +29,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
 from normfx.errors import ExportError
+from normfx.functional import ROUNDING
 from normfx.nn.fixed_point import FixedPoint
 
 __all__ = ["QONNX_ROUNDING", "qonnx_refusals", "quant_onnx", "verify_qonnx", "require_qonnx", "hls4ml_config"]
@@ -142,8 +143,8 @@ def _with_batch(proto: onnx.ModelProto, batch: int) -> onnx.ModelProto:
     return out
 
 
-_HLS_ROUNDING = {"ROUND": "AP_RND_CONV", "HALF_EVEN": "AP_RND_CONV", "HALF_UP": "AP_RND_INF",
-                 "HALF_DOWN": "AP_RND_ZERO", "FLOOR": "AP_TRN", "DOWN": "AP_TRN_ZERO"}
+# QONNX rounding mode -> Vitis HLS name, through normfx's names (``HALF_EVEN`` is ``ROUND``'s alias)
+_HLS_ROUNDING = {**{q: ROUNDING[n] for n, q in QONNX_ROUNDING.items()}, "HALF_EVEN": ROUNDING["nearest_even"]}
 
 
 def hls4ml_config(model: Any, *, backend: str = "Vitis") -> dict[str, Any]:
