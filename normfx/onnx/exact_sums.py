@@ -61,7 +61,6 @@ class ExactSumsResult:
 
 class _Graph:
     def __init__(self, model: onnx.ModelProto) -> None:
-        self.model = model
         self.graph = model.graph
         self.producer = {o: n for n in self.graph.node for o in n.output}
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
