@@ -25,7 +25,8 @@ from normfx.nn.repbn import RepBNScheduler, recalibrate_bn
 from normfx.errors import (AlreadyTransformedError, ExportError, NormfxError, RepBNNotFinishedError,
                            SpecializedCallError, TraceFailure, TrainingModeError)
 from normfx.onnx import ExportReport, OutputCheck, export
-from normfx.onnx.qonnx import hls4ml_config
+from normfx.onnx.qonnx import hls4ml_config, qonnx_for_hls4ml
+from normfx.onnx.resources import LayerCost, ResourceEstimate, resource_estimate
 from normfx.roles import TrainableSummary, trainable_summary
 from normfx.report import Change, PassResult, Report, Skip, SkipReason, last_report
 from normfx.trace import trace, untraceable_modules
@@ -63,6 +64,10 @@ __all__ = [
     "RepBNNotFinishedError",
     "export",
     "hls4ml_config",
+    "qonnx_for_hls4ml",
+    "resource_estimate",
+    "ResourceEstimate",
+    "LayerCost",
     "ExportReport",
     "ExportError",
     "OutputCheck",

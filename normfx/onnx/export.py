@@ -30,6 +30,7 @@ from normfx.onnx.diagnose import chain_text, first_line
 from normfx.onnx.diagnose import culprit as find_culprit
 from normfx.onnx.exact_sums import exact_integer_sums
 from normfx.onnx.qonnx import qonnx_refusals, quant_onnx, require_qonnx, verify_qonnx
+from normfx.onnx.resources import ResourceEstimate, resource_estimate
 from normfx.onnx.fixed_point import (fixed_point_casts, fixed_point_export_settings, qdq_onnx,
                                      write_fixed_point_json)
 from normfx.onnx.verify import dims, external_files, grow_batch, op_counts
@@ -78,6 +79,9 @@ class ExportReport:
     notes: tuple[str, ...] = field(default=())
     fixed_point_json: str | None = None
     """The sidecar with every fixed-point tensor's ``ap_fixed`` type (fixed-point models only)."""
+    resources: ResourceEstimate | None = None
+    """``format="qonnx"``: per-layer multiplies, BOPs, EBOPs and shift-and-add terms
+    (``normfx.resource_estimate``)."""
 
     def summary(self) -> str:
         ops = ", ".join(f"{k} {v}" for k, v in sorted(self.op_counts.items(), key=lambda kv: (-kv[1], kv[0])))
@@ -96,6 +100,9 @@ class ExportReport:
         lines += list(self.notes)
         if self.fixed_point_json:
             lines.append(f"fixed-point types (ap_fixed, per tensor and layer): {self.fixed_point_json}")
+        if self.resources is not None:
+            lines.append(f"resources per sample: {self.resources.multiplies} multiplies, "
+                         f"{self.resources.ebops} EBOPs, {self.resources.terms} shift-and-add terms")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -237,6 +244,7 @@ def export(
             notes.append("fixed point: verified with ONNX Runtime's graph optimizations at BASIC, so the "
                          "QDQ fusions of the EXTENDED level (integer QLinearConv/QLinearMatMul kernels with "
                          "their own requantization) do not replace the casts")
+        resources = resource_estimate(str(tmp)) if format == "qonnx" else None
         outputs = tuple(
             OutputCheck(n, out_shapes[n], *checks.get(n, (float("nan"), float("nan"), ())))
             for n in onnx_out_names
@@ -251,7 +259,7 @@ def export(
     )
     report = ExportReport(
         str(target), used, opset_used, dict(counts), in_shapes, outputs, last_report(deployed), size,
-        time.perf_counter() - t0, verify, tuple(notes), str(json_path) if json_path else None,
+        time.perf_counter() - t0, verify, tuple(notes), str(json_path) if json_path else None, resources,
     )
     for line in report.summary().splitlines():
         logger.info("%s", line)

@@ -21,6 +21,7 @@ their ``Quant`` node, so the file carries the trained binary points.
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import onnx
@@ -32,7 +33,8 @@ from normfx.errors import ExportError
 from normfx.functional import ROUNDING
 from normfx.nn.fixed_point import FixedPoint
 
-__all__ = ["QONNX_ROUNDING", "qonnx_refusals", "quant_onnx", "verify_qonnx", "require_qonnx", "hls4ml_config"]
+__all__ = ["QONNX_ROUNDING", "qonnx_refusals", "quant_onnx", "verify_qonnx", "require_qonnx", "hls4ml_config",
+           "qonnx_for_hls4ml"]
 
 DOMAIN = "qonnx.custom_op.general"
 QONNX_ROUNDING = {"nearest_even": "ROUND", "half_away": "HALF_UP", "half_zero": "HALF_DOWN", "floor": "FLOOR",
@@ -145,6 +147,54 @@ def _with_batch(proto: onnx.ModelProto, batch: int) -> onnx.ModelProto:
 
 # QONNX rounding mode -> Vitis HLS name, through normfx's names (``HALF_EVEN`` is ``ROUND``'s alias)
 _HLS_ROUNDING = {**{q: ROUNDING[n] for n, q in QONNX_ROUNDING.items()}, "HALF_EVEN": ROUNDING["nearest_even"]}
+
+
+def qonnx_for_hls4ml(path: str | os.PathLike | Any, *, channels_last: bool | None = None) -> Any:
+    """The QONNX file ``normfx.export(..., format="qonnx")`` wrote, as hls4ml's ONNX front end reads
+    it: a ``qonnx.core.modelwrapper.ModelWrapper`` after qonnx's cleanup, its channels-last
+    conversion (``channels_last``; by default when the graph has a convolution or pooling), its
+    ``GemmToMatMul`` and a second cleanup.
+
+    One more step is normfx's own: a BatchNorm's multiply-add exports as ``Mul``/``Add`` with
+    per-channel constants of shape ``[1, C, 1, 1]`` (``[1, 1, 1, C]`` once channels-last), and
+    hls4ml 1.3 broadcasts such a constant to the layer's shape *without* the batch dimension
+    (``merge_const``: ``np.broadcast_to([1, 1, 1, C], [H, W, C])`` raises). Leading unit
+    dimensions of element-wise constants are dropped (``[1, 1, C]``: the same broadcast), so
+    BatchNorm and bias adds convert. Values are unchanged.
+
+    Example (needs the ``fpga`` extra)::
+
+        wrapper = normfx.qonnx_for_hls4ml("cnn.qonnx.onnx")
+        hls = hls4ml.converters.convert_from_onnx_model(wrapper, hls_config=normfx.hls4ml_config(wrapper),
+                                                        io_type="io_stream")
+    """
+    require_qonnx()
+    from onnx import numpy_helper
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.transformation.channels_last import ConvertToChannelsLastAndClean
+    from qonnx.transformation.gemm_to_matmul import GemmToMatMul
+    from qonnx.util.cleanup import cleanup_model
+
+    wrapper = cleanup_model(path if isinstance(path, ModelWrapper) else ModelWrapper(os.fspath(path)))
+    if channels_last is None:
+        channels_last = any(n.op_type in _SPATIAL for n in wrapper.graph.node)
+    if channels_last:
+        wrapper = wrapper.transform(ConvertToChannelsLastAndClean())
+    wrapper = cleanup_model(wrapper.transform(GemmToMatMul()))
+    inits = {i.name: i for i in wrapper.graph.initializer}
+    for node in wrapper.graph.node:
+        if node.op_type not in ("Mul", "Add", "Sub", "Div"):
+            continue
+        for name in node.input:
+            if name in inits:
+                a = numpy_helper.to_array(inits[name])
+                while a.ndim > 1 and a.shape[0] == 1:
+                    a = a.reshape(a.shape[1:])
+                inits[name].CopyFrom(numpy_helper.from_array(a, name))
+    return wrapper
+
+
+_SPATIAL = ("Conv", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "ConvTranspose")
 
 
 def hls4ml_config(model: Any, *, backend: str = "Vitis") -> dict[str, Any]:
