@@ -355,7 +355,7 @@ def fixed_point(model: M, *, bits: int = 8, int_bits: float | None = None,
                 rounding: Rounding = "nearest_even", overflow: Overflow = "saturate",
                 targets: Sequence[Target] = TARGETS,
                 per_channel: bool = False, k_hot: int | None = None, k_hot_weights: bool = False,
-                k_hot_code: KHotCode = "csd", fold_bn: bool = False,
+                k_hot_code: KHotCode = "csd", fold_bn: bool = False, weight_bits: int | None = None,
                 filter_fn: FilterFn | None = None, leaf_modules: LeafModules | None = None,
                 inplace: bool = False) -> M:
     """Insert trainable fixed-point casts (QFX): ``ap_fixed<bits, I, rounding, overflow>`` with a
@@ -363,7 +363,7 @@ def fixed_point(model: M, *, bits: int = 8, int_bits: float | None = None,
 
     Args:
         model: any ``nn.Module``; never modified unless ``inplace=True``.
-        bits: the word length W of every cast (2 to 24).
+        bits: the word length W of every cast (2 to 24) but the weights' when ``weight_bits`` is set.
         int_bits: fix every binary point at this I instead of training it.
         rounding: ``"nearest_even"`` (AP_RND_CONV), ``"half_up"`` (AP_RND), ``"half_zero"``
             (AP_RND_ZERO), ``"half_down"`` (AP_RND_MIN_INF), ``"half_away"`` (AP_RND_INF), ``"floor"``
@@ -378,6 +378,8 @@ def fixed_point(model: M, *, bits: int = 8, int_bits: float | None = None,
             digit) or ``"binary"`` (ones in the magnitude's binary word, QFX's count; fewer values).
         fold_bn: fold BatchNorm into its conv first (``convbn(mode="deploy")``; the model must be in
             eval mode) and quantize the folded weights, instead of keeping a fixed-point BN.
+        weight_bits: the word length of conv/linear weights, when it differs from ``bits`` (e.g.
+            ``bits=8, weight_bits=4``: 4-bit weights, 8-bit activations, biases, BatchNorm, adds).
         filter_fn, leaf_modules: where it applies (``normfx.apply``).
         inplace: transform the caller's modules instead of a copy.
 
@@ -388,7 +390,7 @@ def fixed_point(model: M, *, bits: int = 8, int_bits: float | None = None,
         True
     """
     config = FixedPointConfig(bits, int_bits, rounding, overflow, tuple(targets), per_channel, k_hot, k_hot_weights,
-                              k_hot_code, fold_bn)
+                              k_hot_code, fold_bn, weight_bits)
     return apply(model, config, filter_fn=filter_fn, leaf_modules=leaf_modules, inplace=inplace)
 
 

@@ -141,7 +141,8 @@ def parse_transform(text: str) -> object:
     Example:
         >>> parse_transform("fixed_point:bits=6,targets=weight+activation")
         FixedPointConfig(bits=6, int_bits=None, rounding='nearest_even', overflow='saturate', targets=('weight', \
-'activation'), per_channel=False, k_hot=None, k_hot_weights=False, k_hot_code='csd', fold_bn=False)
+'activation'), per_channel=False, k_hot=None, k_hot_weights=False, k_hot_code='csd', fold_bn=False, \
+weight_bits=None)
     """
     name, _, rest = text.partition(":")
     try:

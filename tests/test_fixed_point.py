@@ -170,6 +170,29 @@ def test_k_hot_weights():
         normfx.fixed_point(_net(), k_hot_weights=True)
 
 
+def test_weight_bits_narrows_only_the_weights(tmp_path):
+    """W4A8: 4-bit conv/linear weights, every other cast (biases, activations, BatchNorm, adds) at 8
+    bits; the weights' sums stay exact integer kernels in ONNX Runtime."""
+    torch.manual_seed(0)
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                                       nn.Linear(8 * 6 * 6, 4))).eval()
+    q = normfx.fixed_point(model, bits=8, weight_bits=4).eval()
+    x = torch.randn(16, 3, 8, 8)
+    normfx.calibrate(q, [x], progress=False)
+    widths: dict[str, set[int]] = {}
+    for m in q.modules():
+        if isinstance(m, FixedPoint):
+            widths.setdefault(m.site[0], set()).add(m.bits)
+    assert widths.pop("weight") == {4}
+    assert widths and all(w == {8} for w in widths.values())
+    weights = torch.cat([q[0].weight.flatten(), q[4].weight.flatten()])
+    assert 8 < torch.unique(weights).numel() <= 2 ** 4 * 2    # two layers, each on a 16-value grid
+    report = normfx.export(q, x, tmp_path / "w4a8.onnx", rtol=0, atol=0)
+    assert "exact integer sums: 2 of 2" in report.summary()
+    with pytest.raises(ValueError, match="weight_bits"):
+        normfx.fixed_point(model, weight_bits=1)
+
+
 def test_k_hot_binary_code_counts_ones_of_the_word():
     """k_hot_code="binary": every BN scale has at most K ones in its magnitude's binary word (fewer
     values than CSD's K signed terms: 7·2^-3 is 2-hot in CSD, 3-hot in binary); the code survives

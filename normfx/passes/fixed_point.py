@@ -71,7 +71,7 @@ def insert_fixed_point(gm: fx.GraphModule, scope: Scope = EVERYWHERE, *, bits: i
                        rounding: str = "nearest_even", overflow: str = "saturate",
                        targets: Sequence[str] = TARGETS, per_channel: bool = False,
                        k_hot: int | None = None, k_hot_weights: bool = False,
-                       k_hot_code: str = "csd") -> PassResult:
+                       k_hot_code: str = "csd", weight_bits: int | None = None) -> PassResult:
     """Insert the casts in ``gm`` (in place); see the module docstring for the sites."""
     wanted = set(targets)
     changes: list[Change] = []
@@ -97,7 +97,8 @@ def insert_fixed_point(gm: fx.GraphModule, scope: Scope = EVERYWHERE, *, bits: i
             u.replace_input_with(after, new)
         changes.append(Change(name, "cast", q.extra_repr()))
 
-    opts = _Options(bits, int_bits, rounding, overflow, set(targets), per_channel, k_hot, k_hot_weights, k_hot_code)
+    opts = _Options(bits, int_bits, rounding, overflow, set(targets), per_channel, k_hot, k_hot_weights, k_hot_code,
+                    weight_bits)
     calls: Counter[str] = Counter()   # module calls so far, per module: its first call is its one site
     for node in list(gm.graph.nodes):
         if node.op == "call_module":
@@ -181,6 +182,7 @@ class _Options(NamedTuple):
     k_hot: int | None
     k_hot_weights: bool
     k_hot_code: str = "csd"
+    weight_bits: int | None = None
 
 
 def _cast_weights(m: nn.Module, site: str, o: _Options, scope: Scope) -> list[Change | Skip]:
@@ -195,7 +197,8 @@ def _cast_weights(m: nn.Module, site: str, o: _Options, scope: Scope) -> list[Ch
             continue
         per = o.per_channel and t == "weight" and not transposed
         out = int(m.weight.shape[0])
-        q = _q(o.bits, o.int_bits, o.rounding, o.overflow, channels=out if per else 1, axis=0)
+        width = o.weight_bits if t == "weight" and o.weight_bits is not None else o.bits
+        q = _q(width, o.int_bits, o.rounding, o.overflow, channels=out if per else 1, axis=0)
         q.site = (t, "")
         if o.k_hot_weights and t == "weight":
             q.k_hot, q.k_hot_code = o.k_hot, o.k_hot_code
@@ -235,11 +238,13 @@ def insert_fixed_point_outside(model: nn.Module, outside: list[Outside], scope: 
                                int_bits: float | None = None, rounding: str = "nearest_even",
                                overflow: str = "saturate", targets: Sequence[str] = TARGETS,
                                per_channel: bool = False, k_hot: int | None = None,
-                               k_hot_weights: bool = False, k_hot_code: str = "csd") -> PassResult:
+                               k_hot_weights: bool = False, k_hot_code: str = "csd",
+                               weight_bits: int | None = None) -> PassResult:
     """The casts that need no graph, on modules no traced region calls: weights and biases, and
     BatchNorms (leaf changes). Activations and residual adds inside an untraceable forward cannot
     be found without its graph: one skip per untraceable module says so."""
-    o = _Options(bits, int_bits, rounding, overflow, set(targets), per_channel, k_hot, k_hot_weights, k_hot_code)
+    o = _Options(bits, int_bits, rounding, overflow, set(targets), per_channel, k_hot, k_hot_weights, k_hot_code,
+                 weight_bits)
     changes: list[Change] = []
     skips: list[Skip] = []
     for site, m, *_ in outside:
@@ -321,6 +326,7 @@ class FixedPointConfig:
     k_hot_weights: bool = False
     k_hot_code: KHotCode = "csd"
     fold_bn: bool = False
+    weight_bits: int | None = None
 
     def __post_init__(self) -> None:
         targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
@@ -328,6 +334,8 @@ class FixedPointConfig:
         if unknown:
             raise ValueError(f"unknown target(s) {unknown}; the targets are {list(TARGETS)}")
         check_int("bits", self.bits, 2, 24)
+        if self.weight_bits is not None:
+            check_int("weight_bits", self.weight_bits, 2, 24)
         if self.k_hot is not None:
             check_int("k_hot", self.k_hot, 1, 4)
         if self.k_hot_weights and not self.k_hot:
