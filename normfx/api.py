@@ -221,6 +221,7 @@ def evonorm(model: M, *, variant: Literal["B0", "S0"] = "B0", groups: int = 32, 
 
 def directpred(model: M, *, predictor: str = "predictor", rho: float = 0.3, eps: float = 0.01,
                freq: int = 1, power: float = 0.5, mode: Mode = "directpred", dim: int | None = None,
+               floor: float = 1e-4, trainable: bool = False,
                filter_fn: FilterFn | None = None, leaf_modules: LeafModules | None = None, inplace: bool = False) -> M:
     """Replace the predictor of a BYOL/SimSiam-style model with ``normfx.nn.DirectPred`` (Tian et al.,
     ICML 2021): a bias-free linear map set from its inputs' correlation, not trained by gradients.
@@ -233,8 +234,9 @@ def directpred(model: M, *, predictor: str = "predictor", rho: float = 0.3, eps:
         model: any ``nn.Module``; never modified unless ``inplace=True``.
         predictor: qualified name of the submodule to replace (any module, e.g. lightly's or
             solo-learn's prediction head).
-        rho, eps, freq, power, mode: see ``normfx.nn.DirectPred`` (``mode="directcopy"``: Wang et
-            al.'s ``W = F/‖F‖ + εI``).
+        rho, eps, freq, power, mode, floor, trainable: see ``normfx.nn.DirectPred``
+            (``mode="directcopy"``: Wang et al.'s ``W = F/‖F‖ + εI``; ``trainable``: W also trained
+            by gradient between sets, as in the authors' code).
         dim: the feature size; by default read from the predictor's first and last Linear.
         filter_fn, leaf_modules: where it applies (``normfx.apply``).
         inplace: swap the caller's module instead of a copy's.
@@ -249,9 +251,9 @@ def directpred(model: M, *, predictor: str = "predictor", rho: float = 0.3, eps:
         >>> net.add_module("predictor", nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 4)))
         >>> m = normfx.directpred(net)
         >>> m.predictor
-        DirectPred(4, mode='directpred', rho=0.3, eps=0.01, freq=1, power=0.5)
+        DirectPred(4, mode='directpred', rho=0.3, eps=0.01, freq=1, power=0.5, floor=0.0001)
     """
-    config = DirectPredConfig(predictor, rho, eps, freq, power, mode, dim)
+    config = DirectPredConfig(predictor, rho, eps, freq, power, mode, dim, floor, trainable)
     return apply(model, config, filter_fn=filter_fn, leaf_modules=leaf_modules, inplace=inplace)
 
 

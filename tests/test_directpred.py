@@ -34,9 +34,10 @@ def test_weight_from_a_known_correlation_matrix(eigs):
 
 
 def test_running_correlation_and_freq():
-    """F ← ρF + (1 − ρ)E[ffᵀ] per step (the first step takes E[ffᵀ] as it is), W set every freq steps."""
+    """F ← ρF + (1 − ρ)E[ffᵀ] per step (the first step takes E[ffᵀ] as it is), W set after steps 1,
+    1 + freq, 1 + 2·freq (the authors' ``niter % freq == 0`` with a 0-based count)."""
     p = DirectPred(3, rho=0.3, freq=2).train()
-    batches = [torch.randn(16, 3) for _ in range(3)]
+    batches = [torch.randn(16, 3) for _ in range(5)]
     f_ref = None
     for i, b in enumerate(batches):
         p(b[:10])
@@ -46,10 +47,42 @@ def test_running_correlation_and_freq():
         w_before = p.weight.clone()
         p.step()
         assert torch.allclose(p.corr, f_ref, atol=1e-12)
-        if (i + 1) % 2:
-            assert torch.equal(p.weight, w_before)   # not a freq step
-        else:
+        if i % 2:                                   # steps 2 and 4: not set
+            assert torch.equal(p.weight, w_before)
+        else:                                       # steps 1, 3, 5
             assert torch.allclose(p.weight.double(), p.predictor(f_ref), atol=1e-6)
+
+
+def test_eigenvalue_factors_are_floored_as_the_authors_clamp():
+    """The authors clamp each factor at 1e-4 after adding ε (``clamp(1e-4)``): with ``eps=0`` the
+    null space of F keeps gain 1e-4, not 0."""
+    u = _orthogonal(3)
+    f = u @ torch.diag(torch.tensor([4.0, 1.0, 0.0], dtype=torch.float64)) @ u.T
+    w = DirectPred(3, eps=0.0).predictor(f)
+    assert torch.allclose(torch.linalg.eigvalsh(w), torch.tensor([1e-4, 0.5, 1.0], dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(torch.linalg.eigvalsh(DirectPred(3, eps=0.0, floor=0.0).predictor(f)),
+                          torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64), atol=1e-7)   # √(round-off)
+
+
+def test_trainable_predictor_is_trained_by_gradient_between_sets():
+    """``trainable=True``: W is a parameter the optimizer moves between two sets (freq=3: set after
+    steps 1 and 4), and the set overwrites what the gradient did."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 4), DirectPred(4, freq=3, trainable=True))
+    assert any(p is net[1].weight for p in net.parameters())
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    for i in range(4):
+        net.train()(torch.randn(8, 6)).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+        before = net[1].weight.detach().clone()
+        step_all(net)
+        after = net[1].weight.detach()
+        if i in (0, 3):
+            assert torch.allclose(after.double(), net[1].predictor(net[1].corr), atol=1e-6)
+        else:
+            assert torch.equal(after, before)
+    assert "trainable=True" in repr(net[1])
 
 
 def test_no_gradient_reaches_w_and_only_step_moves_anything():

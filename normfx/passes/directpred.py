@@ -66,6 +66,8 @@ class DirectPredConfig:
     power: float = 0.5
     mode: Mode = "directpred"
     dim: int | None = None
+    floor: float = 1e-4
+    trainable: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.predictor, str) or not self.predictor:
@@ -102,7 +104,8 @@ def _dim(model: nn.Module, c: DirectPredConfig) -> int:
 def swap_predictor(model: nn.Module, scope: Scope, c: DirectPredConfig) -> tuple[PassResult, tuple[str, ...]]:
     """Replaces the submodule ``c.predictor`` with a ``DirectPred`` of its feature size (in place)."""
     old = model.get_submodule(c.predictor)
-    new = DirectPred(_dim(model, c), rho=c.rho, eps=c.eps, freq=c.freq, power=c.power, mode=c.mode)
+    new = DirectPred(_dim(model, c), rho=c.rho, eps=c.eps, freq=c.freq, power=c.power, mode=c.mode, floor=c.floor,
+                     trainable=c.trainable)
     excluded = scope.skip(c.predictor, (c.predictor, old))
     if excluded:
         return PassResult("directpred", (), (excluded,)), ()
