@@ -202,7 +202,8 @@ def evonorm(model: M, *, variant: Literal["B0", "S0"] = "B0", groups: int = 32, 
         variant: ``"B0"`` (batch and instance statistics) or ``"S0"`` (group statistics, batch-free).
         groups: S0's channel groups, lowered (with a warning) until they divide a layer's channels.
         eps: ε under the square roots; ``None`` takes the preset's.
-        preset: ``"paper"`` (the authors' reference code: ε 1e-5, decay 0.9, biased running variance)
+        preset: ``"paper"`` (the authors' code, ``tensorflow/tpu``,
+            ``models/official/resnet/resnet_model.py``: ε 1e-5, decay 0.9, biased running variance)
             or ``"timm"`` (``timm/layers/evo_norm.py``: B0 ε 1e-3, unbiased running variance).
         filter_fn, leaf_modules: where it applies (``normfx.apply``).
         inplace: swap the caller's modules instead of a copy's.

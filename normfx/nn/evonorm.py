@@ -40,7 +40,10 @@ class EvoNormPreset(NamedTuple):
 
 
 PRESETS: dict[str, EvoNormPreset] = {
-    # Google's reference code (google-research, Flax): ε 1e-5, moving-average decay 0.9, biased variance.
+    # The authors' code: tensorflow/tpu, models/official/resnet/resnet_model.py (evonorm, _batch_std,
+    # _group_std): EPSILON 1e-5, MOVING_AVERAGE_DECAY 0.9, biased batch variance (tf.nn.moments),
+    # moving variance starting at ones, groups lowered until they divide. (google-research's Flax
+    # port is another team's and decays its running variance with momentum 0.99.)
     "paper": EvoNormPreset(eps_b0=1e-5, eps_s0=1e-5, momentum=0.1, unbiased_running=False),
     # timm/layers/evo_norm.py: B0 ε 1e-3, S0 ε 1e-5, momentum 0.1, unbiased running variance.
     "timm": EvoNormPreset(eps_b0=1e-3, eps_s0=1e-5, momentum=0.1, unbiased_running=True),
