@@ -35,20 +35,20 @@ example: $(STAMP)
 	$(PY) examples/convbn_finetune.py
 
 examples: example
-	$(PY) examples/prepbn_vit.py
-	$(PY) examples/bn_only.py --depths 14
-	$(PY) examples/bn_only.py --depths 20 --configs all bn_only bn_head random_channel head_only
-	$(PY) examples/bn_only.py --depths 32 --configs all bn_only bn_head random_channel
-	$(PY) examples/bn_only.py --depths 14 --bn-init uniform --configs all bn_only bn_head random_channel
-	$(PY) examples/fixed_point.py
-	$(PY) examples/fpga.py
-	$(PY) examples/evonorm.py
-	$(PY) examples/directpred.py
-	$(PY) examples/grokking.py
-	$(PY) examples/grokking.py --width 500 --train-fraction 0.4 --corruption 0.2 --batch-sweep 64 16 8 4
-	$(PY) examples/grokking.py --phase
-	$(PY) examples/slab_vit.py
-	$(PY) examples/slab_vit.py --model swin
+	$(PY) examples/prepbn_vit.py --store
+	$(PY) examples/bn_only.py --depths 14 --store
+	$(PY) examples/bn_only.py --depths 20 --configs all bn_only bn_head random_channel head_only --store
+	$(PY) examples/bn_only.py --depths 32 --configs all bn_only bn_head random_channel --store
+	$(PY) examples/bn_only.py --depths 14 --bn-init uniform --configs all bn_only bn_head random_channel --store
+	$(PY) examples/fixed_point.py --store
+	$(PY) examples/fpga.py --store
+	$(PY) examples/evonorm.py --store
+	$(PY) examples/directpred.py --store
+	$(PY) examples/grokking.py --store
+	$(PY) examples/grokking.py --width 500 --train-fraction 0.4 --corruption 0.2 --batch-sweep 64 16 8 4 --store
+	$(PY) examples/grokking.py --phase --store
+	$(PY) examples/slab_vit.py --store
+	$(PY) examples/slab_vit.py --model swin --store
 	$(PY) examples/render.py
 
 lint: $(STAMP)

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+SCRATCH = Path(__file__).resolve().parent / "out" / "results"
+"""Where a run writes its JSON unless ``--store`` asks to update ``RESULTS`` (the docs' source)."""
 
 
 def record(name: str, config: dict, runs: list[dict], results: Path = RESULTS) -> Path:
@@ -45,17 +47,32 @@ def record(name: str, config: dict, runs: list[dict], results: Path = RESULTS) -
 def config_of(args: argparse.Namespace, *drop: str) -> dict:
     """The options a result records as its configuration: every option but where files go (``--out``,
     ``--results``) and ``drop``."""
-    return {k: v for k, v in vars(args).items() if k not in ("out", "results", *drop)}
+    return {k: v for k, v in vars(args).items() if k not in ("out", "results", "store", "data", *drop)}
 
 
-def parse(ap: argparse.ArgumentParser, *, out: bool = True) -> argparse.Namespace:
-    """Add the options every example shares (``--seeds``, ``--out`` for plots and files, ``--results``),
-    parse, and set up: warnings-only logging, at most 2 threads, the ``--out`` folder."""
+def parse(ap: argparse.ArgumentParser, *, out: bool = True, quick: dict | None = None) -> argparse.Namespace:
+    """Add the options every example shares (``--seeds``, ``--out`` for plots and files, ``--results``,
+    ``--store``, ``--quick``), parse, and set up: warnings-only logging, at most 2 threads, the
+    ``--out`` folder. ``quick``: the defaults ``--quick`` swaps in (one seed, fewer epochs; an option
+    given on the command line still wins)."""
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    if quick is not None:
+        ap.add_argument("--quick", action="store_true",
+                        help="a short run to try the example: " + ", ".join(
+                            f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                            for k, v in quick.items()))
+        if "--quick" in sys.argv[1:]:
+            ap.set_defaults(**quick)
     if out:
         ap.add_argument("--out", type=Path, default=Path("examples/out"))
-    ap.add_argument("--results", type=Path, default=RESULTS, help="where the per-seed JSON goes")
+    ap.add_argument("--results", type=Path, default=None,
+                    help=f"where the per-seed JSON goes (default {SCRATCH.relative_to(RESULTS.parents[1])}; "
+                         f"with --store, {RESULTS.relative_to(RESULTS.parents[1])}, which the docs render from)")
+    ap.add_argument("--store", action="store_true",
+                    help="update the stored results the docs are rendered from (examples/results/)")
     args = ap.parse_args()
+    if args.results is None:
+        args.results = RESULTS if args.store else SCRATCH
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     if out:

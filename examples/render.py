@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -21,40 +22,49 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 MARKER = re.compile(r"(<!-- results: (\w+) -->\n)(.*?)(<!-- /results: \2 -->)", re.S)
 
 
+def _dataset(data: dict) -> str:
+    """The data a result was trained on: the configuration's ``dataset``; a run with ``train``/``test``
+    subset sizes and no name is a Fashion-MNIST run; older runs are scikit-learn's digits."""
+    c = data["config"]
+    return c.get("dataset") or ("Fashion-MNIST" if "train" in c and "test" in c else "scikit-learn's digits")
+
+
 def _source(data: dict) -> str:
-    """What a table's footnote ends with: the command that stored the result and torch's version."""
-    return f"`{data['command']}`; torch {data['versions']['torch']}."
+    """What a table's footnote ends with: the data, the command that stored the result and torch's version."""
+    return f"{_dataset(data)}; `{data['command']}`; torch {data['versions']['torch']}."
 
 
 def fixed_point(data: dict) -> str:
-    runs = data["runs"]
-    bits = data["config"]["bits"]
+    runs, c = data["runs"], data["config"]
+    keys = [str(b) for b in c["bits"]] + [f"w{wb}a{c['wide']}" for wb in c.get("weight_bits", [])]
+    heads = [f"W = {b}" for b in c["bits"]] + [f"weights {wb}, rest {c['wide']}" for wb in c.get("weight_bits", [])]
     rows = [("float", "float"), ("PTQ (calibrate only)", "PTQ"),
             ("QAT (weights trained, binary points fixed at calibration)", "QAT"),
             ("QFX (weights and binary points trained)", "QFX"),
+            ("LSQ anchor (free trained scales, not powers of two)", "LSQ"),
             (f"PTQ, calibrated on one batch of {data['config']['few']}", "PTQ_few"),
             ("QAT from that calibration", "QAT_few"),
             ("QFX from that calibration", "QFX_few"),
             ("PTQ, binary K-hot scales (`k_hot_code=\"binary\"`)", "PTQ_binary"),
             ("QFX, binary K-hot scales", "QFX_binary")]
-    lines = [f"| test accuracy, mean ± std over {len(runs)} seeds | " + " | ".join(f"W = {b}" for b in bits) + " |",
-             "|---|" + "---|" * len(bits)]
-    for label, key in rows:
-        cells = [mean_std([r[key][str(b)] for r in runs]) for b in bits]
+    lines = [f"| test accuracy, mean ± std over {len(runs)} seeds | " + " | ".join(heads) + " |",
+             "|---|" + "---|" * len(keys)]
+    for label, key in [(label, key) for label, key in rows if key in runs[0]]:
+        cells = [mean_std([r[key][k] for r in runs]) for k in keys]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    moved = " | ".join(f"{sum(r['QFX_moved'][str(b)] for r in runs)} of {sum(r['casts'][str(b)] for r in runs)}"
-                       for b in bits)
+    moved = " | ".join(f"{sum(r['QFX_moved'][k] for r in runs)} of {sum(r['casts'][k] for r in runs)}" for k in keys)
     lines.append(f"| casts whose binary point QFX training moved (over seeds) | {moved} |")
-    few = " | ".join(f"{sum(r['QFX_few_moved'][str(b)] for r in runs)} of {sum(r['casts'][str(b)] for r in runs)}"
-                     for b in bits)
+    few = " | ".join(f"{sum(r['QFX_few_moved'][k] for r in runs)} of {sum(r['casts'][k] for r in runs)}"
+                     for k in keys)
     lines.append(f"| the same, from the one-batch calibration | {few} |")
-    shift = " | ".join(", ".join(f"{r['QFX_shift'][str(b)]:+d}" for r in runs) for b in bits)
+    shift = " | ".join(", ".join(f"{r['QFX_shift'][k]:+d}" for r in runs) for k in keys)
     lines.append(f"| largest shift of a binary point in QFX, bits (per seed) | {shift} |")
-    for code in ("csd", "binary"):
-        cells = " | ".join(f"{sum(r[f'terms_{code}'][str(b)] for r in runs) / len(runs):.2f}" for b in bits)
+    for code in [c for c in ("csd", "binary") if f"terms_{c}" in runs[0]]:
+        cells = " | ".join(f"{sum(r[f'terms_{code}'][k] for r in runs) / len(runs):.2f}" for k in keys)
         lines.append(f"| mean terms per BN scale after QFX, `{code}` count | {cells} |")
     lines.append("")
-    lines.append(f"`{data['command']}`; seeds {', '.join(str(r['seed']) for r in runs)}; binary points' learning "
+    lines.append(f"{_dataset(data)}; `{data['command']}`; seeds {', '.join(str(r['seed']) for r in runs)}; "
+                 f"binary points' learning "
                  f"rate {data['config']['binary_point_lr']} (`normfx.param_groups`); "
                  f"torch {data['versions']['torch']}.")
     return "\n".join(lines) + "\n"
@@ -106,7 +116,7 @@ BN_ONLY_SOURCES = ["bn_only_resnet14_15ep_ones", "bn_only_resnet20_15ep_ones", "
 
 def _bn_column(data: dict) -> str:
     c = data["config"]
-    return f"ResNet-{c['depth']}, γ {'~ U[0, 1)' if c['bn_init'] == 'uniform' else '= 1'}"
+    return f"ResNet-{c['depth']}, γ {'~ U[0, 1)' if c['bn_init'] == 'uniform' else '= 1'}, {_dataset(data)}"
 
 
 def bn_only() -> str:
@@ -292,17 +302,23 @@ def grokking_phase(data: dict) -> str:
 
 def fpga(data: dict) -> str:
     runs, c = data["runs"], data["config"]
-    lines = [f"| model | float | QFX ({c['bits']}-bit, PyTorch) | hls4ml C simulation | bit-exact outputs |",
-             "|---|---|---|---|---|"]
+    lines = ["| model | W | float | QFX (PyTorch) | hls4ml C simulation | bit-exact outputs | multiplies | EBOPs "
+             "| shift-and-add terms |", "|---|---|---|---|---|---|---|---|---|"]
     for name in ("mlp", "cnn"):
-        same = sum(r[name]["bit_exact"] for r in runs)
-        total = sum(r[name]["images"] for r in runs)
-        lines.append(f"| {name.upper()} | {mean_std([r[name]['float'] for r in runs])} | "
-                     f"{mean_std([r[name]['qfx'] for r in runs])} | {mean_std([r[name]['hls'] for r in runs])} | "
-                     f"{same}/{total} |")
+        for b in c["bits"]:
+            cell = [r[name][str(b)] for r in runs]
+            same, total = sum(x["bit_exact"] for x in cell), sum(x["images"] for x in cell)
+            lines.append(f"| {name.upper()} | {b} | {mean_std([r[name]['float'] for r in runs])} | "
+                         f"{mean_std([x['qfx'] for x in cell])} | {mean_std([x['hls'] for x in cell])} | "
+                         f"{same}/{total} | {statistics.mean(x['multiplies'] for x in cell):,.0f} | "
+                         f"{statistics.mean(x['ebops'] for x in cell):,.0f} | "
+                         f"{statistics.mean(x['terms'] for x in cell):,.0f} |")
     lines.append("")
     lines.append(f"Test accuracy, mean ± std over {len(runs)} seeds (seeds {', '.join(str(r['seed']) for r in runs)}); "
-                 f"bit-exact: test images whose every output equals PyTorch's, over the seeds. {_source(data)}")
+                 f"every cast at W bits, BatchNorm scales {c['k_hot']}-hot; bit-exact: test images whose every "
+                 "output equals PyTorch's, over the seeds; multiplies (by non-zero constants), EBOPs and "
+                 "shift-and-add terms per image, mean over the seeds (`normfx.resource_estimate`). "
+                 f"{_source(data)}")
     return "\n".join(lines) + "\n"
 
 

@@ -12,8 +12,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _stand_in(tmp_path: Path) -> str:
+    """Random images in Fashion-MNIST's idx format (the data is not needed to test the structure)."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        from _data import write_stand_in
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    return str(write_stand_in(tmp_path / "fashion-mnist", train=96, test=48))
+
+
 def _run(script: str, *args: str, cwd: Path) -> str:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), NORMFX_CACHE=str(cwd / "cache"))
     out = subprocess.run([sys.executable, str(ROOT / "examples" / script), *args], cwd=cwd, env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -22,7 +32,7 @@ def _run(script: str, *args: str, cwd: Path) -> str:
 
 @pytest.mark.slow
 def test_bn_only_example(tmp_path):
-    out = _run("bn_only.py", "--depths", "8", "--epochs", "1", "--configs", "bn_only", "random_channel",
+    out = _run("bn_only.py", "--data", _stand_in(tmp_path), "--depths", "8", "--epochs", "1", "--configs", "bn_only", "random_channel",
                "random_uniform", "head_only", "--seeds", "0", "--out", str(tmp_path), "--results", str(tmp_path),
                cwd=tmp_path)
     (stored,) = json.loads((tmp_path / "bn_only_resnet8_1ep_ones.json").read_text())["runs"]
@@ -53,15 +63,17 @@ def test_prepbn_vit_example(tmp_path):
 
 @pytest.mark.slow
 def test_fixed_point_example(tmp_path):
-    out = _run("fixed_point.py", "--bits", "4", "8", "--epochs", "1", "--qat-epochs", "1", "--seeds", "0", "1",
-               "--out", str(tmp_path), "--results", str(tmp_path), cwd=tmp_path)
+    out = _run("fixed_point.py", "--data", _stand_in(tmp_path), "--bits", "4", "8", "--weight-bits", "4",
+               "--epochs", "1", "--qat-epochs", "1", "--seeds", "0", "1", "--out", str(tmp_path),
+               "--results", str(tmp_path), cwd=tmp_path)
     assert "PTQ" in out and "QAT" in out and "QFX" in out and "max abs difference ONNX Runtime vs PyTorch 0.0" in out
     assert (tmp_path / "fixed_point_8bit.onnx").exists() and (tmp_path / "fixed_point_8bit.fixed_point.json").exists()
     stored = json.loads((tmp_path / "fixed_point.json").read_text())
     assert [r["seed"] for r in stored["runs"]] == [0, 1]
-    assert set(stored["runs"][0]) == {"seed", "float", "PTQ", "QAT", "QFX", "QFX_moved", "casts", "PTQ_binary",
-                                      "QFX_binary", "terms_csd", "terms_binary", "PTQ_few", "QAT_few", "QFX_few",
-                                      "QFX_few_moved", "QFX_shift"}
+    assert set(stored["runs"][0]) == {"seed", "float", "PTQ", "QAT", "QFX", "LSQ", "QFX_moved", "casts",
+                                      "PTQ_binary", "QFX_binary", "terms_csd", "terms_binary", "PTQ_few", "QAT_few",
+                                      "QFX_few", "QFX_few_moved", "QFX_shift"}
+    assert set(stored["runs"][0]["LSQ"]) == {"4", "8", "w4a8"}
     assert stored["config"]["binary_point_lr"] == 0.01 and stored["config"]["few"] == 16
     assert all(1.0 <= stored["runs"][0][f"terms_{c}"]["8"] <= 2.0 for c in ("csd", "binary"))   # 2-hot scales
     assert stored["command"].startswith("python examples/fixed_point.py") and stored["versions"]["torch"]
@@ -70,16 +82,47 @@ def test_fixed_point_example(tmp_path):
 @pytest.mark.slow
 def test_fpga_example(tmp_path):
     pytest.importorskip("hls4ml", reason="needs hls4ml (pip install normfx[fpga])")
-    out = _run("fpga.py", "--epochs", "1", "--qat-epochs", "1", "--seeds", "0", "--out", str(tmp_path),
+    out = _run("fpga.py", "--bits", "6", "--epochs", "1", "--qat-epochs", "1", "--seeds", "0", "--out", str(tmp_path),
                "--results", str(tmp_path), cwd=tmp_path)
-    assert "mlp: " in out and "cnn: " in out and out.count("bit-exact: 360/360") == 2
+    assert "mlp W=6: " in out and "cnn W=6: " in out and out.count("bit-exact: 360/360") == 2
     stored = json.loads((tmp_path / "fpga.json").read_text())
-    assert stored["runs"][0]["cnn"]["bit_exact"] == stored["runs"][0]["cnn"]["images"] == 360
+    cnn = stored["runs"][0]["cnn"]["6"]
+    assert cnn["bit_exact"] == cnn["images"] == 360
+    assert [c["op"] for c in cnn["layers"]].count("Mul") == 3     # the three BatchNorm scales
+    assert cnn["ebops"] == sum(c["ebops"] for c in cnn["layers"]) > 0
+
+
+def test_examples_say_how_to_get_missing_data(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), NORMFX_CACHE=str(tmp_path / "cache"))
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "evonorm.py"), "--data", str(tmp_path / "none")],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert out.stderr.strip().splitlines()[-1].startswith(f"Fashion-MNIST not found in {tmp_path / 'none'}: install it "
+                                                          "with `apt-get install dataset-fashion-mnist`")
+
+
+def test_trying_an_example_does_not_rewrite_the_stored_results():
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import _results
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    import argparse
+
+    for argv, where in (([], _results.SCRATCH), (["--store"], _results.RESULTS)):
+        old = sys.argv
+        sys.argv = ["x.py", *argv]
+        try:
+            assert _results.parse(argparse.ArgumentParser(), out=False).results == where
+        finally:
+            sys.argv = old
+    assert _results.SCRATCH != _results.RESULTS and "out" in _results.SCRATCH.parts
 
 
 @pytest.mark.slow
 def test_evonorm_example(tmp_path):
-    out = _run("evonorm.py", "--batches", "64", "--epochs", "1", "--seeds", "0", "--results", str(tmp_path),
+    out = _run("evonorm.py", "--data", _stand_in(tmp_path), "--batches", "64", "--epochs", "1", "--seeds", "0",
+               "--results", str(tmp_path),
                cwd=tmp_path)
     (run,) = json.loads((tmp_path / "evonorm.json").read_text())["runs"]
     assert set(run["64"]) == {"BN-ReLU", "EvoNorm-B0", "EvoNorm-S0"}
