@@ -143,7 +143,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=0.05)
-    args = parse(ap)
+    args = parse(ap, quick={"seeds": [0], "epochs": 1})
     x_tr, y_tr, x_te, y_te = load_digits(size=16)
     data = (x_tr[:, :1], y_tr, x_te[:, :1], y_te)     # one channel
     runs = [{"seed": s, **run(s, args, data)} for s in args.seeds]

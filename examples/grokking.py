@@ -158,7 +158,7 @@ def main() -> None:
     ap.add_argument("--batch-sweep", type=int, nargs="+", metavar="BATCH",
                     help="instead of the three runs: no regularization vs BN at each batch size (steps "
                          "2000·256/batch, lr scaled as in the paper), stored as results/grokking_batch.json")
-    args = parse(ap)
+    args = parse(ap, quick={"seeds": [0], "steps": 300})
 
     if args.batch_sweep:
         batch_sweep(args)

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import logging
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -32,7 +30,7 @@ from tqdm import tqdm
 
 import normfx
 from _digits import accuracy, load_digits
-from _results import RESULTS, config_of, mean_std, record
+from _results import config_of, mean_std, parse, record
 
 
 def make_vit() -> nn.Module:
@@ -109,15 +107,10 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
                     help="RepBN runs next to LayerNorm (PRepBN is always run: it is the one deployed)")
-    ap.add_argument("--out", type=Path, default=Path("examples/out"))
-    ap.add_argument("--results", type=Path, default=RESULTS, help="where the per-seed JSON goes")
-    args = ap.parse_args()
+    args = parse(ap, quick={"seeds": [0], "epochs": 2})
     args.variants = ["PRepBN"] + [v for v in args.variants if v != "PRepBN"]
-    logging.basicConfig(level=logging.WARNING)
-    args.out.mkdir(parents=True, exist_ok=True)
 
     data = load_digits()
     runs, first = [], None

@@ -143,7 +143,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--alpha", type=float, default=0.5, help="weight of the distillation term (slab_distill)")
     ap.add_argument("--tau", type=float, default=1.0, help="distillation temperature (slab_distill)")
-    args = parse(ap, out=False)
+    args = parse(ap, out=False, quick={"seeds": [0], "epochs": 2})
     data = load_digits()
     runs = [{"seed": s, **run(s, args, data)} for s in args.seeds]
     path = record(f"slab_{args.model}", config_of(args), runs,
