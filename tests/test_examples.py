@@ -32,9 +32,9 @@ def _run(script: str, *args: str, cwd: Path) -> str:
 
 @pytest.mark.slow
 def test_bn_only_example(tmp_path):
-    out = _run("bn_only.py", "--data", _stand_in(tmp_path), "--depths", "8", "--epochs", "1", "--configs", "bn_only", "random_channel",
-               "random_uniform", "head_only", "--seeds", "0", "--out", str(tmp_path), "--results", str(tmp_path),
-               cwd=tmp_path)
+    out = _run("bn_only.py", "--data", _stand_in(tmp_path), "--depths", "8", "--epochs", "1", "--configs", "bn_only",
+               "random_channel", "random_uniform", "head_only", "--seeds", "0", "--out", str(tmp_path),
+               "--results", str(tmp_path), cwd=tmp_path)
     (stored,) = json.loads((tmp_path / "bn_only_resnet8_1ep_ones.json").read_text())["runs"]
     assert stored["seed"] == 0
     # the paper's control trains two entries per output channel: BN's γ/β count plus 2 × 10 in the head

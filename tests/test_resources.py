@@ -89,3 +89,18 @@ def test_a_float_operand_is_counted_at_32_bits_and_listed(tmp_path):
     assert first.input_bits == 32 and first.name in est.float_inputs
     assert second.weight_bits == 4
     assert "float inputs (counted at 32 bits)" in est.summary()
+
+
+def test_an_estimate_that_fails_does_not_lose_the_verified_file(tmp_path, monkeypatch):
+    import sys
+
+    export_module = sys.modules["normfx.onnx.export"]   # the module (normfx.onnx.export is the function)
+
+    def broken(path):
+        raise RuntimeError("no shapes")
+
+    monkeypatch.setattr(export_module, "resource_estimate", broken)
+    q = normfx.fixed_point(_linear(), bits=4, int_bits=1).eval()
+    report = normfx.export(q, torch.rand(4, 3) - 0.5, tmp_path / "linear.onnx", format="qonnx")
+    assert report.resources is None and (tmp_path / "linear.onnx").exists()
+    assert "resource estimate not available: RuntimeError: no shapes" in report.summary()
