@@ -3,7 +3,7 @@
     python examples/evonorm.py [--data DIR] [--train 3000] [--test 2000] [--batches 128 4] [--epochs 8]
                                [--seeds 0 1 2] [--quick] [--store]
 
-About 12 minutes on 2 cores with the defaults; ``--quick`` about a minute. Needs Fashion-MNIST
+About 11 minutes on 2 cores with the defaults; ``--quick`` about a minute. Needs Fashion-MNIST
 (``apt-get install dataset-fashion-mnist``, or ``--data DIR``). What was cut to fit: 3,000 training
 and 2,000 test images (fixed subsets of 60,000 and 10,000) at 16×16, a ResNet-8, 8 epochs.
 

@@ -4,7 +4,7 @@
                                    [--weight-bits 3 4] [--wide 8] [--epochs 20] [--qat-epochs 6]
                                    [--seeds 0 1 2] [--binary-code] [--quick] [--store]
 
-About 25 minutes on 2 cores with the defaults (3 seeds, 4 columns); ``--quick`` (one seed, two
+About 21 minutes on 2 cores with the defaults (3 seeds, 4 columns); ``--quick`` (one seed, two
 columns, fewer images and epochs) under a minute. Needs Fashion-MNIST (``apt-get install
 dataset-fashion-mnist``, or ``--data DIR`` with its four idx files). What was cut to fit: 3,000 of
 the 60,000 training images and 2,000 of the 10,000 test images (fixed subsets), resized to 16×16,
