@@ -3,8 +3,8 @@
     python examples/bn_only.py [--data DIR] [--train 3000] [--test 2000] [--depths 14 20 32] [--epochs 15]
                                [--seeds 0 1 2] [--bn-init ones|uniform] [--quick] [--store]
 
-About 12 minutes per depth-14 run of the six configurations on 2 cores (3 seeds; depth 32 about
-2.5× that); ``--quick`` about a minute. Needs Fashion-MNIST (``apt-get install
+About 17 minutes per depth-14 run of the six configurations on 2 cores (3 seeds; deeper networks
+take longer, not measured here); ``--quick`` about a minute. Needs Fashion-MNIST (``apt-get install
 dataset-fashion-mnist``, or ``--data DIR``). What was cut to fit: 3,000 training and 2,000 test
 images (fixed subsets of 60,000 and 10,000) at 28×28, 15 epochs.
 
