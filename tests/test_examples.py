@@ -63,17 +63,17 @@ def test_prepbn_vit_example(tmp_path):
 
 @pytest.mark.slow
 def test_fixed_point_example(tmp_path):
-    out = _run("fixed_point.py", "--data", _stand_in(tmp_path), "--bits", "4", "8", "--weight-bits", "4",
-               "--epochs", "1", "--qat-epochs", "1", "--seeds", "0", "1", "--out", str(tmp_path),
+    out = _run("fixed_point.py", "--data", _stand_in(tmp_path), "--bits", "8", "--weight-bits", "4",
+               "--binary-code", "--epochs", "1", "--qat-epochs", "1", "--seeds", "0", "1", "--out", str(tmp_path),
                "--results", str(tmp_path), cwd=tmp_path)
     assert "PTQ" in out and "QAT" in out and "QFX" in out and "max abs difference ONNX Runtime vs PyTorch 0.0" in out
     assert (tmp_path / "fixed_point_8bit.onnx").exists() and (tmp_path / "fixed_point_8bit.fixed_point.json").exists()
     stored = json.loads((tmp_path / "fixed_point.json").read_text())
     assert [r["seed"] for r in stored["runs"]] == [0, 1]
     assert set(stored["runs"][0]) == {"seed", "float", "PTQ", "QAT", "QFX", "LSQ", "QFX_moved", "casts",
-                                      "PTQ_binary", "QFX_binary", "terms_csd", "terms_binary", "PTQ_few", "QAT_few",
-                                      "QFX_few", "QFX_few_moved", "QFX_shift"}
-    assert set(stored["runs"][0]["LSQ"]) == {"4", "8", "w4a8"}
+                                      "terms_csd", "PTQ_few", "QAT_few", "QFX_few", "QFX_few_moved", "QFX_shift",
+                                      "PTQ_binary", "QFX_binary", "terms_binary"}
+    assert set(stored["runs"][0]["LSQ"]) == {"8", "w4a8"}
     assert stored["config"]["binary_point_lr"] == 0.01 and stored["config"]["few"] == 16
     assert all(1.0 <= stored["runs"][0][f"terms_{c}"]["8"] <= 2.0 for c in ("csd", "binary"))   # 2-hot scales
     assert stored["command"].startswith("python examples/fixed_point.py") and stored["versions"]["torch"]
