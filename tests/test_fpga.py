@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 import normfx
+from tests.conftest import randomize_bn
 
 pytest.importorskip("qonnx", reason="needs qonnx (pip install normfx[fpga])")
 hls4ml = pytest.importorskip("hls4ml", reason="needs hls4ml (pip install normfx[fpga])")
@@ -50,17 +51,6 @@ class _Block(nn.Module):
         return self.head(torch.relu(x + self.bn(self.conv(x))))
 
 
-def _randomize_bn(model: nn.Module) -> nn.Module:
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            with torch.no_grad():
-                m.running_mean.uniform_(-1, 1)
-                m.running_var.uniform_(0.3, 3)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-    return model.eval()
-
-
 CASES = {
     # weights, biases and activations only
     "mlp": (lambda: nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3)), (64, 12),
@@ -79,7 +69,7 @@ CASES = {
 def test_hls4ml_c_simulation_is_bit_exact(kind, tmp_path):
     build, shape, kw, io_type = CASES[kind]
     torch.manual_seed(0)
-    model, x = _randomize_bn(build()), 3 * torch.randn(*shape)
+    model, x = randomize_bn(build()).eval(), 3 * torch.randn(*shape)
     q = _quantized(model, x, **kw)
     wrapper = _wrapper(q, x, tmp_path / f"{kind}.onnx")
     hls = _c_simulation(wrapper, normfx.hls4ml_config(wrapper), tmp_path / "hls", io_type)
@@ -96,7 +86,8 @@ def test_batchnorm_constants_are_shaped_as_hls4ml_broadcasts_them(tmp_path):
 
     torch.manual_seed(0)
     x = torch.randn(8, 2, 6, 6)
-    q = _quantized(_randomize_bn(nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU())), x, k_hot=2)
+    q = _quantized(randomize_bn(nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU())).eval(), x,
+                   k_hot=2)
     wrapper = _wrapper(q, x, tmp_path / "bn.onnx")
     consts = {i.name: numpy_helper.to_array(i) for i in wrapper.graph.initializer}
     muls = [n for n in wrapper.graph.node if n.op_type in ("Mul", "Add") and n.input[1] in consts]

@@ -6,7 +6,8 @@ import torch
 import torch.nn as nn
 
 import normfx
-from normfx.onnx.resources import _csd_terms, _odd_width
+from normfx.functional import k_hot_terms
+from normfx.onnx.resources import _odd_width
 
 import numpy as np
 import pytest
@@ -29,7 +30,7 @@ def test_widths_and_terms_of_integers():
     n = np.array([0, 1, -1, 2, 3, 6, 7, -6, 12, 255])
     assert _odd_width(n).tolist() == [0, 1, 1, 1, 2, 2, 3, 2, 2, 8]
     # 7 = 8 - 1, 6 = 8 - 2, 255 = 256 - 1, 3 = 4 - 1: canonical signed digits
-    assert _csd_terms(n).tolist() == [0, 1, 1, 1, 2, 2, 2, 2, 2, 2]
+    assert k_hot_terms(torch.from_numpy(n), 1.0, "csd").tolist() == [0, 1, 1, 1, 2, 2, 2, 2, 2, 2]
 
 
 def test_hand_computed_linear_layer(tmp_path):

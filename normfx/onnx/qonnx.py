@@ -34,7 +34,7 @@ from normfx.functional import ROUNDING
 from normfx.nn.fixed_point import FixedPoint
 
 __all__ = ["QONNX_ROUNDING", "qonnx_refusals", "quant_onnx", "verify_qonnx", "require_qonnx", "hls4ml_config",
-           "qonnx_for_hls4ml"]
+           "qonnx_for_hls4ml", "quant_attributes"]
 
 DOMAIN = "qonnx.custom_op.general"
 QONNX_ROUNDING = {"nearest_even": "ROUND", "half_away": "HALF_UP", "half_zero": "HALF_DOWN", "floor": "FLOOR",
@@ -149,6 +149,12 @@ def _with_batch(proto: onnx.ModelProto, batch: int) -> onnx.ModelProto:
 _HLS_ROUNDING = {**{q: ROUNDING[n] for n, q in QONNX_ROUNDING.items()}, "HALF_EVEN": ROUNDING["nearest_even"]}
 
 
+def quant_attributes(node: onnx.NodeProto) -> tuple[int, int, str]:
+    """A QONNX ``Quant`` node's ``(signed, narrow, rounding_mode)``, with QONNX's defaults."""
+    attrs = {a.name: (a.s.decode() if a.type == a.STRING else a.i) for a in node.attribute}
+    return int(attrs.get("signed", 1)), int(attrs.get("narrow", 0)), str(attrs.get("rounding_mode", "ROUND"))
+
+
 def qonnx_for_hls4ml(path: str | os.PathLike | Any, *, channels_last: bool | None = None) -> Any:
     """The QONNX file ``normfx.export(..., format="qonnx")`` wrote, as hls4ml's ONNX front end reads
     it: a ``qonnx.core.modelwrapper.ModelWrapper`` after qonnx's cleanup, its channels-last
@@ -240,15 +246,15 @@ def hls4ml_config(model: Any, *, backend: str = "Vitis") -> dict[str, Any]:
                 name = users[0].output[0]
         if quant is None:
             continue
-        attrs = {a.name: (a.s.decode() if a.type == a.STRING else a.i) for a in quant.attribute}
+        signed, narrow, qrounding = quant_attributes(quant)
         scale, bits = inits.get(quant.input[1]), inits.get(quant.input[3])
         if scale is None or bits is None or scale.size != 1:
             continue
         width = int(bits)
         integer = width + int(round(float(np.log2(float(scale)))))
-        kind = "ap_fixed" if attrs.get("signed", 1) else "ap_ufixed"
-        saturation = "AP_SAT_SYM" if attrs.get("narrow", 0) and attrs.get("signed", 1) else "AP_SAT"
-        rounding = _HLS_ROUNDING[str(attrs.get("rounding_mode", "ROUND")).upper()]
+        kind = "ap_fixed" if signed else "ap_ufixed"
+        saturation = "AP_SAT_SYM" if narrow and signed else "AP_SAT"
+        rounding = _HLS_ROUNDING[qrounding.upper()]
         for layer in path:
             config["LayerName"].setdefault(layer, {}).setdefault("Precision", {})["result"] = (
                 f"{kind}<{width},{integer},{rounding},{saturation}>")

@@ -28,6 +28,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
+
+from normfx.functional import k_hot_terms
 
 __all__ = ["LayerCost", "ResourceEstimate", "resource_estimate"]
 
@@ -117,21 +120,12 @@ def _odd_width(n: np.ndarray) -> np.ndarray:
     return out
 
 
-def _csd_terms(n: np.ndarray) -> np.ndarray:
-    """Non-zero digits of the non-adjacent form of each integer (the fewest signed powers of two)."""
-    a = np.abs(n).astype(np.int64)
-    count = np.zeros(a.shape, dtype=np.int64)
-    while (a > 0).any():
-        odd = a & 1
-        count += odd
-        a = (a - np.where(odd == 1, 2 - (a & 3), 0)) >> 1
-    return count
-
-
 def _constant(wrapper: Any, name: str) -> tuple[np.ndarray, int | None, float | None] | None:
     """A constant operand's values (quantized when a ``Quant`` node casts it), its declared width
     and grid step; ``None`` when ``name`` is not constant."""
     from qonnx.custom_op.general.quant import quant
+
+    from normfx.onnx.qonnx import quant_attributes
 
     init = wrapper.get_initializer(name)
     if init is not None:
@@ -142,10 +136,7 @@ def _constant(wrapper: Any, name: str) -> tuple[np.ndarray, int | None, float | 
     x, scale, zero, bits = (wrapper.get_initializer(i) for i in node.input)
     if x is None or scale is None or zero is None or bits is None:
         return None
-    attrs = {a.name: a for a in node.attribute}
-    signed = attrs["signed"].i if "signed" in attrs else 1
-    narrow = attrs["narrow"].i if "narrow" in attrs else 0
-    rounding = attrs["rounding_mode"].s.decode() if "rounding_mode" in attrs else "ROUND"
+    signed, narrow, rounding = quant_attributes(node)
     q = quant(np.asarray(x), np.asarray(scale), np.asarray(zero), np.asarray(bits), signed, narrow, rounding)
     step = float(np.asarray(scale).reshape(-1)[0]) if np.asarray(scale).size == 1 else None
     return np.asarray(q), int(np.asarray(bits)), step
@@ -198,15 +189,14 @@ def resource_estimate(model: str | os.PathLike | Any) -> ResourceEstimate:
         var = node.input[1 - index]
         if node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute):
             values = values.T
+        # how many times each constant multiplies, per sample (the same for every constant of a layer)
         out = _per_sample(wrapper.get_tensor_shape(node.output[0]))
-        if node.op_type == "Conv":
-            # each weight multiplies once per output position of its output channel
-            reuse = np.full(values.shape, out // values.shape[0], dtype=np.int64)
-        elif node.op_type in ("MatMul", "Gemm"):
-            rows = _per_sample(wrapper.get_tensor_shape(var)) // values.shape[0]   # positions per sample
-            reuse = np.full(values.shape, rows, dtype=np.int64)
-        else:                             # element-wise: a constant per broadcast group
-            reuse = np.full(values.shape, out // max(values.size, 1), dtype=np.int64)
+        if node.op_type == "Conv":       # once per output position of its output channel
+            reuse = out // values.shape[0]
+        elif node.op_type in ("MatMul", "Gemm"):   # once per row (position) of the input
+            reuse = _per_sample(wrapper.get_tensor_shape(var)) // values.shape[0]
+        else:                            # element-wise: once per element of its broadcast group
+            reuse = out // max(values.size, 1)
         n = _mantissas(values, step)
         width = _odd_width(n) + (1 if (values < 0).any() else 0) * (n != 0)
         bits = _variable_bits(wrapper, var)
@@ -214,9 +204,8 @@ def resource_estimate(model: str | os.PathLike | Any) -> ResourceEstimate:
             floats.append(node.name)
             bits = FLOAT_BITS
         declared = declared if declared is not None else int(width.max(initial=0))
-        live = n != 0
-        layers.append(LayerCost(
-            node.name, node.op_type, int((reuse * live).sum()), bits, declared,
-            int((reuse * live).sum()) * bits * declared, int((reuse * width).sum()) * bits,
-            int((reuse * _csd_terms(n)).sum())))
+        multiplies = reuse * int((n != 0).sum())
+        terms = int(k_hot_terms(torch.from_numpy(n), 1.0, "csd").sum())
+        layers.append(LayerCost(node.name, node.op_type, multiplies, bits, declared, multiplies * bits * declared,
+                                reuse * int(width.sum()) * bits, reuse * terms))
     return ResourceEstimate(tuple(layers), tuple(floats))
