@@ -23,7 +23,7 @@ BatchNorm (a fixed-point multiply-add with 2-hot scales) and residual adds to ``
   ``--binary-point-lr``);
 * the same three from a calibration on one batch of ``--few`` training images (scenario (a) of
   issue 25: calibration on few batches);
-* ``LSQ``: the upper anchor: the same start, then every cast that is not K-hot (weights, biases,
+* ``LSQ``: the anchor meant as the upper one: the same start, then every cast that is not K-hot (weights, biases,
   activations, BatchNorm shifts, residual adds) replaced by an LSQ-style quantizer (Esser et al.,
   2020) whose step is a free trained scale (not a power of two) on the same integer range, its
   gradient scaled by ``1/√(N·Q_p)``, starting at the calibrated step; weights and steps trained
